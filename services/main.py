@@ -1,0 +1,46 @@
+"""Entry point of every service process: ``python -m services.main`` with the spec in env."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import msgspec
+
+from services.runtime import Outbox, ServiceCore, ServiceSpec, run_service
+
+SPEC_ENV = "DREAMWIRE_SERVICE_SPEC"
+
+CoreFactory = Callable[[ServiceSpec, Outbox], ServiceCore]
+
+
+def core_factory(kind: str) -> CoreFactory:
+    """The core class for a service kind; imports lazily so each process loads only its own."""
+    match kind:
+        case "inference":
+            from services.inference.passthrough import PassthroughCore
+
+            return PassthroughCore
+        case "testsrc":
+            from services.synthetic import TestSourceCore
+
+            return TestSourceCore
+        case "testsink":
+            from services.synthetic import TestSinkCore
+
+            return TestSinkCore
+    raise ValueError(f"unknown service kind {kind!r}")
+
+
+def main() -> int:
+    raw = os.environ.get(SPEC_ENV)
+    if not raw:
+        print(f"{SPEC_ENV} is not set: services are started by `supervisor start`", file=sys.stderr)
+        return 2
+    spec = msgspec.json.decode(raw, type=ServiceSpec)
+    return run_service(spec, core_factory(spec.kind))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Every message that crosses a process boundary in dreamwire.
+
+Sockets and their unions (one long-lived encoder/decoder per socket, see :class:`Codec`):
+
+* **control** — each service's DEALER ↔ the supervisor's ROUTER (``control.sock``):
+  :data:`ServiceToSupervisor` up, :data:`SupervisorToService` down.
+* **admin** — the CLI / tests' REQ ↔ the supervisor's ROUTER (``admin.sock``):
+  :data:`AdminRequest` up, :data:`AdminReply` down.
+* **inbox** — every service binds one PULL socket (``<service>.inbox``) that other services PUSH
+  to: :data:`InboxMessage`. Per-frame messages are tiny (ring, seq), ``array_like`` and
+  ``gc=False``; pixels never travel here, encoded video does.
+
+Commands are imperative (``StartSession``), events past tense (``ServiceFailed``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+# ---------------------------------------------------------------- control: service → supervisor
+
+
+class Hello(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    service: str
+    pid: int
+
+
+class Ready(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    service: str
+
+
+class HeartbeatAck(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    seq: int
+    frames_done: int
+    frames_waiting: int
+    rejected: int
+    sessions: int
+
+
+class ServiceFailed(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    service: str
+    reason: str
+
+
+class SessionFailed(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """A stage could not serve one session; the others carry on."""
+
+    session_id: str
+    service: str
+    reason: str
+
+
+class SessionStarted(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    session_id: str
+    service: str
+
+
+# ---------------------------------------------------------------- control: supervisor → service
+
+
+class Heartbeat(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    seq: int
+
+
+class Stop(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    reason: str = ""
+
+
+class StartSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """Serve a session: read ``input_ring`` (or the inbox), write ``output_ring``, notify
+    ``downstream``'s inbox. Sent again to a restarted stage for every live session."""
+
+    session_id: str
+    width: int
+    height: int
+    input_ring: str | None = None
+    output_ring: str | None = None
+    downstream: str | None = None
+    params: dict[str, Any] = {}
+
+
+class EndSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    session_id: str
+
+
+ServiceToSupervisor = Hello | Ready | HeartbeatAck | ServiceFailed | SessionFailed | SessionStarted
+SupervisorToService = Heartbeat | Stop | StartSession | EndSession | SessionFailed
+
+# ---------------------------------------------------------------- admin: CLI → supervisor
+
+
+class GetStatus(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    pass
+
+
+class Shutdown(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    reason: str = "requested"
+
+
+class OpenSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """Allocate the rings of a chain of stages and start the session in each."""
+
+    session_id: str
+    stages: list[str]
+    width: int
+    height: int
+    sink: str | None = None
+    params: dict[str, Any] = {}
+
+
+class CloseSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    session_id: str
+
+
+AdminRequest = GetStatus | Shutdown | OpenSession | CloseSession
+
+# ---------------------------------------------------------------- admin: supervisor → CLI
+
+
+class ServiceStatus(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    state: str  # starting | ready | restarting | failed | stopped
+    pid: int | None
+    uptime_s: float
+    restarts: int
+    frames_done: int = 0
+    rejected: int = 0
+    sessions: int = 0
+    last_error: str = ""
+
+
+class StatusReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    run_id: str
+    pid: int
+    uptime_s: float
+    services: list[ServiceStatus]
+    sessions: list[str]
+    rejected: int
+
+
+class Ack(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    pass
+
+
+class SessionOpened(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    session_id: str
+    rings: list[str]
+
+
+class Rejected(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    reason: str
+
+
+AdminReply = StatusReport | Ack | SessionOpened | Rejected
+
+# ---------------------------------------------------------------- inbox: service → service
+
+
+class FrameReady(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """A new frame was published in ``ring`` (the seq is informational: latest wins)."""
+
+    session_id: str
+    ring: str
+    seq: int
+
+
+class EncodedFrame(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """A complete encoded video frame from the network (signalling → decode)."""
+
+    session_id: str
+    codec: str
+    data: bytes
+    pts: int
+    keyframe: bool
+    rtp_arrival_ns: int
+    frame_complete_ns: int
+
+
+class EncodedPacket(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """An encoded output packet (encode → signalling); pts in 1/90000 s."""
+
+    session_id: str
+    data: bytes
+    pts: int
+    keyframe: bool
+    frame_number: int
+    stamps: list[int]
+
+
+class KeyframeNeeded(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Ask the receiver of this message to make/obtain a keyframe for the session."""
+
+    session_id: str
+
+
+class BitrateChanged(msgspec.Struct, tag=True, array_like=True, gc=False):
+    session_id: str
+    bitrate_bps: int
+
+
+InboxMessage = FrameReady | EncodedFrame | EncodedPacket | KeyframeNeeded | BitrateChanged
+
+# ---------------------------------------------------------------- codecs
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class MessageRejected(ValueError):
+    """Bytes that are not a valid message for this socket."""
+
+
+class Codec(Generic[In, Out]):
+    """One long-lived msgpack encoder + decoder for one side of a socket.
+
+    ``In`` is the union this side receives, ``Out`` the union it sends.
+    """
+
+    def __init__(self, incoming: Any, outgoing: Any) -> None:
+        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(incoming)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._outgoing = outgoing
+
+    def encode(self, message: Out) -> bytes:
+        return self._encoder.encode(message)
+
+    def decode(self, data: bytes | memoryview) -> In:
+        try:
+            return self._decoder.decode(data)  # type: ignore[no-any-return]
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise MessageRejected(str(exc)) from None
+
+
+def service_control_codec() -> Codec[SupervisorToService, ServiceToSupervisor]:
+    return Codec(SupervisorToService, ServiceToSupervisor)
+
+
+def supervisor_control_codec() -> Codec[ServiceToSupervisor, SupervisorToService]:
+    return Codec(ServiceToSupervisor, SupervisorToService)
+
+
+def admin_client_codec() -> Codec[AdminReply, AdminRequest]:
+    return Codec(AdminReply, AdminRequest)
+
+
+def admin_server_codec() -> Codec[AdminRequest, AdminReply]:
+    return Codec(AdminRequest, AdminReply)
+
+
+def inbox_codec() -> Codec[InboxMessage, InboxMessage]:
+    return Codec(InboxMessage, InboxMessage)

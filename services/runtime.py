@@ -1,0 +1,332 @@
+"""The actor runtime every dreamwire service process runs on.
+
+A service is a *core* (logic, no sockets: :class:`ServiceCore`) driven by :class:`ServiceProc`,
+which owns the sockets and the loop:
+
+* a DEALER on the supervisor's ``control.sock`` (``Hello`` → ``Ready``, heartbeats, ``Stop``,
+  session commands),
+* a PULL ``inbox`` other services push frame notifications and encoded media to,
+* PUSH sockets to the inboxes of downstream services (created on first use, ``IMMEDIATE`` and
+  non-blocking: a message for a stage that is down is dropped and counted, never queued).
+
+Control is polled before data so a ``Stop`` never waits behind frames. Anything that does not
+decode as a message of the socket's union is logged, counted and dropped; the loop goes on.
+The process dies with the supervisor: ``PR_SET_PDEATHSIG`` plus a parent-pid check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from services import protocol as p
+
+logger = logging.getLogger(__name__)
+
+PARENT_CHECK_INTERVAL_S = 0.25
+DOWNSTREAM_HWM = 64
+PR_SET_PDEATHSIG = 1
+
+
+class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """What the supervisor hands a child: its identity, where the sockets live, its options."""
+
+    name: str
+    kind: str
+    run_dir: str
+    run_id: str
+    supervisor_pid: int
+    log_level: str = "INFO"
+    options: dict[str, Any] = {}
+
+
+def endpoint(run_dir: str | Path, name: str) -> str:
+    return f"ipc://{Path(run_dir) / name.replace('/', '_')}"
+
+
+def inbox_endpoint(run_dir: str | Path, service: str) -> str:
+    return endpoint(run_dir, f"{service}.inbox")
+
+
+def control_endpoint(run_dir: str | Path) -> str:
+    return endpoint(run_dir, "control.sock")
+
+
+def admin_endpoint(run_dir: str | Path) -> str:
+    return endpoint(run_dir, "admin.sock")
+
+
+def configure_logging(process_name: str, level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [{process_name}] %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies (Linux), then close the race."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class Outbox:
+    """Non-blocking PUSH sockets to other services' inboxes."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], run_dir: str) -> None:
+        self._ctx = ctx
+        self._run_dir = run_dir
+        self._sockets: dict[str, zmq.Socket[bytes]] = {}
+        self._codec = p.inbox_codec()
+        self.dropped = 0
+
+    def send(self, service: str, message: p.InboxMessage) -> bool:
+        sock = self._sockets.get(service)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, DOWNSTREAM_HWM)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.connect(inbox_endpoint(self._run_dir, service))
+            self._sockets[service] = sock
+        try:
+            sock.send(self._codec.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        return True
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets.clear()
+
+
+class ServiceCore(ABC):
+    """Logic of one service. No sockets: it talks through the :class:`Outbox` it is given."""
+
+    frames_done: int = 0
+
+    def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
+        self.spec = spec
+        self.outbox = outbox
+
+    @abstractmethod
+    def start_session(self, msg: p.StartSession) -> None: ...
+
+    @abstractmethod
+    def end_session(self, session_id: str) -> None: ...
+
+    @abstractmethod
+    def handle(self, msg: p.InboxMessage) -> None: ...
+
+    def tick(self) -> float | None:
+        """Periodic work; returns seconds until the core wants to be called again."""
+        return None
+
+    def frames_waiting(self) -> int:
+        return 0
+
+    def session_count(self) -> int:
+        return 0
+
+    def on_session_failed(self, msg: p.SessionFailed) -> None:  # noqa: B027 - optional hook
+        """Another stage of a session this service owns failed (signalling tells the client)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class SessionError(Exception):
+    """One session cannot be served; reported as ``SessionFailed``, the service goes on."""
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.session_id = session_id
+        self.reason = reason
+
+
+class ServiceProc:
+    """Sockets + loop around a core."""
+
+    def __init__(self, spec: ServiceSpec) -> None:
+        self.spec = spec
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.control = self.ctx.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt_string(zmq.IDENTITY, spec.name)
+        self.control.connect(control_endpoint(spec.run_dir))
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.RCVHWM, 1024)
+        inbox_path = inbox_endpoint(spec.run_dir, spec.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(inbox_path.removeprefix("ipc://"))
+        self.inbox.bind(inbox_path)
+        self.outbox = Outbox(self.ctx, spec.run_dir)
+        self.control_codec = p.service_control_codec()
+        self.inbox_codec = p.inbox_codec()
+        self.rejected = 0
+        self._stopping = False
+        self._last_parent_check = 0.0
+
+    def send_control(self, message: p.ServiceToSupervisor) -> None:
+        self.control.send(self.control_codec.encode(message))
+
+    def run(self, core_factory: Any) -> int:
+        """Hello → build the core → Ready → loop until Stop. Returns the exit code."""
+        spec = self.spec
+        self.send_control(p.Hello(service=spec.name, pid=os.getpid()))
+        core: ServiceCore | None = None
+        try:
+            core = core_factory(spec, self.outbox)
+            self.send_control(p.Ready(service=spec.name))
+            logger.info("ready (pid %d)", os.getpid())
+            self._loop(core)
+            return 0
+        except Exception as exc:
+            logger.exception("service failed")
+            with contextlib.suppress(zmq.ZMQError):
+                reason = f"{type(exc).__name__}: {exc}"
+                self.send_control(p.ServiceFailed(service=spec.name, reason=reason))
+            return 1
+        finally:
+            if core is not None:
+                with contextlib.suppress(Exception):
+                    core.close()
+            self.outbox.close()
+            self.control.close(linger=100)
+            self.inbox.close(linger=0)
+            self.ctx.term()
+
+    def _loop(self, core: ServiceCore) -> None:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.inbox, zmq.POLLIN)
+        next_tick = 0.0
+        while not self._stopping:
+            now = time.monotonic()
+            timeout_s = PARENT_CHECK_INTERVAL_S
+            if next_tick:
+                timeout_s = max(0.0, min(timeout_s, next_tick - now))
+            events = dict(poller.poll(timeout_s * 1000))
+            if self.control in events:
+                self._drain_control(core)
+            if self.inbox in events and not self._stopping:
+                self._drain_inbox(core)
+            now = time.monotonic()
+            if not next_tick or now >= next_tick:
+                wait_s = core.tick()
+                next_tick = now + wait_s if wait_s is not None else 0.0
+            if now - self._last_parent_check >= PARENT_CHECK_INTERVAL_S:
+                self._last_parent_check = now
+                if os.getppid() != self.spec.supervisor_pid:
+                    logger.warning("supervisor is gone; exiting")
+                    return
+
+    def _drain_control(self, core: ServiceCore) -> None:
+        while True:
+            try:
+                raw = self.control.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = self.control_codec.decode(raw)
+            except p.MessageRejected as exc:
+                self.rejected += 1
+                logger.warning("rejected control message: %s", exc)
+                continue
+            self._on_control(core, msg)
+
+    def _on_control(self, core: ServiceCore, msg: p.SupervisorToService) -> None:
+        match msg:
+            case p.Heartbeat(seq=seq):
+                self.send_control(
+                    p.HeartbeatAck(
+                        seq=seq,
+                        frames_done=core.frames_done,
+                        frames_waiting=core.frames_waiting(),
+                        rejected=self.rejected,
+                        sessions=core.session_count(),
+                    )
+                )
+            case p.Stop(reason=reason):
+                logger.info("stopping (%s)", reason or "requested")
+                self._stopping = True
+            case p.StartSession():
+                try:
+                    core.start_session(msg)
+                except Exception as exc:
+                    logger.exception("session %s failed to start", msg.session_id)
+                    self.send_control(
+                        p.SessionFailed(
+                            session_id=msg.session_id,
+                            service=self.spec.name,
+                            reason=f"{type(exc).__name__}: {exc}",
+                        )
+                    )
+                else:
+                    self.send_control(
+                        p.SessionStarted(session_id=msg.session_id, service=self.spec.name)
+                    )
+            case p.EndSession(session_id=session_id):
+                core.end_session(session_id)
+            case p.SessionFailed():
+                core.on_session_failed(msg)
+
+    def _drain_inbox(self, core: ServiceCore) -> None:
+        # Bounded so control gets a look-in between bursts.
+        for _ in range(256):
+            try:
+                raw = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = self.inbox_codec.decode(raw)
+            except p.MessageRejected as exc:
+                self.rejected += 1
+                logger.warning("rejected inbox message: %s", exc)
+                continue
+            try:
+                core.handle(msg)
+            except SessionError as exc:
+                self.send_control(
+                    p.SessionFailed(
+                        session_id=exc.session_id, service=self.spec.name, reason=exc.reason
+                    )
+                )
+            except (KeyError, ValueError) as exc:
+                # A well-formed message that does not fit (unknown session, wrong ring).
+                self.rejected += 1
+                logger.warning("rejected %s: %s", type(msg).__name__, exc)
+
+
+def run_service(spec: ServiceSpec, core_factory: Any) -> int:
+    """Entry function of a service process."""
+    configure_logging(spec.name, spec.log_level)
+    die_with_parent(spec.supervisor_pid)
+    # SIGINT goes to the whole foreground process group on Ctrl-C: the supervisor stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    proc = ServiceProc(spec)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        proc._stopping = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return proc.run(core_factory)

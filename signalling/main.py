@@ -1,0 +1,63 @@
+"""Entry point of the signalling process (started by the supervisor)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+from aiohttp import web
+
+from services.runtime import ServiceSpec, configure_logging, die_with_parent
+from signalling.app import create_app
+from signalling.control import ControlLink
+
+logger = logging.getLogger(__name__)
+
+SPEC_ENV = "DREAMWIRE_SERVICE_SPEC"
+
+
+async def serve(spec: ServiceSpec) -> None:
+    link = ControlLink(spec)
+    await link.hello()
+    host = str(spec.options.get("host", "127.0.0.1"))
+    port = int(spec.options.get("port", 8000))
+    runner = web.AppRunner(create_app(link), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        logger.info("listening on http://%s:%d/", host, port)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, link.stopped.set)
+        await link.ready()
+        await link.run()
+    finally:
+        await runner.cleanup()
+        link.close()
+
+
+def main() -> int:
+    raw = os.environ.get(SPEC_ENV)
+    if not raw:
+        print(
+            f"{SPEC_ENV} is not set: signalling is started by `supervisor start`", file=sys.stderr
+        )
+        return 2
+    spec = msgspec.json.decode(raw, type=ServiceSpec)
+    configure_logging(spec.name, spec.log_level)
+    die_with_parent(spec.supervisor_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        asyncio.run(serve(spec))
+    except OSError as exc:
+        logger.error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The ``supervisor`` command: start, status, stop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from services import protocol as p
+from services.runtime import configure_logging
+from supervisor.client import AdminClient, SupervisorUnreachable, find_run_dirs
+from supervisor.config import default_run_base, load_config
+from supervisor.core import StartupError, Supervisor
+
+logger = logging.getLogger("supervisor")
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, host=args.host, port=args.port, run_dir=args.run_dir)
+    except Exception as exc:
+        print(f"supervisor: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("supervisor", config.log_level)
+    sup = Supervisor(config)
+    sup.install_signal_handlers()
+    try:
+        sup.start()
+        logger.info("dreamwire is up: http://%s:%d/", config.host, config.port)
+        sup.serve_forever()
+    except StartupError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        sup.shutdown()
+    logger.info("stopped cleanly")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> list[Path]:
+    base = Path(args.run_dir) if args.run_dir else default_run_base()
+    runs = find_run_dirs(base)
+    if not runs:
+        print(f"no running supervisor under {base}", file=sys.stderr)
+    return runs
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    runs = _runs(args)
+    if not runs:
+        return 1
+    for run_dir in runs:
+        with AdminClient(run_dir) as client:
+            try:
+                report = client.status()
+            except SupervisorUnreachable as exc:
+                print(exc, file=sys.stderr)
+                return 1
+        print(
+            f"run {report.run_id}  supervisor pid {report.pid}  up {report.uptime_s:.0f} s  "
+            f"sessions {len(report.sessions)}"
+        )
+        print(f"  {'SERVICE':<28} {'STATE':<11} {'PID':>7} {'UPTIME':>8} {'RESTARTS':>8}  ERROR")
+        for s in report.services:
+            pid = str(s.pid) if s.pid else "-"
+            print(
+                f"  {s.name:<28} {s.state:<11} {pid:>7} {s.uptime_s:>7.0f}s {s.restarts:>8}  "
+                f"{s.last_error}"
+            )
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    runs = _runs(args)
+    if not runs:
+        return 1
+    for run_dir in runs:
+        with AdminClient(run_dir) as client:
+            try:
+                reply = client.request(p.Shutdown(reason="supervisor stop"))
+            except SupervisorUnreachable as exc:
+                print(exc, file=sys.stderr)
+                return 1
+        print(f"stopping {run_dir.name}: {type(reply).__name__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="supervisor", description="Run dreamwire.")
+    parser.add_argument("--run-dir", help="base directory of run directories")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="run the server in the foreground")
+    start.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    start.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    start.add_argument("--config", help="TOML config file")
+    start.set_defaults(func=cmd_start)
+    sub.add_parser("status", help="show the running services").set_defaults(func=cmd_status)
+    sub.add_parser("stop", help="stop the running server").set_defaults(func=cmd_stop)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

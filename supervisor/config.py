@@ -1,0 +1,78 @@
+"""The one typed config tree, loaded and validated once by the supervisor.
+
+Every environment variable dreamwire reads is declared in :data:`ENVIRONMENT`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+ENVIRONMENT: dict[str, str] = {
+    "DREAMWIRE_RUN_DIR": "where run directories (sockets, locks) live; default "
+    "$XDG_RUNTIME_DIR/dreamwire or ~/.dreamwire/run",
+    "DREAMWIRE_LOG_LEVEL": "log level of every process (default INFO)",
+}
+
+
+class RestartPolicy(msgspec.Struct, forbid_unknown_fields=True):
+    """Restart with exponential backoff; more than ``max_restarts`` within ``window_s``
+    marks the service failed instead of restarting it forever."""
+
+    max_restarts: int = 5
+    window_s: float = 60.0
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 5.0
+
+
+class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    kind: str
+    options: dict[str, Any] = {}
+    restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    run_dir: str | None = None
+    log_level: str = "INFO"
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 3.0
+    stall_timeout_s: float = 5.0
+    ready_timeout_s: float = 60.0
+    stop_timeout_s: float = 3.0
+    ring_slots: int = 4
+    max_frame_width: int = 1920
+    max_frame_height: int = 1080
+    #: Pipelines whose inference process starts with the server (``inference/<id>``).
+    pipelines: list[str] = []
+    #: Extra services, started in order before signalling (e.g. testsrc/testsink).
+    services: list[ServiceConfig] = []
+    #: Start the HTTP server (signalling).
+    signalling: bool = True
+    restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
+
+
+def default_run_base() -> Path:
+    if env := os.environ.get("DREAMWIRE_RUN_DIR"):
+        return Path(env)
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "dreamwire"
+    return Path.home() / ".dreamwire" / "run"
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> Config:
+    """Read a TOML file (optional), apply CLI overrides that are not None, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    if level := os.environ.get("DREAMWIRE_LOG_LEVEL"):
+        data.setdefault("log_level", level)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return msgspec.convert(data, Config)

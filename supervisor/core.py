@@ -1,0 +1,493 @@
+"""The supervisor: starts the services in order, watches them, restarts them, owns the rings.
+
+One thread, one ``zmq.Poller`` over: the control ROUTER (services), the admin ROUTER (CLI and
+tests), every child's pidfd (death is noticed at once, without polling), and a wake-up socket
+the SIGINT/SIGTERM handler writes to. Timers (heartbeats, restarts, deadlines) bound the poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from services import protocol as p
+from services.runtime import ServiceSpec, admin_endpoint, control_endpoint
+from shm.ring import FrameRing, ring_bytes
+from supervisor.children import Child, State
+from supervisor.config import Config, ServiceConfig, default_run_base
+from supervisor.rundir import Run, create_run, reclaim_stale, shm_free_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The system could not be brought up; the message says why."""
+
+
+@dataclass
+class Session:
+    session_id: str
+    stages: list[str]
+    width: int
+    height: int
+    sink: str | None
+    params: dict[str, object]
+    owner: str | None = None
+    rings: list[FrameRing] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def start_message(self, stage: str) -> p.StartSession:
+        i = self.stages.index(stage)
+        return p.StartSession(
+            session_id=self.session_id,
+            width=self.width,
+            height=self.height,
+            input_ring=self.rings[i - 1].name if i > 0 else None,
+            output_ring=self.rings[i].name if i < len(self.rings) else None,
+            downstream=self.stages[i + 1] if i + 1 < len(self.stages) else self.sink,
+            params=dict(self.params),
+        )
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.base = default_run_base() if config.run_dir is None else Path(config.run_dir).expanduser()
+        self.run: Run | None = None
+        self.children: dict[str, Child] = {}
+        self.sessions: dict[str, Session] = {}
+        self.started = time.monotonic()
+        self.rejected = 0
+        self._stop_reason: str | None = None
+        self._heartbeat_seq = 0
+        self._next_heartbeat = 0.0
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.control_codec = p.supervisor_control_codec()
+        self.admin_codec = p.admin_server_codec()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        reclaim_stale(self.base)
+        self._check_shm()
+        self.run = create_run(self.base)
+        run = self.run
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.control.bind(control_endpoint(run.path))
+        self.admin = self.ctx.socket(zmq.ROUTER)
+        self.admin.setsockopt(zmq.LINGER, 0)
+        self.admin.bind(admin_endpoint(run.path))
+        run.write_info(
+            {
+                "run_id": run.run_id,
+                "pid": os.getpid(),
+                "host": self.config.host,
+                "port": self.config.port,
+                "run_dir": str(run.path),
+                "started": time.time(),
+            }
+        )
+        logger.info("run %s in %s", run.run_id, run.path)
+        for svc in self._service_plan():
+            child = Child(self._spec(svc), svc.restart)
+            self.children[child.name] = child
+            child.spawn()
+            self._wait_ready(child)
+
+    def _service_plan(self) -> list[ServiceConfig]:
+        """Data-plane services first, signalling last (the API answers once all are up)."""
+        cfg = self.config
+        plan = [
+            ServiceConfig(f"inference/{pid}", "inference", {"pipeline": pid}, cfg.restart)
+            for pid in cfg.pipelines
+        ]
+        plan += cfg.services
+        if cfg.signalling:
+            plan.append(
+                ServiceConfig(
+                    "signalling", "signalling", {"host": cfg.host, "port": cfg.port}, cfg.restart
+                )
+            )
+        return plan
+
+    def _spec(self, svc: ServiceConfig) -> ServiceSpec:
+        assert self.run is not None
+        return ServiceSpec(
+            name=svc.name,
+            kind=svc.kind,
+            run_dir=str(self.run.path),
+            run_id=self.run.run_id,
+            supervisor_pid=os.getpid(),
+            log_level=self.config.log_level,
+            options=svc.options,
+        )
+
+    def _check_shm(self) -> None:
+        cfg = self.config
+        needed = ring_bytes(cfg.ring_slots, cfg.max_frame_width * cfg.max_frame_height * 3) * 2
+        free = shm_free_bytes()
+        if free < needed:
+            raise StartupError(
+                f"/dev/shm has {free // 2**20} MiB free but one session at "
+                f"{cfg.max_frame_width}x{cfg.max_frame_height} needs {needed // 2**20} MiB: "
+                "give the container more shared memory (docker run --shm-size=1g) "
+                "or lower max_frame_width/max_frame_height"
+            )
+
+    def _wait_ready(self, child: Child) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while child.state is not State.READY:
+            if self._stop_reason is not None:
+                raise StartupError(f"stopped while starting {child.name}")
+            if child.state is State.FAILED:
+                raise StartupError(f"{child.name} failed to start: {child.last_error}")
+            if time.monotonic() > deadline:
+                raise StartupError(
+                    f"{child.name} was not ready within {self.config.ready_timeout_s:.0f} s"
+                )
+            self.run_once(0.1)
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+        def on_signal(signum: int, frame: object) -> None:
+            self.request_stop(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def request_stop(self, reason: str) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    def serve_forever(self) -> None:
+        while self._stop_reason is None:
+            self.run_once(self.config.heartbeat_interval_s)
+        logger.info("stopping (%s)", self._stop_reason)
+
+    def shutdown(self) -> None:
+        """Stop every child (Stop → SIGTERM → SIGKILL, one deadline), free every segment."""
+        live = [c for c in self.children.values() if c.proc is not None]
+        for child in live:
+            child.state = State.STOPPING
+            self._send(child.name, p.Stop(reason=self._stop_reason or "shutdown"))
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        self._wait_exit(live, deadline)
+        for child in live:
+            child.terminate()
+        self._wait_exit(live, time.monotonic() + 1.0)
+        for child in live:
+            child.kill()
+        self._wait_exit(live, time.monotonic() + 1.0)
+        for child in self.children.values():
+            child.state = State.STOPPED
+        for session in list(self.sessions.values()):
+            self._free_session(session)
+        self.sessions.clear()
+        for sock in (getattr(self, "control", None), getattr(self, "admin", None)):
+            if sock is not None:
+                sock.close(linger=0)
+        self.ctx.term()
+        if self.run is not None:
+            self.run.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wait_exit(self, children: list[Child], deadline: float) -> None:
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                continue
+            child.reap()
+
+    # ------------------------------------------------------------------ loop
+
+    def run_once(self, timeout_s: float) -> None:
+        now = time.monotonic()
+        timeout_s = min(timeout_s, max(0.0, self._next_timer(now) - now))
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.admin, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        for child in self.children.values():
+            if child.pidfd is not None:
+                poller.register(child.pidfd, zmq.POLLIN)
+        events = dict(poller.poll(timeout_s * 1000))
+        if self._wake_r.fileno() in events:
+            self._drain_wakeups()
+        if self.control in events:
+            self._drain_control()
+        self._check_children()
+        if self.admin in events:
+            self._drain_admin()
+        self._timers(time.monotonic())
+
+    def _next_timer(self, now: float) -> float:
+        due = self._next_heartbeat or now
+        for child in self.children.values():
+            if child.state is State.RESTARTING:
+                due = min(due, child.restart_due)
+        return due
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _check_children(self) -> None:
+        for child in self.children.values():
+            if child.proc is None or child.state is State.STOPPING:
+                continue
+            code = child.exited()
+            if code is None:
+                continue
+            child.reap()
+            reason = child.last_error if child.state is State.FAILED else ""
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            why = f"{child.name} died ({how})" + (f": {reason}" if reason else "")
+            logger.error("%s", why)
+            self._on_child_down(child, why)
+
+    def _on_child_down(self, child: Child, reason: str) -> None:
+        child.schedule_restart(reason)
+        for session in self.sessions.values():
+            if child.name in session.stages:
+                self._notify_owner(
+                    p.SessionFailed(session_id=session.session_id, service=child.name, reason=reason)
+                )
+
+    def _timers(self, now: float) -> None:
+        for child in self.children.values():
+            if child.state is State.RESTARTING and now >= child.restart_due:
+                child.spawn()
+            elif child.state is State.STARTING and now - child.started_at > self.config.ready_timeout_s:
+                child.last_error = "not ready in time"
+                child.kill()
+            elif child.state is State.READY:
+                self._check_liveness(child, now)
+        if now >= self._next_heartbeat:
+            self._heartbeat_seq += 1
+            for child in self.children.values():
+                if child.state is State.READY:
+                    self._send(child.name, p.Heartbeat(seq=self._heartbeat_seq))
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+
+    def _check_liveness(self, child: Child, now: float) -> None:
+        """A live process is not a live loop: restart stages that stop answering or progressing."""
+        if now - child.last_ack > self.config.heartbeat_timeout_s:
+            child.last_error = f"no heartbeat for {now - child.last_ack:.1f} s"
+            logger.error("%s: %s; killing it", child.name, child.last_error)
+            child.kill()
+        elif now - child.progress_at > self.config.stall_timeout_s:
+            child.last_error = f"frames waiting but none done for {now - child.progress_at:.1f} s"
+            logger.error("%s: %s; killing it", child.name, child.last_error)
+            child.kill()
+
+    # ------------------------------------------------------------------ control socket
+
+    def _send(self, service: str, message: p.SupervisorToService) -> None:
+        try:
+            self.control.send_multipart(
+                [service.encode(), self.control_codec.encode(message)], zmq.NOBLOCK
+            )
+        except zmq.ZMQError as exc:
+            logger.warning("could not send %s to %s: %s", type(message).__name__, service, exc)
+
+    def _drain_control(self) -> None:
+        while True:
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.rejected += 1
+                logger.warning("rejected control message with %d frames", len(frames))
+                continue
+            identity, raw = frames
+            child = self.children.get(identity.decode(errors="replace"))
+            try:
+                msg = self.control_codec.decode(raw)
+            except p.MessageRejected as exc:
+                self.rejected += 1
+                logger.warning("rejected control message from %r: %s", identity, exc)
+                continue
+            if child is None:
+                self.rejected += 1
+                logger.warning("rejected %s from unknown peer %r", type(msg).__name__, identity)
+                continue
+            self._on_control(child, msg)
+
+    def _on_control(self, child: Child, msg: p.ServiceToSupervisor) -> None:
+        now = time.monotonic()
+        match msg:
+            case p.Hello(pid=pid):
+                logger.debug("hello from %s (pid %d)", child.name, pid)
+            case p.Ready():
+                child.state = State.READY
+                child.ready_at = child.last_ack = child.progress_at = now
+                logger.info("%s ready in %.2f s", child.name, now - child.started_at)
+                for session in self.sessions.values():
+                    if child.name in session.stages:
+                        self._send(child.name, session.start_message(child.name))
+            case p.HeartbeatAck(frames_done=done, frames_waiting=waiting):
+                child.last_ack = now
+                if done != child.frames_done or waiting == 0:
+                    child.progress_at = now
+                child.frames_done = done
+                child.rejected = msg.rejected
+                child.sessions = msg.sessions
+            case p.ServiceFailed(reason=reason):
+                child.last_error = reason
+                logger.error("%s failed: %s", child.name, reason)
+            case p.SessionFailed():
+                logger.error("session %s failed in %s: %s", msg.session_id, msg.service, msg.reason)
+                self._notify_owner(msg)
+            case p.SessionStarted():
+                pass
+
+    def _notify_owner(self, msg: p.SessionFailed) -> None:
+        """Session failures go to signalling, which tells the client."""
+        session = self.sessions.get(msg.session_id)
+        if session is None:
+            return
+        session.failures.append(msg.reason)
+        owner = self.children.get(session.owner or "")
+        if owner is not None and owner.state is State.READY:
+            self._send(owner.name, msg)
+
+    # ------------------------------------------------------------------ admin socket
+
+    def _drain_admin(self) -> None:
+        while True:
+            try:
+                frames = self.admin.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 3:
+                self.rejected += 1
+                logger.warning("rejected admin message with %d frames", len(frames))
+                continue
+            envelope, raw = frames[:-1], frames[-1]
+            try:
+                request = self.admin_codec.decode(raw)
+            except p.MessageRejected as exc:
+                self.rejected += 1
+                logger.warning("rejected admin message: %s", exc)
+                reply: p.AdminReply = p.Rejected(reason=str(exc))
+            else:
+                reply = self._on_admin(request)
+            self.admin.send_multipart([*envelope, self.admin_codec.encode(reply)])
+
+    def _on_admin(self, request: p.AdminRequest) -> p.AdminReply:
+        match request:
+            case p.GetStatus():
+                return self.status()
+            case p.Shutdown(reason=reason):
+                self.request_stop(f"supervisor stop ({reason})")
+                return p.Ack()
+            case p.OpenSession():
+                try:
+                    return self.open_session(request)
+                except (ValueError, OSError) as exc:
+                    return p.Rejected(reason=str(exc))
+            case p.CloseSession(session_id=session_id):
+                if session_id not in self.sessions:
+                    return p.Rejected(reason=f"unknown session {session_id!r}")
+                self.close_session(session_id)
+                return p.Ack()
+        return p.Rejected(reason="unhandled request")
+
+    def status(self) -> p.StatusReport:
+        assert self.run is not None
+        return p.StatusReport(
+            run_id=self.run.run_id,
+            pid=os.getpid(),
+            uptime_s=time.monotonic() - self.started,
+            services=[
+                p.ServiceStatus(
+                    name=c.name,
+                    state=str(c.state),
+                    pid=c.pid,
+                    uptime_s=c.uptime_s(),
+                    restarts=c.restarts,
+                    frames_done=c.frames_done,
+                    rejected=c.rejected,
+                    sessions=c.sessions,
+                    last_error=c.last_error,
+                )
+                for c in self.children.values()
+            ],
+            sessions=sorted(self.sessions),
+            rejected=self.rejected,
+        )
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, req: p.OpenSession) -> p.SessionOpened:
+        assert self.run is not None
+        cfg = self.config
+        if req.session_id in self.sessions:
+            raise ValueError(f"session {req.session_id!r} already exists")
+        if not req.session_id.replace("-", "").isalnum() or len(req.session_id) > 64:
+            raise ValueError("session_id must be 1-64 letters, digits or '-'")
+        unknown = [s for s in req.stages if s not in self.children]
+        if unknown or not req.stages:
+            raise ValueError(f"unknown stage(s): {', '.join(unknown) or '(none given)'}")
+        if not (0 < req.width <= cfg.max_frame_width and 0 < req.height <= cfg.max_frame_height):
+            raise ValueError(
+                f"{req.width}x{req.height} is outside 1x1..{cfg.max_frame_width}x"
+                f"{cfg.max_frame_height}"
+            )
+        session = Session(
+            req.session_id, list(req.stages), req.width, req.height, req.sink, dict(req.params)
+        )
+        try:
+            for i in range(len(req.stages) - 1):
+                session.rings.append(
+                    FrameRing.create(
+                        self.run.run_id,
+                        f"{req.session_id}.{i}",
+                        cfg.ring_slots,
+                        req.width * req.height * 3,
+                    )
+                )
+        except Exception:
+            self._free_session(session)
+            raise
+        self.sessions[req.session_id] = session
+        for stage in session.stages:
+            if self.children[stage].state is State.READY:
+                self._send(stage, session.start_message(stage))
+        logger.info("session %s opened: %s", req.session_id, " → ".join(req.stages))
+        return p.SessionOpened(session_id=req.session_id, rings=[r.name for r in session.rings])
+
+    def close_session(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id)
+        for stage in session.stages:
+            if self.children[stage].state is State.READY:
+                self._send(stage, p.EndSession(session_id=session_id))
+        self._free_session(session)
+        logger.info("session %s closed", session_id)
+
+    def _free_session(self, session: Session) -> None:
+        for ring in session.rings:
+            ring.unlink()
+            ring.close()
+        session.rings.clear()
