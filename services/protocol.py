@@ -228,7 +228,7 @@ class Codec(Generic[In, Out]):
 
     def decode(self, data: bytes | memoryview) -> In:
         try:
-            return self._decoder.decode(data)  # type: ignore[no-any-return]
+            return self._decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise MessageRejected(str(exc)) from None
 

@@ -225,7 +225,7 @@ class ServiceProc:
             timeout_s = PARENT_CHECK_INTERVAL_S
             if next_tick:
                 timeout_s = max(0.0, min(timeout_s, next_tick - now))
-            events = dict(poller.poll(timeout_s * 1000))
+            events = dict(poller.poll(int(timeout_s * 1000)))
             if self.control in events:
                 self._drain_control(core)
             if self.inbox in events and not self._stopping:

@@ -83,9 +83,7 @@ class RingStage(ServiceCore):
         return len(self.sessions)
 
     def frames_waiting(self) -> int:
-        return sum(
-            1 for s in self.sessions.values() if s.input is not None and s.input.has_new()
-        )
+        return sum(1 for s in self.sessions.values() if s.input is not None and s.input.has_new())
 
     def handle(self, msg: p.InboxMessage) -> None:
         match msg:

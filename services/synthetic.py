@@ -43,6 +43,8 @@ class TestSourceCore(RingStage):
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
+        if reason := spec.options.get("fail_on_start"):
+            raise RuntimeError(str(reason))
         self.fps = float(spec.options.get("fps", DEFAULT_FPS))
         self._next_due = time.monotonic()
 

@@ -55,6 +55,7 @@ supervisor can read any ring's occupancy without asking either side.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import mmap
 import os
@@ -261,11 +262,9 @@ class FrameRing:
         self._payloads.clear()
         self.header = np.empty(0, dtype=np.int64)
         self._buf = np.empty(0, dtype=np.uint8)
-        try:
+        # A caller may still hold a view; the mapping then goes when the last view is freed.
+        with contextlib.suppress(BufferError):
             self._mm.close()
-        except BufferError:
-            # A caller still holds a view; the mapping goes when the last view is freed.
-            pass
 
     def unlink(self) -> None:
         """Remove the segment (owner only). Attached processes keep their mapping."""

@@ -52,6 +52,7 @@ class Child:
         self.restart_times: deque[float] = deque()
         self.restart_due = 0.0
         self.last_error = ""
+        self.failure_reason = ""  # what the process said (ServiceFailed) before it died
         self.last_ack = 0.0
         self.frames_done = 0
         self.progress_at = 0.0
@@ -75,6 +76,7 @@ class Child:
         except (AttributeError, OSError):
             self.pidfd = None  # polled instead (non-Linux / old kernel)
         now = time.monotonic()
+        self.failure_reason = ""
         self.state = State.STARTING
         self.started_at = now
         self.last_ack = now

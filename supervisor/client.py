@@ -32,7 +32,7 @@ class AdminClient:
         try:
             sock.connect(admin_endpoint(self.run_dir))
             sock.send(self.codec.encode(message))
-            if not sock.poll(self.timeout_s * 1000):
+            if not sock.poll(int(self.timeout_s * 1000)):
                 raise SupervisorUnreachable(
                     f"no answer from the supervisor at {self.run_dir} in {self.timeout_s:.0f} s"
                 )

@@ -59,7 +59,9 @@ class Session:
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.base = default_run_base() if config.run_dir is None else Path(config.run_dir).expanduser()
+        self.base = (
+            default_run_base() if config.run_dir is None else Path(config.run_dir).expanduser()
+        )
         self.run: Run | None = None
         self.children: dict[str, Child] = {}
         self.sessions: dict[str, Session] = {}
@@ -227,7 +229,7 @@ class Supervisor:
         for child in self.children.values():
             if child.pidfd is not None:
                 poller.register(child.pidfd, zmq.POLLIN)
-        events = dict(poller.poll(timeout_s * 1000))
+        events = dict(poller.poll(int(timeout_s * 1000)))
         if self._wake_r.fileno() in events:
             self._drain_wakeups()
         if self.control in events:
@@ -259,7 +261,7 @@ class Supervisor:
             if code is None:
                 continue
             child.reap()
-            reason = child.last_error if child.state is State.FAILED else ""
+            reason = child.failure_reason
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             why = f"{child.name} died ({how})" + (f": {reason}" if reason else "")
             logger.error("%s", why)
@@ -270,14 +272,19 @@ class Supervisor:
         for session in self.sessions.values():
             if child.name in session.stages:
                 self._notify_owner(
-                    p.SessionFailed(session_id=session.session_id, service=child.name, reason=reason)
+                    p.SessionFailed(
+                        session_id=session.session_id, service=child.name, reason=reason
+                    )
                 )
 
     def _timers(self, now: float) -> None:
         for child in self.children.values():
             if child.state is State.RESTARTING and now >= child.restart_due:
                 child.spawn()
-            elif child.state is State.STARTING and now - child.started_at > self.config.ready_timeout_s:
+            elif (
+                child.state is State.STARTING
+                and now - child.started_at > self.config.ready_timeout_s
+            ):
                 child.last_error = "not ready in time"
                 child.kill()
             elif child.state is State.READY:
@@ -354,7 +361,7 @@ class Supervisor:
                 child.rejected = msg.rejected
                 child.sessions = msg.sessions
             case p.ServiceFailed(reason=reason):
-                child.last_error = reason
+                child.failure_reason = reason
                 logger.error("%s failed: %s", child.name, reason)
             case p.SessionFailed():
                 logger.error("session %s failed in %s: %s", msg.session_id, msg.service, msg.reason)

@@ -133,7 +133,7 @@ def create_run(base: Path) -> Run:
 
 def live_runs(base: Path) -> list[dict[str, object]]:
     """supervisor.json of every live run under ``base`` (newest first)."""
-    runs = []
+    runs: list[dict[str, object]] = []
     if not base.is_dir():
         return runs
     for path in base.iterdir():
@@ -142,7 +142,7 @@ def live_runs(base: Path) -> list[dict[str, object]]:
             continue
         with contextlib.suppress(OSError, ValueError):
             runs.append(json.loads(info_path.read_text()))
-    runs.sort(key=lambda r: float(r.get("started", 0)), reverse=True)  # type: ignore[arg-type]
+    runs.sort(key=lambda r: float(str(r.get("started", 0))), reverse=True)
     return runs
 
 

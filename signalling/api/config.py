@@ -1,0 +1,20 @@
+"""Configuration of the HTTP API: one msgspec Struct, part of the supervisor's config tree."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from signalling.api.cors import CorsConfig
+from signalling.api.ice import IceConfig
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ApiConfig"]
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+class ApiConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_BODY_BYTES
+    cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
+    ice: IceConfig = msgspec.field(default_factory=IceConfig)

@@ -1,0 +1,169 @@
+"""Fixtures that run dreamwire the way a user does: ``supervisor start`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+
+from services import protocol as p
+from supervisor.client import AdminClient, SupervisorUnreachable, find_run_dirs
+
+POLL_S = 0.05
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something truthy (a bounded wait, not a sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is not alive.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+class SupervisorRun:
+    """A ``supervisor start`` subprocess with its own run base, port and config."""
+
+    def __init__(self, base: Path, config: str, extra_args: list[str] | None = None) -> None:
+        self.base = base
+        self.port = free_port()
+        self.config_path = base / "dreamwire.toml"
+        self.config_path.write_text(f"port = {self.port}\n{config}")
+        self.log_path = base / "supervisor.log"
+        self.env = {**os.environ, "DREAMWIRE_RUN_DIR": str(base / "run")}
+        self.args = [
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "start",
+            "--config",
+            str(self.config_path),
+            *(extra_args or []),
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.run_dir: Path | None = None
+        self._log: BinaryIO | None = None
+
+    def start(self, timeout_s: float = 60) -> SupervisorRun:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=self._log)
+        self.run_dir = None
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"supervisor exited early:\n{self.log()}")
+            runs = find_run_dirs(self.base / "run")
+            mine = [
+                r
+                for r in runs
+                if (r / "supervisor.json").read_text().find(f'"pid": {self.proc.pid}') >= 0
+            ]
+            if not mine:
+                return False
+            self.run_dir = mine[0]
+            try:
+                report = self.status()
+            except SupervisorUnreachable:
+                return False
+            return bool(report.services) and all(s.state == "ready" for s in report.services)
+
+        wait_until(up, timeout_s, "supervisor to be ready")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def admin(self) -> AdminClient:
+        assert self.run_dir is not None
+        return AdminClient(self.run_dir)
+
+    def request(self, message: p.AdminRequest) -> p.AdminReply:
+        with self.admin() as client:
+            return client.request(message)
+
+    def status(self) -> p.StatusReport:
+        with self.admin() as client:
+            return client.status()
+
+    def service(self, name: str) -> p.ServiceStatus:
+        return next(s for s in self.status().services if s.name == name)
+
+    def child_pids(self) -> list[int]:
+        assert self.proc is not None
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
+        ).stdout
+        return [int(x) for x in out.split()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout_s)
+        finally:
+            self.close_log()
+        return code
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory: Unix socket paths must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="dw", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_supervisor(short_tmp: Path) -> Iterator[Callable[..., SupervisorRun]]:
+    runs: list[SupervisorRun] = []
+
+    def start(config: str = "", extra_args: list[str] | None = None) -> SupervisorRun:
+        run = SupervisorRun(short_tmp, config, extra_args)
+        runs.append(run)
+        return run.start()
+
+    yield start
+    for run in runs:
+        if run.proc is not None and run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait(10)
+        run.close_log()

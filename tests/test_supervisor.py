@@ -1,0 +1,208 @@
+"""The supervisor with real processes and sockets: start/stop, restarts, crash cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import zmq
+from conftest import SupervisorRun, pid_alive, wait_until
+
+from services import protocol as p
+from services.runtime import admin_endpoint, control_endpoint, inbox_endpoint
+from shm.ring import segments_of_run
+
+pytestmark = pytest.mark.timeout(120)
+
+CHAIN = """
+pipelines = ["passthrough"]
+[[services]]
+name = "testsrc"
+kind = "testsrc"
+options = { fps = 60 }
+[[services]]
+name = "testsink"
+kind = "testsink"
+"""
+STAGES = ["testsrc", "inference/passthrough", "testsink"]
+Start = Callable[..., SupervisorRun]
+
+
+def open_chain(run: SupervisorRun, session_id: str = "s1") -> None:
+    reply = run.request(p.OpenSession(session_id=session_id, stages=STAGES, width=128, height=96))
+    assert isinstance(reply, p.SessionOpened), reply
+
+
+def sink_frames(run: SupervisorRun) -> int:
+    return run.service("testsink").frames_done
+
+
+def wait_frames_flow(run: SupervisorRun, timeout_s: float = 10, more_than: int = 10) -> None:
+    before = sink_frames(run)
+    wait_until(lambda: sink_frames(run) > before + more_than, timeout_s, "frames through the chain")
+
+
+def test_start_stop_clean(start_supervisor: Start) -> None:
+    run = start_supervisor(CHAIN)
+    assert run.run_dir is not None
+    run_id = run.run_dir.name
+    pids = run.child_pids()
+    assert len(pids) == 4
+    open_chain(run)
+    wait_frames_flow(run)
+    assert segments_of_run(run_id)
+    assert run.stop(signal.SIGTERM) == 0
+    assert not any(pid_alive(pid) for pid in pids)
+    assert segments_of_run(run_id) == []
+    assert not run.run_dir.exists()
+    assert "corrupt" not in run.log()
+
+
+def test_ctrl_c_and_cli_status_stop(start_supervisor: Start) -> None:
+    run = start_supervisor(CHAIN)
+    cli = [sys.executable, "-m", "supervisor.cli"]
+    out = subprocess.run([*cli, "status"], env=run.env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    for name in ["inference/passthrough", "testsrc", "testsink", "signalling"]:
+        assert name in out.stdout
+    assert "ready" in out.stdout
+    out = subprocess.run([*cli, "stop"], env=run.env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert run.proc is not None
+    assert run.proc.wait(20) == 0
+    # And Ctrl-C (SIGINT) stops a second run just as cleanly.
+    run2 = start_supervisor(CHAIN)
+    pids = run2.child_pids()
+    assert run2.stop(signal.SIGINT) == 0
+    assert not any(pid_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("victim", ["testsrc", "inference/passthrough", "testsink", "signalling"])
+def test_kill_9_child_comes_back(start_supervisor: Start, victim: str) -> None:
+    run = start_supervisor(CHAIN)
+    open_chain(run)
+    wait_frames_flow(run)
+    old = run.service(victim)
+    assert old.pid is not None
+    killed_at = time.monotonic()
+    os.kill(old.pid, signal.SIGKILL)
+
+    def back() -> bool:
+        s = run.service(victim)
+        return s.state == "ready" and s.pid != old.pid
+
+    wait_until(back, 3.0, f"{victim} to be back and ready")
+    assert time.monotonic() - killed_at < 3.0
+    assert run.service(victim).restarts == 1
+    wait_frames_flow(run)
+    if victim == "signalling":
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{run.port}/health", timeout=5) as resp:
+            assert resp.status == 200
+    assert run.stop() == 0
+
+
+def test_supervisor_sigkill_no_orphans_next_start_cleans(
+    start_supervisor: Start,
+) -> None:
+    run = start_supervisor(CHAIN)
+    open_chain(run)
+    wait_frames_flow(run)
+    assert run.run_dir is not None
+    run_id = run.run_dir.name
+    pids = run.child_pids()
+    assert segments_of_run(run_id)
+    assert run.stop(signal.SIGKILL) == -signal.SIGKILL
+    killed_at = time.monotonic()
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), 2.0, "children to exit")
+    assert time.monotonic() - killed_at <= 2.0
+    # The crashed run left its segments and sockets; the next start reclaims them.
+    assert segments_of_run(run_id)
+    assert run.run_dir.exists()
+    run2 = start_supervisor(CHAIN)
+    assert segments_of_run(run_id) == []
+    assert not run.run_dir.exists()
+    assert "reclaimed leftovers" in run2.log()
+    assert run2.stop() == 0
+
+
+def test_crash_loop_is_marked_failed_not_restarted_forever(short_tmp: Path) -> None:
+    config = """
+signalling = false
+[[services]]
+name = "good"
+kind = "testsink"
+[[services]]
+name = "flaky"
+kind = "testsrc"
+options = { fail_on_start = "boom: no GPU" }
+restart = { max_restarts = 2, window_s = 60, backoff_initial_s = 0.05 }
+"""
+    run = SupervisorRun(short_tmp, config)
+    proc = subprocess.run(run.args, env=run.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "flaky failed to start: flaky died (exit code 1): RuntimeError: boom: no GPU" in (
+        proc.stderr
+    )
+    assert proc.stderr.count("restarting in") == 2
+    assert "not restarting it" in proc.stderr
+    assert list((short_tmp / "run").iterdir()) == []
+
+
+def test_garbage_is_rejected_and_services_keep_answering(start_supervisor: Start) -> None:
+    run = start_supervisor(CHAIN)
+    open_chain(run)
+    wait_frames_flow(run)
+    assert run.run_dir is not None
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    codec = p.inbox_codec()
+    wrong = [
+        b"\x00\xffgarbage",
+        b"",
+        codec.encode(p.FrameReady(session_id="nope", ring="x", seq=1)),  # unknown session
+        codec.encode(p.BitrateChanged(session_id="s1", bitrate_bps=5)),  # wrong kind for stage
+    ]
+    try:
+        for name in ["testsrc", "inference/passthrough", "testsink", "signalling"]:
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.connect(inbox_endpoint(run.run_dir, name))
+            for raw in wrong:
+                push.send(raw)
+            push.close()
+        # The supervisor's own sockets: a service impostor and a garbage admin request.
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 1000)
+        dealer.setsockopt(zmq.IDENTITY, b"impostor")
+        dealer.connect(control_endpoint(run.run_dir))
+        dealer.send(b"\x93garbage")
+        dealer.send(p.supervisor_control_codec().encode(p.Stop()))  # wrong direction
+        dealer.close()
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(admin_endpoint(run.run_dir))
+        req.send(b"{not msgpack")
+        assert req.poll(5000)
+        reply = p.admin_client_codec().decode(req.recv())
+        assert isinstance(reply, p.Rejected) and reply.reason
+        req.close()
+    finally:
+        ctx.term()
+
+    def all_rejected() -> bool:
+        report = run.status()
+        per = {s.name: s.rejected for s in report.services}
+        return report.rejected >= 3 and all(per[n] >= len(wrong) - 1 for n in per)
+
+    wait_until(all_rejected, 10, "every service to count the rejected messages")
+    assert all(s.state == "ready" and s.restarts == 0 for s in run.status().services)
+    wait_frames_flow(run)
+    assert "rejected" in run.log()
+    assert run.stop() == 0
