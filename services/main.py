@@ -19,9 +19,21 @@ def core_factory(kind: str) -> CoreFactory:
     """The core class for a service kind; imports lazily so each process loads only its own."""
     match kind:
         case "inference":
-            from services.inference.passthrough import PassthroughCore
+            from services.inference.core import InferenceCore
 
-            return PassthroughCore
+            return InferenceCore
+        case "decode":
+            from services.decode.service import DecodeStage
+
+            return DecodeStage
+        case "encode":
+            from services.encode.service import EncodeStage
+
+            return EncodeStage
+        case "overlay":
+            from services.overlay.core import OverlayCore
+
+            return OverlayCore
         case "testsrc":
             from services.synthetic import TestSourceCore
 
@@ -39,7 +51,12 @@ def main() -> int:
         print(f"{SPEC_ENV} is not set: services are started by `supervisor start`", file=sys.stderr)
         return 2
     spec = msgspec.json.decode(raw, type=ServiceSpec)
-    return run_service(spec, core_factory(spec.kind))
+
+    def build(spec: ServiceSpec, outbox: Outbox) -> ServiceCore:
+        # Resolved inside the runtime, so an import error is reported as ServiceFailed.
+        return core_factory(spec.kind)(spec, outbox)
+
+    return run_service(spec, build)
 
 
 if __name__ == "__main__":

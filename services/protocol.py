@@ -78,7 +78,12 @@ class StartSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     input_ring: str | None = None
     output_ring: str | None = None
     downstream: str | None = None
+    #: The pipeline's runtime parameters (validated against its schema).
     params: dict[str, Any] = {}
+    #: "video" (frames come in) or "text" (the pipeline generates).
+    mode: str = "video"
+    #: The negotiated WebRTC codec, for decode and encode.
+    codec: str = "VP8"
 
 
 class EndSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -108,13 +113,29 @@ class OpenSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     height: int
     sink: str | None = None
     params: dict[str, Any] = {}
+    mode: str = "video"
+    codec: str = "VP8"
+    #: The service told when a stage of the session fails (signalling, for the client).
+    owner: str | None = None
 
 
 class CloseSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     session_id: str
 
 
-AdminRequest = GetStatus | Shutdown | OpenSession | CloseSession
+class PipelineLoad(msgspec.Struct, forbid_unknown_fields=True):
+    pipeline_id: str
+    load_params: dict[str, Any] = {}
+
+
+class LoadPipelines(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """Make these the loaded pipelines: start (or restart with new load params) their
+    inference processes, stop the others. Answered at once; loading is asynchronous."""
+
+    pipelines: list[PipelineLoad]
+
+
+AdminRequest = GetStatus | Shutdown | OpenSession | CloseSession | LoadPipelines
 
 # ---------------------------------------------------------------- admin: supervisor → CLI
 
@@ -129,6 +150,32 @@ class ServiceStatus(msgspec.Struct, forbid_unknown_fields=True):
     rejected: int = 0
     sessions: int = 0
     last_error: str = ""
+    # Measured by the supervisor (psutil; nvidia-smi where it exists) for the metrics (issue 5).
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    gpu_memory_bytes: int | None = None
+
+
+class RingStatus(msgspec.Struct, forbid_unknown_fields=True):
+    """One session ring's counters, read by the supervisor (it owns every ring)."""
+
+    session_id: str
+    ring: str
+    producer: str
+    consumer: str
+    slots: int
+    published: int
+    consumed: int
+    skipped: int
+    torn: int
+    pending: int
+
+
+class PipelineState(msgspec.Struct, forbid_unknown_fields=True):
+    pipeline_id: str
+    status: str  # not_loaded | loading | loaded | error
+    load_params: dict[str, Any] = {}
+    error: str | None = None
 
 
 class StatusReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -138,6 +185,10 @@ class StatusReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     services: list[ServiceStatus]
     sessions: list[str]
     rejected: int
+    pipelines: list[PipelineState] = []
+    #: starting (services still coming up in order) | running | stopping
+    phase: str = "running"
+    rings: list[RingStatus] = []
 
 
 class Ack(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -200,7 +251,36 @@ class BitrateChanged(msgspec.Struct, tag=True, array_like=True, gc=False):
     bitrate_bps: int
 
 
-InboxMessage = FrameReady | EncodedFrame | EncodedPacket | KeyframeNeeded | BitrateChanged
+class UpdateParameters(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """New values for some of a session's runtime parameters (signalling → a stage).
+
+    Already validated against the pipeline's schema; the newest value of each key wins."""
+
+    session_id: str
+    params: dict[str, Any]
+
+
+class StageOutput(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Something a stage wants the session's client to hear (a stage → signalling).
+
+    ``kind`` is the FastRTC message type: ``fetch_output`` (results as data, e.g. Moondream's
+    captions and boxes), ``error``, ``warning`` or ``log``."""
+
+    session_id: str
+    service: str
+    kind: str
+    data: Any
+
+
+InboxMessage = (
+    FrameReady
+    | EncodedFrame
+    | EncodedPacket
+    | KeyframeNeeded
+    | BitrateChanged
+    | UpdateParameters
+    | StageOutput
+)
 
 # ---------------------------------------------------------------- codecs
 

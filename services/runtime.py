@@ -6,8 +6,11 @@ which owns the sockets and the loop:
 * a DEALER on the supervisor's ``control.sock`` (``Hello`` → ``Ready``, heartbeats, ``Stop``,
   session commands),
 * a PULL ``inbox`` other services push frame notifications and encoded media to,
-* PUSH sockets to the inboxes of downstream services (created on first use, ``IMMEDIATE`` and
-  non-blocking: a message for a stage that is down is dropped and counted, never queued).
+* PUSH sockets to the inboxes of downstream services (created on first use, non-blocking, with
+  a small high-water mark: while a stage restarts at most ``DOWNSTREAM_HWM`` messages wait for
+  it, and past that they are dropped and counted). ``ZMQ_IMMEDIATE`` is deliberately off: with
+  it, the first message on a socket still connecting would be dropped, and a one-shot message
+  such as a parameter change must not be.
 
 Control is polled before data so a ``Stop`` never waits behind frames. Anything that does not
 decode as a message of the socket's union is logged, counted and dropped; the loop goes on.
@@ -35,7 +38,7 @@ from services import protocol as p
 logger = logging.getLogger(__name__)
 
 PARENT_CHECK_INTERVAL_S = 0.25
-DOWNSTREAM_HWM = 64
+DOWNSTREAM_HWM = 16
 PR_SET_PDEATHSIG = 1
 
 
@@ -102,7 +105,6 @@ class Outbox:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, DOWNSTREAM_HWM)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.connect(inbox_endpoint(self._run_dir, service))
             self._sockets[service] = sock
         try:
@@ -126,6 +128,12 @@ class ServiceCore(ABC):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         self.spec = spec
         self.outbox = outbox
+        self.session_failures: list[tuple[str, str]] = []
+
+    def report_session_failure(self, session_id: str, reason: str) -> None:
+        """This service can no longer serve the session: the supervisor tells its owner
+        (signalling sends the client ``stream_stopped`` with ``reason``)."""
+        self.session_failures.append((session_id, reason))
 
     @abstractmethod
     def start_session(self, msg: p.StartSession) -> None: ...
@@ -234,6 +242,11 @@ class ServiceProc:
             if not next_tick or now >= next_tick:
                 wait_s = core.tick()
                 next_tick = now + wait_s if wait_s is not None else 0.0
+            while core.session_failures:
+                session_id, reason = core.session_failures.pop(0)
+                self.send_control(
+                    p.SessionFailed(session_id=session_id, service=self.spec.name, reason=reason)
+                )
             if now - self._last_parent_check >= PARENT_CHECK_INTERVAL_S:
                 self._last_parent_check = now
                 if os.getppid() != self.spec.supervisor_pid:

@@ -24,6 +24,8 @@ class StageSession:
     height: int
     params: dict[str, Any]
     downstream: str | None
+    mode: str = "video"
+    codec: str = "VP8"
     input: RingConsumer | None = None
     output: RingProducer | None = None
     frames_done: int = 0
@@ -53,6 +55,8 @@ class RingStage(ServiceCore):
             height=msg.height,
             params=dict(msg.params),
             downstream=msg.downstream,
+            mode=msg.mode,
+            codec=msg.codec,
         )
         try:
             if msg.input_ring:
@@ -88,12 +92,22 @@ class RingStage(ServiceCore):
     def handle(self, msg: p.InboxMessage) -> None:
         match msg:
             case p.FrameReady(session_id=session_id):
-                session = self.sessions.get(session_id)
-                if session is None:
-                    raise KeyError(f"unknown session {session_id!r}")
-                self.drain(session)
+                self.drain(self._session(session_id))
+            case p.UpdateParameters(session_id=session_id, params=params):
+                session = self._session(session_id)
+                session.params.update(params)
+                self.on_parameters(session, params)
             case _:
                 self.handle_other(msg)
+
+    def _session(self, session_id: str) -> StageSession:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise KeyError(f"unknown session {session_id!r}")
+        return session
+
+    def on_parameters(self, session: StageSession, changed: dict[str, Any]) -> None:
+        """Hook: some runtime parameters changed (already merged into ``session.params``)."""
 
     def handle_other(self, msg: p.InboxMessage) -> None:
         raise ValueError(f"{self.spec.name} does not take {type(msg).__name__}")

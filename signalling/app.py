@@ -1,20 +1,95 @@
-"""The aiohttp application of the signalling process."""
+"""The aiohttp application of the signalling process: the Scope API on the real backend."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
 from aiohttp import web
 
+from services import protocol as p
+from services.runtime import ServiceSpec
+from signalling.api import ApiConfig, add_api_routes
+from signalling.backend import SignallingBackend
 from signalling.control import ControlLink
+from signalling.dreams.config import DreamsConfig
+from signalling.dreams.routes import add_dreams_routes
+from signalling.links import AdminLink, AsyncOutbox
+from signalling.metrics_routes import add_metrics_routes
+from signalling.models import ModelsLink
+from signalling.pipelines import PipelineCatalog
+from signalling.sessions import SessionManager
 
-control_key = web.AppKey("control", ControlLink)
+logger = logging.getLogger(__name__)
+
+backend_key = web.AppKey("backend", SignallingBackend)
 
 
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
-def create_app(control: ControlLink) -> web.Application:
-    app = web.Application(client_max_size=1 << 20)
-    app[control_key] = control
-    app.router.add_get("/health", health)
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def add_page_routes(app: web.Application) -> None:
+    """The web page at ``/``: plain HTML, CSS and JavaScript modules, no build step."""
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC_DIR, append_version=True)
+
+
+def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
+    options = spec.options
+    api_config = msgspec.convert(options.get("api", {}), ApiConfig)
+    admin = AdminLink(control.ctx, spec.run_dir)
+    outbox = AsyncOutbox(control.ctx, spec.run_dir)
+    catalog = PipelineCatalog()
+    models = ModelsLink(Path(str(options.get("models_dir", "~/.dreamwire/models"))).expanduser())
+    backend: SignallingBackend
+
+    async def open_chain(*args: object) -> None:
+        await backend.open_chain(*args)  # type: ignore[arg-type]
+
+    async def close_chain(session_id: str) -> None:
+        await backend.close_chain(session_id)
+
+    sessions = SessionManager(outbox, catalog, open_chain, close_chain)
+    backend = SignallingBackend(
+        admin, sessions, catalog, models, max_sessions=int(options.get("max_sessions", 8))
+    )
+
+    async def on_inbox(msg: p.InboxMessage) -> None:
+        match msg:
+            case p.EncodedPacket():
+                sessions.on_packet(msg)
+                control.frames_done += 1
+            case p.KeyframeNeeded(session_id=session_id):
+                await sessions.on_keyframe_needed(session_id)
+            case p.StageOutput():
+                sessions.on_stage_output(msg)
+            case _:
+                raise ValueError(f"signalling does not take {type(msg).__name__}")
+
+    control.on_inbox = on_inbox
+    control.on_session_failed = sessions.stage_failed
+    control.session_count = lambda: len(sessions)
+
+    app = web.Application(client_max_size=api_config.max_body_bytes)
+    app[backend_key] = backend
+    add_api_routes(app, backend, api_config)
+    add_page_routes(app)
+    dreams_config = msgspec.convert(options.get("dreams", {}), DreamsConfig)
+    add_dreams_routes(app, dreams_config)
+    add_metrics_routes(app, sessions.metrics, admin.status)  # /api/v1/metrics, /metrics
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await sessions.close_all()
+        await models.close()
+        outbox.close()
+        admin.close()
+
+    app.cleanup_ctx.append(lifecycle)
     return app

@@ -11,9 +11,11 @@ import sys
 import msgspec
 from aiohttp import web
 
+from services import protocol as p
 from services.runtime import ServiceSpec, configure_logging, die_with_parent
 from signalling.app import create_app
 from signalling.control import ControlLink
+from signalling.dreams.routes import close_dreams
 
 logger = logging.getLogger(__name__)
 
@@ -25,17 +27,26 @@ async def serve(spec: ServiceSpec) -> None:
     await link.hello()
     host = str(spec.options.get("host", "127.0.0.1"))
     port = int(spec.options.get("port", 8000))
-    runner = web.AppRunner(create_app(link), access_log=None, handle_signals=False)
+    runner = web.AppRunner(create_app(spec, link), access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await link.send(
+                p.ServiceFailed(service=spec.name, reason=f"cannot listen on {host}:{port}: {exc}")
+            )
+            raise
         logger.info("listening on http://%s:%d/", host, port)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, link.stopped.set)
         await link.ready()
         await link.run()
     finally:
+        # Before cleanup: aiohttp stops reading connections once shutdown starts, and the
+        # Dreams worker's final saved state must still arrive.
+        await close_dreams(runner.app)
         await runner.cleanup()
         link.close()
 
@@ -49,6 +60,8 @@ def main() -> int:
         return 2
     spec = msgspec.json.decode(raw, type=ServiceSpec)
     configure_logging(spec.name, spec.log_level)
+    # aioice logs every ICE candidate pair at INFO.
+    logging.getLogger("aioice").setLevel(logging.WARNING)
     die_with_parent(spec.supervisor_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

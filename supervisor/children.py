@@ -41,6 +41,13 @@ class Child:
 
     def __init__(self, spec: ServiceSpec, policy: RestartPolicy) -> None:
         self.spec = spec
+        #: Processes started by a pipeline load (inference, overlay): a failed load is final
+        #: (status ``error``) until the next load request.
+        self.is_pipeline = spec.kind in ("inference", "overlay")
+        #: A crash of an inference process ends its sessions (their model state is gone);
+        #: decode, encode and overlay carry their sessions on after a restart.
+        self.fatal_to_sessions = spec.kind == "inference"
+        self.removing = False
         self.name = spec.name
         self.policy = policy
         self.state = State.STOPPED
@@ -109,6 +116,12 @@ class Child:
         """Record a failure; schedule a restart or mark failed. True when one is scheduled."""
         now = time.monotonic()
         self.last_error = reason
+        if self.is_pipeline and (self.state is State.STARTING or self.failure_reason):
+            # A load that fails, or a process that said why it gives up (CUDA out of memory,
+            # say), is reported as the pipeline's error; a crash without a word restarts.
+            self.state = State.FAILED
+            logger.error("%s failed to load: %s", self.name, reason)
+            return False
         window = self.policy.window_s
         while self.restart_times and now - self.restart_times[0] > window:
             self.restart_times.popleft()

@@ -12,13 +12,21 @@ from services.runtime import configure_logging
 from supervisor.client import AdminClient, SupervisorUnreachable, find_run_dirs
 from supervisor.config import default_run_base, load_config
 from supervisor.core import StartupError, Supervisor
+from supervisor.profile import add_profile_parser
+from supervisor.worker import add_worker_parser
 
 logger = logging.getLogger("supervisor")
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config, host=args.host, port=args.port, run_dir=args.run_dir)
+        config = load_config(
+            args.config,
+            host=args.host,
+            port=args.port,
+            run_dir=args.run_dir,
+            max_sessions=args.max_sessions,
+        )
     except Exception as exc:
         print(f"supervisor: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -30,6 +38,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         logger.info("dreamwire is up: http://%s:%d/", config.host, config.port)
         sup.serve_forever()
     except StartupError as exc:
+        if sup.stop_requested:
+            logger.info("stopped while starting")
+            return 0
         logger.error("%s", exc)
         return 1
     finally:
@@ -94,9 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     start.add_argument("--port", type=int, help="HTTP port (default 8000)")
     start.add_argument("--config", help="TOML config file")
+    start.add_argument(
+        "--max-sessions", type=int, help="concurrent WebRTC sessions; the next offer gets 429"
+    )
     start.set_defaults(func=cmd_start)
     sub.add_parser("status", help="show the running services").set_defaults(func=cmd_status)
     sub.add_parser("stop", help="stop the running server").set_defaults(func=cmd_stop)
+    add_worker_parser(sub)
+    add_profile_parser(sub)
     return parser
 
 

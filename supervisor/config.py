@@ -12,10 +12,19 @@ from typing import Any
 
 import msgspec
 
+from signalling.api.config import ApiConfig
+from signalling.dreams.config import DreamsConfig
+
 ENVIRONMENT: dict[str, str] = {
     "DREAMWIRE_RUN_DIR": "where run directories (sockets, locks) live; default "
     "$XDG_RUNTIME_DIR/dreamwire or ~/.dreamwire/run",
     "DREAMWIRE_LOG_LEVEL": "log level of every process (default INFO)",
+    "DREAMWIRE_MODELS_DIR": "where model files live (default ~/.dreamwire/models)",
+    "DREAMWIRE_TORCH_COMPILE": "1: torch.compile the models at load (slower start, faster calls)",
+    "DREAMWIRE_CHROMIUM": "the browser the browser tests drive (default /usr/bin/chromium)",
+    "DREAM_GEN_AUTH_TOKEN": "shared secret of the Dreams GPU worker link (/ws/gpu); unset: "
+    "loopback workers only",
+    "HF_TOKEN": "Hugging Face token for gated model repositories (read by huggingface_hub)",
 }
 
 
@@ -43,19 +52,33 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     log_level: str = "INFO"
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 3.0
+    #: Model processes answer heartbeats between calls; one call may take this long.
+    model_heartbeat_timeout_s: float = 30.0
     stall_timeout_s: float = 5.0
     ready_timeout_s: float = 60.0
+    #: Loading a pipeline (weights, compilation) may take long on a real GPU box.
+    load_timeout_s: float = 900.0
     stop_timeout_s: float = 3.0
     ring_slots: int = 4
     max_frame_width: int = 1920
     max_frame_height: int = 1080
     #: Pipelines whose inference process starts with the server (``inference/<id>``).
     pipelines: list[str] = []
+    #: Where pipelines' model files live (``download_models`` fills it).
+    models_dir: str | None = None
+    #: decode and encode, the WebRTC media stages.
+    media: bool = True
+    #: Concurrent WebRTC sessions; the next offer gets 429.
+    max_sessions: int = 8
     #: Extra services, started in order before signalling (e.g. testsrc/testsink).
     services: list[ServiceConfig] = []
     #: Start the HTTP server (signalling).
     signalling: bool = True
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
+    #: The HTTP API: body limit, CORS origins, ICE servers (STUN, TURN, Twilio).
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    #: The Dreams broadcast: playback rate, cache, grace period, rate limits, the generator.
+    dreams: DreamsConfig = msgspec.field(default_factory=DreamsConfig)
 
 
 def default_run_base() -> Path:
@@ -64,6 +87,12 @@ def default_run_base() -> Path:
     if xdg := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(xdg) / "dreamwire"
     return Path.home() / ".dreamwire" / "run"
+
+
+def default_models_dir() -> Path:
+    if env := os.environ.get("DREAMWIRE_MODELS_DIR"):
+        return Path(env).expanduser()
+    return Path.home() / ".dreamwire" / "models"
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> Config:

@@ -7,6 +7,7 @@ the SIGINT/SIGTERM handler writes to. Timers (heartbeats, restarts, deadlines) b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -15,16 +16,31 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from services import protocol as p
 from services.runtime import ServiceSpec, admin_endpoint, control_endpoint
 from shm.ring import FrameRing, ring_bytes
 from supervisor.children import Child, State
-from supervisor.config import Config, ServiceConfig, default_run_base
+from supervisor.config import Config, ServiceConfig, default_models_dir, default_run_base
+from supervisor.procstats import ProcessSampler
 from supervisor.rundir import Run, create_run, reclaim_stale, shm_free_bytes
 
 logger = logging.getLogger(__name__)
+
+
+OVERLAY = "overlay"
+
+
+def service_of_pipeline(pipeline_id: str) -> str:
+    """The process a pipeline runs in: ``overlay`` for overlay stages, else its own
+    ``inference/<id>``."""
+    from services.inference import registry
+
+    if registry.is_known(pipeline_id) and registry.get(pipeline_id).extra.get("stage") == OVERLAY:
+        return OVERLAY
+    return f"inference/{pipeline_id}"
 
 
 class StartupError(RuntimeError):
@@ -40,6 +56,8 @@ class Session:
     sink: str | None
     params: dict[str, object]
     owner: str | None = None
+    mode: str = "video"
+    codec: str = "VP8"
     rings: list[FrameRing] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -53,6 +71,8 @@ class Session:
             output_ring=self.rings[i].name if i < len(self.rings) else None,
             downstream=self.stages[i + 1] if i + 1 < len(self.stages) else self.sink,
             params=dict(self.params),
+            mode=self.mode,
+            codec=self.codec,
         )
 
 
@@ -62,12 +82,19 @@ class Supervisor:
         self.base = (
             default_run_base() if config.run_dir is None else Path(config.run_dir).expanduser()
         )
+        self.models_dir = (
+            Path(config.models_dir).expanduser() if config.models_dir else default_models_dir()
+        )
+        #: The pipelines last asked for, in order (the first is the one status reports).
+        self.pipeline_order: list[str] = list(config.pipelines)
         self.run: Run | None = None
         self.children: dict[str, Child] = {}
         self.sessions: dict[str, Session] = {}
         self.started = time.monotonic()
         self.rejected = 0
+        self.sampler = ProcessSampler()  # per-process CPU/memory for status (issue 5)
         self._stop_reason: str | None = None
+        self.phase = "starting"
         self._heartbeat_seq = 0
         self._next_heartbeat = 0.0
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -107,22 +134,37 @@ class Supervisor:
             self.children[child.name] = child
             child.spawn()
             self._wait_ready(child)
+        self.phase = "running"
 
     def _service_plan(self) -> list[ServiceConfig]:
         """Data-plane services first, signalling last (the API answers once all are up)."""
         cfg = self.config
-        plan = [
-            ServiceConfig(f"inference/{pid}", "inference", {"pipeline": pid}, cfg.restart)
-            for pid in cfg.pipelines
-        ]
+        plan = [self._pipeline_service(p.PipelineLoad(pid)) for pid in cfg.pipelines]
+        if cfg.media:
+            plan.append(ServiceConfig("decode", "decode", {}, cfg.restart))
+            plan.append(ServiceConfig("encode", "encode", {}, cfg.restart))
         plan += cfg.services
         if cfg.signalling:
-            plan.append(
-                ServiceConfig(
-                    "signalling", "signalling", {"host": cfg.host, "port": cfg.port}, cfg.restart
-                )
-            )
+            options = {
+                "host": cfg.host,
+                "port": cfg.port,
+                "max_sessions": cfg.max_sessions,
+                "models_dir": str(self.models_dir),
+                "api": msgspec.to_builtins(cfg.api),
+                "dreams": msgspec.to_builtins(cfg.dreams),
+            }
+            plan.append(ServiceConfig("signalling", "signalling", options, cfg.restart))
         return plan
+
+    def _pipeline_service(self, load: p.PipelineLoad) -> ServiceConfig:
+        options = {
+            "pipeline": load.pipeline_id,
+            "load_params": dict(load.load_params),
+            "models_dir": str(self.models_dir),
+        }
+        name = service_of_pipeline(load.pipeline_id)
+        kind = "overlay" if name == OVERLAY else "inference"
+        return ServiceConfig(name, kind, options, self.config.restart)
 
     def _spec(self, svc: ServiceConfig) -> ServiceSpec:
         assert self.run is not None
@@ -149,17 +191,23 @@ class Supervisor:
             )
 
     def _wait_ready(self, child: Child) -> None:
-        deadline = time.monotonic() + self.config.ready_timeout_s
+        deadline = time.monotonic() + self._ready_timeout(child)
         while child.state is not State.READY:
             if self._stop_reason is not None:
                 raise StartupError(f"stopped while starting {child.name}")
             if child.state is State.FAILED:
+                if child.is_pipeline:
+                    return  # reported as the pipeline's error status; the server still serves
                 raise StartupError(f"{child.name} failed to start: {child.last_error}")
             if time.monotonic() > deadline:
                 raise StartupError(
-                    f"{child.name} was not ready within {self.config.ready_timeout_s:.0f} s"
+                    f"{child.name} was not ready within {self._ready_timeout(child):.0f} s"
                 )
             self.run_once(0.1)
+
+    def _ready_timeout(self, child: Child) -> float:
+        cfg = self.config
+        return cfg.load_timeout_s if child.is_pipeline else cfg.ready_timeout_s
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -170,6 +218,10 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_reason is not None
+
     def request_stop(self, reason: str) -> None:
         if self._stop_reason is None:
             self._stop_reason = reason
@@ -177,6 +229,7 @@ class Supervisor:
     def serve_forever(self) -> None:
         while self._stop_reason is None:
             self.run_once(self.config.heartbeat_interval_s)
+        self.phase = "stopping"
         logger.info("stopping (%s)", self._stop_reason)
 
     def shutdown(self) -> None:
@@ -254,13 +307,19 @@ class Supervisor:
             pass
 
     def _check_children(self) -> None:
-        for child in self.children.values():
-            if child.proc is None or child.state is State.STOPPING:
+        for child in list(self.children.values()):
+            if child.proc is None:
                 continue
             code = child.exited()
             if code is None:
                 continue
             child.reap()
+            if child.state is State.STOPPING:
+                child.state = State.STOPPED
+                if child.removing:
+                    del self.children[child.name]
+                logger.info("%s stopped", child.name)
+                continue
             reason = child.failure_reason
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             why = f"{child.name} died ({how})" + (f": {reason}" if reason else "")
@@ -269,6 +328,9 @@ class Supervisor:
 
     def _on_child_down(self, child: Child, reason: str) -> None:
         child.schedule_restart(reason)
+        if not child.fatal_to_sessions:
+            # decode / encode / overlay carry their sessions on after a restart (a keyframe).
+            return
         for session in self.sessions.values():
             if child.name in session.stages:
                 self._notify_owner(
@@ -278,17 +340,18 @@ class Supervisor:
                 )
 
     def _timers(self, now: float) -> None:
-        for child in self.children.values():
+        for child in list(self.children.values()):
             if child.state is State.RESTARTING and now >= child.restart_due:
                 child.spawn()
-            elif (
-                child.state is State.STARTING
-                and now - child.started_at > self.config.ready_timeout_s
+            elif child.state is State.STARTING and now - child.started_at > self._ready_timeout(
+                child
             ):
                 child.last_error = "not ready in time"
                 child.kill()
             elif child.state is State.READY:
                 self._check_liveness(child, now)
+            elif child.state is State.STOPPING and child.removing and now > child.restart_due:
+                child.kill()
         if now >= self._next_heartbeat:
             self._heartbeat_seq += 1
             for child in self.children.values():
@@ -298,7 +361,11 @@ class Supervisor:
 
     def _check_liveness(self, child: Child, now: float) -> None:
         """A live process is not a live loop: restart stages that stop answering or progressing."""
-        if now - child.last_ack > self.config.heartbeat_timeout_s:
+        timeout_s = self.config.heartbeat_timeout_s
+        if child.is_pipeline:
+            # Heartbeats are answered between model calls, and one call may be long.
+            timeout_s = max(timeout_s, self.config.model_heartbeat_timeout_s)
+        if now - child.last_ack > timeout_s:
             child.last_error = f"no heartbeat for {now - child.last_ack:.1f} s"
             logger.error("%s: %s; killing it", child.name, child.last_error)
             child.kill()
@@ -419,7 +486,88 @@ class Supervisor:
                     return p.Rejected(reason=f"unknown session {session_id!r}")
                 self.close_session(session_id)
                 return p.Ack()
+            case p.LoadPipelines(pipelines=loads):
+                try:
+                    self.load_pipelines(loads)
+                except ValueError as exc:
+                    return p.Rejected(reason=str(exc))
+                return p.Ack()
         return p.Rejected(reason="unhandled request")
+
+    # ------------------------------------------------------------------ pipelines
+
+    def load_pipelines(self, loads: list[p.PipelineLoad]) -> None:
+        """Start the inference processes asked for; stop those no longer wanted."""
+        wanted: dict[str, p.PipelineLoad] = {}
+        for load in loads:
+            pid = load.pipeline_id
+            if not pid or not all(c.isalnum() or c in "-_." for c in pid) or len(pid) > 64:
+                raise ValueError(f"invalid pipeline id {pid!r}")
+            wanted[service_of_pipeline(pid)] = load
+        for name, child in list(self.children.items()):
+            if not child.is_pipeline or child.removing:
+                continue
+            same = wanted.get(name)
+            if same is not None and child.spec.options.get("load_params") == same.load_params:
+                if child.state is State.FAILED:
+                    # Asked again after a failed load: try once more.
+                    child.restart_times.clear()
+                    child.spawn()
+                continue
+            self._remove_child(child)
+        for name, load in wanted.items():
+            current = self.children.get(name)
+            if current is not None and not current.removing:
+                continue
+            if current is not None:
+                # Still stopping with other load params: replace it under the same name.
+                current.kill()
+                if current.proc is not None:
+                    current.proc.wait(5)
+                current.reap()
+            child = Child(self._spec(self._pipeline_service(load)), self.config.restart)
+            self.children[name] = child
+            child.spawn()
+        self.pipeline_order = [load.pipeline_id for load in loads]
+
+    def _remove_child(self, child: Child) -> None:
+        for session in list(self.sessions.values()):
+            if child.name in session.stages:
+                self._notify_owner(
+                    p.SessionFailed(
+                        session_id=session.session_id,
+                        service=child.name,
+                        reason=f"{child.name} was unloaded",
+                    )
+                )
+        child.removing = True
+        if child.proc is None:
+            del self.children[child.name]
+            return
+        child.state = State.STOPPING
+        self._send(child.name, p.Stop(reason="unloaded"))
+        # A process that ignores Stop is killed by the same path as any other.
+        child.restart_due = time.monotonic() + self.config.stop_timeout_s
+
+    def pipeline_states(self) -> list[p.PipelineState]:
+        states = []
+        for pid in self.pipeline_order:
+            child = self.children.get(service_of_pipeline(pid))
+            if child is None or child.removing:
+                continue
+            status = {
+                State.READY: "loaded",
+                State.FAILED: "error",
+            }.get(child.state, "loading")
+            states.append(
+                p.PipelineState(
+                    pipeline_id=pid,
+                    status=status,
+                    load_params=dict(child.spec.options.get("load_params", {})),
+                    error=(child.failure_reason or child.last_error) if status == "error" else None,
+                )
+            )
+        return states
 
     def status(self) -> p.StatusReport:
         assert self.run is not None
@@ -438,12 +586,37 @@ class Supervisor:
                     rejected=c.rejected,
                     sessions=c.sessions,
                     last_error=c.last_error,
+                    **dataclasses.asdict(self.sampler.sample(c.pid)),
                 )
                 for c in self.children.values()
             ],
             sessions=sorted(self.sessions),
             rejected=self.rejected,
+            pipelines=self.pipeline_states(),
+            rings=self.ring_states(),
         )
+
+    def ring_states(self) -> list[p.RingStatus]:
+        """Every session ring's counters (metrics, issue 5): ring i joins stages i and i+1."""
+        out = []
+        for session in self.sessions.values():
+            for i, ring in enumerate(session.rings):
+                st = ring.stats()
+                out.append(
+                    p.RingStatus(
+                        session_id=session.session_id,
+                        ring=ring.name,
+                        producer=session.stages[i],
+                        consumer=session.stages[i + 1],
+                        slots=ring.n_slots,
+                        published=st.published,
+                        consumed=st.consumed,
+                        skipped=st.skipped,
+                        torn=st.torn,
+                        pending=st.pending,
+                    )
+                )
+        return out
 
     # ------------------------------------------------------------------ sessions
 
@@ -463,7 +636,15 @@ class Supervisor:
                 f"{cfg.max_frame_height}"
             )
         session = Session(
-            req.session_id, list(req.stages), req.width, req.height, req.sink, dict(req.params)
+            req.session_id,
+            list(req.stages),
+            req.width,
+            req.height,
+            req.sink,
+            dict(req.params),
+            owner=req.owner,
+            mode=req.mode,
+            codec=req.codec,
         )
         try:
             for i in range(len(req.stages) - 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+
+# The Python client lives in scripts/ (a tool for users, reused by tests and benchmarks).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from services import protocol as p
 from supervisor.client import AdminClient, SupervisorUnreachable, find_run_dirs
@@ -32,6 +36,19 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(POLL_S)
+
+
+async def async_wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """:func:`wait_until` for async tests: the (blocking) predicate runs in a thread, so the
+    event loop (a WebRTC client, say) keeps running while we wait."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await asyncio.to_thread(predicate)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(POLL_S)
 
 
 def free_port() -> int:
@@ -98,7 +115,7 @@ class SupervisorRun:
                 report = self.status()
             except SupervisorUnreachable:
                 return False
-            return bool(report.services) and all(s.state == "ready" for s in report.services)
+            return report.phase == "running" and all(s.state == "ready" for s in report.services)
 
         wait_until(up, timeout_s, "supervisor to be ready")
         return self
@@ -167,3 +184,11 @@ def start_supervisor(short_tmp: Path) -> Iterator[Callable[..., SupervisorRun]]:
             run.proc.kill()
             run.proc.wait(10)
         run.close_log()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Browser tests need Debian's chromium: install it before any test's timeout starts."""
+    if any(item.path.name == "test_web_page.py" for item in session.items):
+        from browser import ensure_chromium
+
+        ensure_chromium()

@@ -53,7 +53,7 @@ def test_start_stop_clean(start_supervisor: Start) -> None:
     assert run.run_dir is not None
     run_id = run.run_dir.name
     pids = run.child_pids()
-    assert len(pids) == 4
+    assert len(pids) == 6  # decode, encode, inference/passthrough, testsrc, testsink, signalling
     open_chain(run)
     wait_frames_flow(run)
     assert segments_of_run(run_id)
@@ -83,7 +83,9 @@ def test_ctrl_c_and_cli_status_stop(start_supervisor: Start) -> None:
     assert not any(pid_alive(pid) for pid in pids)
 
 
-@pytest.mark.parametrize("victim", ["testsrc", "inference/passthrough", "testsink", "signalling"])
+@pytest.mark.parametrize(
+    "victim", ["testsrc", "inference/passthrough", "testsink", "decode", "encode", "signalling"]
+)
 def test_kill_9_child_comes_back(start_supervisor: Start, victim: str) -> None:
     run = start_supervisor(CHAIN)
     open_chain(run)
@@ -130,7 +132,7 @@ def test_supervisor_sigkill_no_orphans_next_start_cleans(
     assert segments_of_run(run_id) == []
     assert not run.run_dir.exists()
     assert "reclaimed leftovers" in run2.log()
-    assert run2.stop() == 0
+    assert run2.stop() == 0, run2.log()
 
 
 def test_crash_loop_is_marked_failed_not_restarted_forever(short_tmp: Path) -> None:
@@ -170,7 +172,14 @@ def test_garbage_is_rejected_and_services_keep_answering(start_supervisor: Start
         codec.encode(p.BitrateChanged(session_id="s1", bitrate_bps=5)),  # wrong kind for stage
     ]
     try:
-        for name in ["testsrc", "inference/passthrough", "testsink", "signalling"]:
+        for name in [
+            "testsrc",
+            "inference/passthrough",
+            "testsink",
+            "decode",
+            "encode",
+            "signalling",
+        ]:
             push = ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 1000)
             push.connect(inbox_endpoint(run.run_dir, name))

@@ -18,6 +18,12 @@ attached to its sender with :meth:`EncodedVideoTrack.attach_sender`, which wraps
 ``_handle_rtcp_packet`` (aiortc's own handling still runs afterwards). Keyframe requests are
 coalesced: while one is outstanding (no keyframe pushed since) another is only passed on after
 ``KEYFRAME_REQUEST_RETRY_S``.
+
+Departure (for the metrics): ``push(..., on_done=cb)`` calls ``cb(True)`` once the frame's RTP
+packets have all been handed to the transport, and ``cb(False)`` if the frame is dropped after
+being queued (superseded by a keyframe, or the track stopped). aiortc's sender loop is
+``recv()`` → packetize → ``await _send_rtp`` for each packet → ``recv()`` again, so the next
+``recv()`` call is the moment the previous frame left.
 """
 
 from __future__ import annotations
@@ -52,6 +58,16 @@ MAX_QUEUED_PACKETS = 4
 KEYFRAME_REQUEST_RETRY_S = 0.5
 
 KeyframeReason = Literal["start", "overflow", "pli", "fir", "nack"]
+OnDone = Callable[[bool], None]
+
+
+def _call(on_done: OnDone | None, sent: bool) -> None:
+    if on_done is None:
+        return
+    try:
+        on_done(sent)
+    except Exception:
+        logger.exception("on_done callback failed")
 
 
 class EncodedVideoTrack(MediaStreamTrack):
@@ -72,7 +88,8 @@ class EncodedVideoTrack(MediaStreamTrack):
         self.on_keyframe_request = on_keyframe_request
         self.on_bitrate = on_bitrate
         self._max_queued = max_queued
-        self._queue: collections.deque[av.Packet] = collections.deque()
+        self._queue: collections.deque[tuple[av.Packet, OnDone | None]] = collections.deque()
+        self._in_flight: OnDone | None = None  # on_done of the frame being sent
         self._ready = asyncio.Event()
         self._waiting_for_keyframe = True
         self._keyframe_seen = False
@@ -84,17 +101,18 @@ class EncodedVideoTrack(MediaStreamTrack):
 
     # -- producer side -------------------------------------------------------------------
 
-    def push(self, data: bytes, pts: int, keyframe: bool) -> bool:
+    def push(self, data: bytes, pts: int, keyframe: bool, on_done: OnDone | None = None) -> bool:
         """Queue one encoded frame (``pts`` in 90 kHz units). Call from the event loop.
 
         Returns False when the frame was dropped (a keyframe request has then been made).
+        ``on_done`` (only for a queued frame) learns whether it was sent: see the module doc.
         """
         if self.readyState != "live":
             return False
         self.packets_pushed += 1
         if keyframe:
             self.packets_dropped += len(self._queue)
-            self._queue.clear()
+            self._discard_queue()
             self._waiting_for_keyframe = False
             self._keyframe_seen = True
             self._request_pending_since_ns = None
@@ -109,7 +127,7 @@ class EncodedVideoTrack(MediaStreamTrack):
         packet.dts = pts
         packet.time_base = VIDEO_TIME_BASE
         packet.is_keyframe = keyframe
-        self._queue.append(packet)
+        self._queue.append((packet, on_done))
         self._ready.set()
         return True
 
@@ -119,6 +137,7 @@ class EncodedVideoTrack(MediaStreamTrack):
     # -- aiortc side ---------------------------------------------------------------------
 
     async def recv(self) -> av.Packet:
+        self._done_in_flight(True)  # the sender is back: the previous frame is out
         while not self._queue:
             if self.readyState != "live":
                 raise MediaStreamError
@@ -127,12 +146,24 @@ class EncodedVideoTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         self.packets_sent += 1
-        return self._queue.popleft()
+        packet, self._in_flight = self._queue.popleft()
+        return packet
 
     def stop(self) -> None:
         super().stop()
-        self._queue.clear()
+        self._discard_queue()
+        self._done_in_flight(False)
         self._ready.set()
+
+    def _discard_queue(self) -> None:
+        queued = list(self._queue)
+        self._queue.clear()
+        for _, on_done in queued:
+            _call(on_done, False)
+
+    def _done_in_flight(self, sent: bool) -> None:
+        on_done, self._in_flight = self._in_flight, None
+        _call(on_done, sent)
 
     def request_keyframe(self, reason: KeyframeReason) -> bool:
         """Pass a keyframe request to the producer unless one is already outstanding."""

@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: dreamwire against a one-process plain-aiortc server, same clients.
+
+For each side (``supervisor start`` with passthrough; ``scripts/baseline_server.py``) and each
+K in ``--sessions``, K Python clients (``scripts/client.py``) send a 512×512 test pattern at
+30 fps for ``--duration`` seconds after ``--warmup`` seconds. Reported per side and K:
+
+* ``fps_per_session``: frames each client received per second in the window (min, mean);
+* ``latency_p50_ms`` / ``p95`` / ``p99``: server side, first RTP packet of a frame in → its
+  last RTP packet out, measured the same way on both sides (dreamwire: its frame traces;
+  the baseline: the same two hooks); ``client_rtt_p50_ms``: the clients' round trip;
+* ``cpu_percent``: CPU of each server process over the window (100 = one core);
+* dreamwire only: ``stages_mean_ms``, where the milliseconds go (they add up to the mean);
+* per side: ``max_sessions_at_full_fps``, the largest K at which every session got ≥ 29 fps.
+
+The clients run in this process and share the machine with the server (on a 2-core machine
+their VP8 encode + decode is a large part of the load, equally for both sides).
+
+    python scripts/bench_e2e.py [--sessions 1,2,3] [--duration 8] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from client import DreamwireClient, PatternTrack  # noqa: E402
+
+from signalling.metrics import end_to_end_ns, segments  # noqa: E402
+from signalling.metrics_schema import TraceFeed  # noqa: E402
+from supervisor.profile import stamp_array  # noqa: E402
+
+FULL_FPS = 29.0
+WIDTH = HEIGHT = 512
+FPS = 30
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer in {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 2) if values else float("nan")
+
+
+class CpuMeter:
+    """CPU per process over a window, from each process's own CPU times."""
+
+    def __init__(self, processes: dict[str, psutil.Process]) -> None:
+        self.processes = processes
+        self.start: dict[str, float] = {}
+        self.t0 = 0.0
+
+    def begin(self) -> None:
+        self.t0 = time.monotonic()
+        self.start = {name: _cpu_s(proc) for name, proc in self.processes.items()}
+
+    def end(self) -> dict[str, float]:
+        elapsed = time.monotonic() - self.t0
+        out = {
+            name: round((_cpu_s(proc) - self.start[name]) / elapsed * 100, 1)
+            for name, proc in self.processes.items()
+        }
+        out["total"] = round(sum(out.values()), 1)
+        return out
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    try:
+        t = proc.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(t.user + t.system)
+
+
+# ------------------------------------------------------------------ one measurement
+
+
+async def run_sessions(
+    base: str,
+    k: int,
+    warmup_s: float,
+    duration_s: float,
+    begin: Callable[[], Awaitable[None]],
+    end: Callable[[], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    clients = [DreamwireClient(base, ice_servers=[]) for _ in range(k)]
+    try:
+        for c in clients:
+            await c.__aenter__()
+        await clients[0].load_pipeline("passthrough")
+        for c in clients:
+            c.pattern = PatternTrack(WIDTH, HEIGHT, FPS)
+            await c.connect(c.pattern)
+        for c in clients:
+            await c.wait_frames(1, timeout_s=30)
+        await asyncio.sleep(warmup_s)
+        counts = [c.received.frames for c in clients]
+        rtt_marks = [len(c.received.latencies_ms) for c in clients]
+        await begin()
+        clients_cpu = CpuMeter({"clients": psutil.Process()})
+        clients_cpu.begin()
+        t0 = time.monotonic()
+        await asyncio.sleep(duration_s)
+        elapsed = time.monotonic() - t0
+        client_cpu_percent = clients_cpu.end()["clients"]
+        fps = [(c.received.frames - n) / elapsed for c, n in zip(clients, counts, strict=True)]
+        rtt = [
+            x for c, m in zip(clients, rtt_marks, strict=True) for x in c.received.latencies_ms[m:]
+        ]
+        server = await end()
+    finally:
+        for c in clients:
+            await c.close()
+    return {
+        "sessions": k,
+        "fps_per_session": [round(f, 2) for f in fps],
+        "fps_min": round(min(fps), 2),
+        "fps_mean": round(sum(fps) / len(fps), 2),
+        "client_rtt_p50_ms": pct(rtt, 50),
+        # The clients (this process: K aiortc VP8 encoders + decoders) share the machine.
+        "clients_cpu_percent": client_cpu_percent,
+        **server,
+    }
+
+
+# ------------------------------------------------------------------ the two sides
+
+
+async def bench_dreamwire(
+    ks: list[int], warmup_s: float, duration_s: float, tmp: Path
+) -> list[dict[str, Any]]:
+    port = free_port()
+    config = tmp / "dreamwire.toml"
+    config.write_text(
+        f'port = {port}\nmax_sessions = {max(ks)}\npipelines = ["passthrough"]\n'
+        "[api.ice]\nstun_urls = []\n"
+    )
+    env = {**os.environ, "DREAMWIRE_RUN_DIR": str(tmp / "run"), "DREAMWIRE_LOG_LEVEL": "WARNING"}
+    log = open(tmp / "supervisor.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.cli", "start", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
+    base = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        await wait_http(base + "/api/v1/pipeline/status", START_TIMEOUT_S)
+        async with aiohttp.ClientSession() as http:
+            sup = psutil.Process(proc.pid)
+
+            async def get_json(path: str) -> Any:
+                async with http.get(base + path) as resp:
+                    return await resp.json()
+
+            for k in ks:
+                names = {
+                    pr["pid"]: pr["name"] for pr in (await get_json("/api/v1/metrics"))["processes"]
+                }
+                procs = {"supervisor": sup}
+                for child in sup.children():
+                    procs[names.get(child.pid, str(child.pid))] = child
+                meter = CpuMeter(procs)
+                mark = {"seq": 0}
+
+                async def begin(meter: CpuMeter = meter, mark: dict[str, int] = mark) -> None:
+                    mark["seq"] = (await get_json("/api/v1/metrics"))["trace_seq"]
+                    meter.begin()
+
+                async def end(
+                    meter: CpuMeter = meter, mark: dict[str, int] = mark
+                ) -> dict[str, Any]:
+                    cpu = meter.end()
+                    async with http.get(f"{base}/api/v1/metrics/traces?after={mark['seq']}") as r:
+                        feed = msgspec.json.decode(await r.read(), type=TraceFeed)
+                    e2e: list[float] = []
+                    stages: dict[str, list[float]] = {}
+                    for trace in feed.traces:
+                        stamps = stamp_array(trace)
+                        total = end_to_end_ns(stamps)
+                        if total is None:
+                            continue
+                        e2e.append(total / 1e6)
+                        for name, t0, t1 in segments(stamps):
+                            stages.setdefault(name, []).append((t1 - t0) / 1e6)
+                    return {
+                        "latency_p50_ms": pct(e2e, 50),
+                        "latency_p95_ms": pct(e2e, 95),
+                        "latency_p99_ms": pct(e2e, 99),
+                        "latency_mean_ms": round(float(np.mean(e2e)), 2) if e2e else None,
+                        "stages_mean_ms": {
+                            n: round(float(np.mean(v)), 2) for n, v in stages.items()
+                        },
+                        "cpu_percent": cpu,
+                    }
+
+                results.append(await run_sessions(base, k, warmup_s, duration_s, begin, end))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return results
+
+
+async def bench_baseline(ks: list[int], warmup_s: float, duration_s: float) -> list[dict[str, Any]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "baseline_server.py"), "--port", str(port)],
+        cwd=ROOT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        await wait_http(base + "/api/v1/pipeline/status", START_TIMEOUT_S)
+        meter = CpuMeter({"baseline": psutil.Process(proc.pid)})
+        async with aiohttp.ClientSession() as http:
+
+            async def begin() -> None:
+                async with http.get(base + "/baseline/stats?reset=1") as resp:
+                    await resp.read()
+                meter.begin()
+
+            async def end() -> dict[str, Any]:
+                cpu = meter.end()
+                async with http.get(base + "/baseline/stats") as resp:
+                    lat = (await resp.json())["latencies_ms"]
+                return {
+                    "latency_p50_ms": pct(lat, 50),
+                    "latency_p95_ms": pct(lat, 95),
+                    "latency_p99_ms": pct(lat, 99),
+                    "latency_mean_ms": round(float(np.mean(lat)), 2) if lat else None,
+                    "cpu_percent": cpu,
+                }
+
+            for k in ks:
+                results.append(await run_sessions(base, k, warmup_s, duration_s, begin, end))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return results
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    full = [r["sessions"] for r in runs if r["fps_min"] >= FULL_FPS]
+    return {
+        "max_sessions_at_full_fps": max(full, default=0),
+        **{f"K={r['sessions']}": r for r in runs},
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| server | K | fps/session (min / mean) | p50 ms | p95 ms | p99 ms | client RTT p50 ms "
+        "| server CPU % | clients CPU % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for side in ("dreamwire", "baseline"):
+        for key, r in result[side].items():
+            if not key.startswith("K="):
+                continue
+            lines.append(
+                f"| {side} | {r['sessions']} | {r['fps_min']:.1f} / {r['fps_mean']:.1f} | "
+                f"{r['latency_p50_ms']} | {r['latency_p95_ms']} | {r['latency_p99_ms']} | "
+                f"{r['client_rtt_p50_ms']} | {r['cpu_percent']['total']} | "
+                f"{r['clients_cpu_percent']} |"
+            )
+    for side in ("dreamwire", "baseline"):
+        lines.append(
+            f"\n{side}: max sessions at ≥ {FULL_FPS:.0f} fps: "
+            f"{result[side]['max_sessions_at_full_fps']}"
+        )
+    for key, r in result["dreamwire"].items():
+        if key.startswith("K="):
+            lines.append(f"dreamwire {key} CPU by process: {r['cpu_percent']}")
+            lines.append(f"dreamwire {key} stage means (ms): {r['stages_mean_ms']}")
+    for key, r in result["baseline"].items():
+        if key.startswith("K="):
+            lines.append(f"baseline {key} CPU: {r['cpu_percent']}")
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    ks = [int(x) for x in args.sessions.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="dwb", dir="/tmp"))
+    try:
+        dreamwire = await bench_dreamwire(ks, args.warmup, args.duration, tmp)
+        baseline = await bench_baseline(ks, args.warmup, args.duration)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"dreamwire": summarize(dreamwire), "baseline": summarize(baseline)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", default="1,2,3", help="comma-separated K values")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per K")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Benchmark the overlay: drawing cost per frame, and output fps with a slow model.
+
+    python scripts/bench_overlay.py                  # both parts
+    python scripts/bench_overlay.py --seconds 5 --model-delay-ms 200 --fps 30
+
+1. **draw**: per feature and frame size, the cost of drawing a result on one frame (the per-frame
+   work: alpha blends over the affected regions) and of laying out a new result (once per
+   result: wrapping, text rendering).
+2. **fps**: an :class:`OverlayCore` between two real rings, fed at ``--fps`` for ``--seconds``,
+   with a model that sleeps ``--model-delay-ms`` per call on every frame
+   (``inference_interval = 1``): the output fps should equal the input fps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services import protocol as p
+from services.overlay.config import MoondreamFeature
+from services.overlay.core import OverlayCore
+from services.overlay.draw import build_plan
+from services.runtime import ServiceSpec
+from shm.ring import N_STAMPS, FrameMeta, FrameRing, RingConsumer, RingProducer
+
+SIZES = [(512, 512), (1280, 720)]
+RESULTS: dict[MoondreamFeature, dict[str, Any]] = {
+    MoondreamFeature.CAPTION: {
+        "caption": "A person sitting at a desk working on a laptop, with a mug of coffee and a "
+        "stack of notebooks beside them, in a room lit by a window on the left."
+    },
+    MoondreamFeature.QUERY: {
+        "question": "How many people are there?",
+        "answer": "There are three people in the image.",
+    },
+    MoondreamFeature.DETECT: {
+        "objects": [
+            {"x_min": 0.12, "y_min": 0.08, "x_max": 0.45, "y_max": 0.92},
+            {"x_min": 0.55, "y_min": 0.15, "x_max": 0.78, "y_max": 0.85},
+        ]
+    },
+    MoondreamFeature.POINT: {"points": [{"x": 0.28, "y": 0.50}, {"x": 0.66, "y": 0.48}]},
+}
+
+
+def ms(samples: list[float]) -> str:
+    samples = sorted(samples)
+    p95 = samples[int(len(samples) * 0.95) - 1]
+    return f"median {statistics.median(samples) * 1e3:6.3f} ms  p95 {p95 * 1e3:6.3f} ms"
+
+
+def bench_draw(repeats: int) -> None:
+    print(f"draw + blend per frame (warm layout), {repeats} frames each; layout once per result")
+    rng = np.random.default_rng(0)
+    for width, height in SIZES:
+        base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        for feature, result in RESULTS.items():
+            build_plan(feature, result, width, height, 0.8, 1.0)  # warm fonts and caches
+            layouts = []
+            for i in range(20):
+                fresh = {k: (f"{v} {i}" if isinstance(v, str) else v) for k, v in result.items()}
+                started = time.perf_counter()
+                plan = build_plan(feature, fresh, width, height, 0.8, 1.0)
+                layouts.append(time.perf_counter() - started)
+            frame = base.copy()
+            draws = []
+            for _ in range(repeats):
+                np.copyto(frame, base)
+                started = time.perf_counter()
+                plan.draw(frame)
+                draws.append(time.perf_counter() - started)
+            print(
+                f"  {width:4d}x{height:<4d} {feature.value:8s} draw {ms(draws)}   "
+                f"layout {ms(layouts)}"
+            )
+
+
+class SleepyModel:
+    """Moondream's four methods, each taking ``delay_s``."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def _wait(self) -> None:
+        self.calls += 1
+        time.sleep(self.delay_s)
+
+    def caption(self, image: Any, length: str = "normal", settings: Any = None) -> dict[str, Any]:
+        self._wait()
+        return {"caption": "a caption"}
+
+    def query(self, image: Any, question: str, settings: Any = None) -> dict[str, Any]:
+        self._wait()
+        return {"answer": "an answer"}
+
+    def detect(self, image: Any, object: str, settings: Any = None) -> dict[str, Any]:
+        self._wait()
+        return {"objects": RESULTS[MoondreamFeature.DETECT]["objects"]}
+
+    def point(self, image: Any, object: str, settings: Any = None) -> dict[str, Any]:
+        self._wait()
+        return {"points": RESULTS[MoondreamFeature.POINT]["points"]}
+
+
+class CountingOutbox:
+    def __init__(self) -> None:
+        self.frames = 0
+        self.results = 0
+
+    def send(self, service: str, message: p.InboxMessage) -> bool:
+        if isinstance(message, p.FrameReady):
+            self.frames += 1
+        elif isinstance(message, p.StageOutput) and message.kind == "fetch_output":
+            self.results += 1
+        return True
+
+
+def bench_fps(seconds: float, fps: float, delay_s: float, width: int, height: int) -> None:
+    run_id = "bench" + secrets.token_hex(3)
+    rings = [FrameRing.create(run_id, name, 4, width * height * 3) for name in ("in", "out")]
+    model = SleepyModel(delay_s)
+    outbox = CountingOutbox()
+    spec = ServiceSpec("overlay", "overlay", "/nonexistent", run_id, 0)
+    core = OverlayCore(spec, outbox, model=model)  # type: ignore[arg-type]
+    try:
+        core.start_session(
+            p.StartSession(
+                session_id="bench", width=width, height=height, input_ring=rings[0].name,
+                output_ring=rings[1].name, downstream="encode",
+                params={"feature": "detect", "inference_interval": 1},
+            )
+        )  # fmt: skip
+        producer, consumer = RingProducer(rings[0]), RingConsumer(rings[1])
+        frame = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        stamps = np.zeros(N_STAMPS, np.int64)
+        period = 1.0 / fps
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < seconds:
+            seq = producer.write(frame, FrameMeta(n, n, stamps))
+            core.handle(p.FrameReady(session_id="bench", ring=rings[0].name, seq=seq))
+            while consumer.acquire_latest() is not None:
+                pass
+            n += 1
+            core.tick()
+            time.sleep(max(0.0, started + n * period - time.monotonic()))
+        elapsed = time.monotonic() - started
+        core.worker.wait_idle(5 * delay_s + 1)
+        core.tick()
+        print(
+            f"fps with a {delay_s * 1e3:.0f} ms model on every frame, {width}x{height}, "
+            f"{elapsed:.1f} s: input {n / elapsed:.1f} fps, output {outbox.frames / elapsed:.1f} "
+            f"fps, model calls {model.calls} ({model.calls / elapsed:.1f}/s), "
+            f"results sent {outbox.results}, frames replaced while waiting "
+            f"{core.worker.replaced}"
+        )
+    finally:
+        core.end_session("bench")
+        core.close()
+        for ring in rings:
+            ring.close()
+            ring.unlink()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["draw", "fps", "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--model-delay-ms", type=float, default=200.0)
+    args = parser.parse_args()
+    if args.part in ("draw", "all"):
+        bench_draw(args.repeats)
+    if args.part in ("fps", "all"):
+        bench_fps(args.seconds, args.fps, args.model_delay_ms / 1e3, 512, 512)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The decode service: encoded frames from signalling → RGB at the pipeline size → a ring.
+
+Per session one PyAV decoder (:class:`services.decode.core.DecodeCore`). The scaler writes
+into a fresh frame that is copied once, straight into the session's output ring slot. When a
+session cannot decode (a lost packet, no keyframe yet, a restart of this process) signalling is
+asked for a keyframe, which it turns into an RTCP PLI upstream.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from services import protocol as p
+from services.decode.core import DecodeCore
+from services.runtime import Outbox, ServiceSpec
+from services.stage import RingStage, StageSession
+from shm.ring import N_STAMPS, FrameMeta, Stage
+
+KEYFRAME_REQUEST_INTERVAL_S = 0.25
+SIGNALLING = "signalling"
+
+
+class DecodeStage(RingStage):
+    def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
+        super().__init__(spec, outbox)
+        self.core = DecodeCore()
+        self.keyframe_target = str(spec.options.get("keyframe_target", SIGNALLING))
+
+    def on_session_started(self, session: StageSession) -> None:
+        codec = session.codec
+        self.core.close_session(session.session_id)
+        self.core.open_session(session.session_id, codec, session.width, session.height)
+        session.state.update(codec=codec, frame_number=0, keyframe_asked=0.0)
+
+    def on_session_ended(self, session: StageSession) -> None:
+        self.core.close_session(session.session_id)
+
+    def close(self) -> None:
+        self.core.close()
+
+    def handle_other(self, msg: p.InboxMessage) -> None:
+        if not isinstance(msg, p.EncodedFrame):
+            raise ValueError(f"decode does not take {type(msg).__name__}")
+        session = self.sessions.get(msg.session_id)
+        if session is None:
+            raise KeyError(f"unknown session {msg.session_id!r}")
+        if msg.codec != session.state["codec"]:
+            # The browser may switch between negotiated codecs: follow it.
+            self.core.close_session(session.session_id)
+            self.core.open_session(session.session_id, msg.codec, session.width, session.height)
+            session.state["codec"] = msg.codec
+        assert session.output is not None
+        stamps = np.zeros(N_STAMPS, dtype=np.int64)
+        stamps[Stage.RTP_ARRIVAL] = msg.rtp_arrival_ns
+        stamps[Stage.FRAME_COMPLETE] = msg.frame_complete_ns
+        stamps[Stage.DECODE_START] = time.monotonic_ns()
+        slot = session.output.begin(session.width, session.height)
+        decoded = self.core.decode(
+            session.session_id, msg.data, msg.pts, out=lambda h, w: slot.array
+        )
+        stamps[Stage.DECODE_END] = time.monotonic_ns()
+        if self.core.needs_keyframe(session.session_id):
+            self._ask_keyframe(session)
+        if not decoded:
+            return
+        number = session.state["frame_number"]
+        session.state["frame_number"] = number + 1
+        pts = decoded[-1].pts if decoded[-1].pts is not None else msg.pts
+        self.publish(session, slot, FrameMeta(number, pts, stamps))
+
+    def _ask_keyframe(self, session: StageSession) -> None:
+        now = time.monotonic()
+        if now - session.state["keyframe_asked"] < KEYFRAME_REQUEST_INTERVAL_S:
+            return
+        session.state["keyframe_asked"] = now
+        self.outbox.send(self.keyframe_target, p.KeyframeNeeded(session_id=session.session_id))

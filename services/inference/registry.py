@@ -1,0 +1,241 @@
+"""Every pipeline dreamwire knows, from Python entry points (group ``dreamwire.pipelines``).
+
+Built-ins register the same way plugins do; until the package is reinstalled with its entry
+points, the built-in list below is used as well. An entry point's value is a
+:class:`~services.inference.pipeline.PipelineSpec` (or a callable returning one). A plugin
+that fails to import is reported (:func:`plugin_errors`, and in :func:`schemas`) and never
+breaks the others.
+
+Torch-free: signalling imports this to answer ``/api/v1/pipelines/schemas`` and to validate
+parameters from the data channel. Model code is imported only by ``PipelineSpec.load``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Any
+
+import msgspec
+
+from services.inference.pipeline import PipelineSpec
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "dreamwire.pipelines"
+
+BUILTIN: dict[str, str] = {
+    "passthrough": "services.inference.specs:PASSTHROUGH",
+    "streamdiffusion": "services.inference.specs:STREAMDIFFUSION",
+    "dream": "services.inference.specs:DREAM",
+    "testcard": "services.inference.specs:TESTCARD",
+    "moondream": "services.inference.specs:MOONDREAM",
+}
+
+
+class UnknownPipelineError(KeyError):
+    def __init__(self, pipeline_id: str) -> None:
+        super().__init__(pipeline_id)
+        self.pipeline_id = pipeline_id
+
+    def __str__(self) -> str:
+        return f"unknown pipeline {self.pipeline_id!r}"
+
+
+class ParameterError(ValueError):
+    """A parameter does not fit the schema; the message is ``"<field>: <what is wrong>"``."""
+
+
+def _resolve(value: str) -> PipelineSpec:
+    module_name, _, attr = value.partition(":")
+    obj: Any = import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if callable(obj) and not isinstance(obj, PipelineSpec):
+        obj = obj()
+    if not isinstance(obj, PipelineSpec):
+        raise TypeError(f"{value} is a {type(obj).__name__}, not a PipelineSpec")
+    return obj
+
+
+@functools.cache
+def _discover() -> tuple[dict[str, PipelineSpec], dict[str, str]]:
+    found: dict[str, PipelineSpec] = {}
+    errors: dict[str, str] = {}
+    sources = [(ep.name, ep.value) for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    names = {name for name, _ in sources}
+    sources += [(name, value) for name, value in BUILTIN.items() if name not in names]
+    for name, value in sources:
+        try:
+            spec = _resolve(value)
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            logger.warning("pipeline plugin %s (%s) failed to load: %s", name, value, exc)
+            continue
+        if spec.id != name:
+            logger.warning("pipeline entry point %s declares id %s", name, spec.id)
+        found[spec.id] = spec
+    return found, errors
+
+
+def reload() -> None:
+    """Forget what was discovered (tests, plugin installs)."""
+    _discover.cache_clear()
+
+
+def specs() -> dict[str, PipelineSpec]:
+    return dict(_discover()[0])
+
+
+def plugin_errors() -> dict[str, str]:
+    """Entry point name -> error text, for plugins that could not be imported."""
+    return dict(_discover()[1])
+
+
+def is_known(pipeline_id: str) -> bool:
+    return pipeline_id in _discover()[0]
+
+
+def get(pipeline_id: str) -> PipelineSpec:
+    try:
+        return _discover()[0][pipeline_id]
+    except KeyError:
+        raise UnknownPipelineError(pipeline_id) from None
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def config_schema(spec: PipelineSpec) -> dict[str, Any]:
+    """The config's JSON Schema, Scope style: an object schema with ``$defs`` beside its
+    properties, every default filled in, ``ui`` hints per property."""
+    raw = msgspec.json.schema(spec.config)
+    defs: dict[str, Any] = dict(raw.get("$defs", {}))
+    top = dict(defs.pop(spec.config.__name__))
+    defaults = msgspec.to_builtins(spec.config())
+    props = {name: dict(prop) for name, prop in top.get("properties", {}).items()}
+    for name, prop in props.items():
+        if name in defaults:
+            prop["default"] = defaults[name]
+    top["properties"] = props
+    top.pop("required", None)
+    if defs:
+        top["$defs"] = defs
+    return top
+
+
+def schema(spec: PipelineSpec) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "name": spec.name,
+        "description": spec.description,
+        "version": spec.version,
+        "supported_modes": list(spec.modes),
+        "default_mode": spec.default_mode,
+        "default_width": spec.default_width,
+        "default_height": spec.default_height,
+        "frames_per_call": spec.frames_per_call,
+        "requires_models": bool(spec.artifacts),
+        "artifacts": [
+            {"repo_id": a.repo_id, "files": list(a.patterns), "revision": a.revision}
+            for a in spec.artifacts
+        ],
+        "load_params": sorted(
+            name
+            for name, prop in config_schema(spec)["properties"].items()
+            if prop.get("ui", {}).get("is_load_param") or name in spec.load_only
+        ),
+        "config_schema": config_schema(spec),
+        **spec.extra,
+    }
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    """Pipeline id -> metadata + config schema; plugins that failed carry ``error``."""
+    out = {pid: schema(spec) for pid, spec in sorted(_discover()[0].items())}
+    for name, error in plugin_errors().items():
+        out.setdefault(
+            name,
+            {
+                "id": name,
+                "name": name,
+                "error": error,
+                "supported_modes": [],
+                "config_schema": {"type": "object", "properties": {}},
+            },
+        )
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _field_types(spec: PipelineSpec) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(spec.config)}
+
+
+def _convert_field(name: str, typ: Any, value: Any) -> Any:
+    try:
+        return msgspec.convert(value, typ)
+    except msgspec.ValidationError as exc:
+        text = str(exc).replace(" - at `$`", "")
+        raise ParameterError(f"{name}: {text.replace('`$', '`' + name)}") from None
+
+
+def validate_parameters(
+    pipeline_id: str, params: dict[str, Any], *, load: bool = False
+) -> dict[str, Any]:
+    """Check run-time parameters (data channel, ``initialParameters``) against the schema.
+
+    Returns them converted to the schema's types as plain JSON values (defaults not added).
+    Raises :class:`ParameterError` ``"<field>: <what is wrong>"`` for an unknown field, a wrong
+    type, a value out of range, or a load-time field changed at run time (unless ``load``).
+    """
+    spec = get(pipeline_id)
+    if not isinstance(params, dict):
+        raise ParameterError(f"parameters: expected an object, got {type(params).__name__}")
+    types = _field_types(spec)
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if name not in types:
+            raise ParameterError(f"{name}: unknown parameter for pipeline {pipeline_id}")
+        if not load and name in spec.load_only:
+            raise ParameterError(f"{name}: can only be set when the pipeline is loaded")
+        out[name] = _convert_field(name, types[name], value)
+    config = full_config(spec, out)
+    return {name: msgspec.to_builtins(getattr(config, name)) for name in out}
+
+
+def validate_load_params(pipeline_id: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """Load parameters (``POST /api/v1/pipeline/load``): any config field is allowed."""
+    return validate_parameters(pipeline_id, dict(params or {}), load=True)
+
+
+def full_config(spec: PipelineSpec, params: dict[str, Any]) -> Any:
+    """The whole config with defaults for what ``params`` leaves out; runs ``spec.check``."""
+    try:
+        config = msgspec.convert(params, spec.config)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if " - at `$." in text:
+            message, _, where = text.rpartition(" - at `$.")
+            field = where.rstrip("`").split(".")[0].split("[")[0]
+            raise ParameterError(f"{field}: {message}") from None
+        raise ParameterError(f"parameters: {text}") from None
+    if spec.check is not None:
+        try:
+            spec.check(config)
+        except ValueError as exc:
+            raise ParameterError(str(exc)) from None
+    return config
+
+
+def resolution(pipeline_id: str, load_params: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(width, height) the pipeline runs at with these load parameters."""
+    spec = get(pipeline_id)
+    params = load_params or {}
+    width = int(params.get("width", spec.default_width))
+    height = int(params.get("height", spec.default_height))
+    return width, height

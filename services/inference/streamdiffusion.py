@@ -1,0 +1,218 @@
+"""streamdiffusion: real-time img2img with stream batch (the StreamDiffusion technique).
+
+With ``denoising_step_list = [t0, …, t(n-1)]`` a session keeps n-1 latents in flight, latent i
+noised to t(i+1). Each call encodes the new frame, noises it to t0 and runs **one** UNet call
+on ``[new@t0, buffer[0]@t1, …, buffer[n-2]@t(n-1)]``; every row's denoised estimate is
+re-noised to the next timestep for the next call, and the last row's estimate leaves as the
+output. So a frame leaves after one UNet call per frame, and output k is input k-(n-1)::
+
+    call k:   rows  [ f(k)@t0 | f(k-1)@t1 | … | f(k-n+1)@t(n-1) ]  ── UNet ──▶ x0 of each row
+              out   decode(x0 of f(k-n+1))
+              next  buffer = [ f(k)@t1, f(k-1)@t2, …, f(k-n+2)@t(n-1) ]
+
+During warm-up (fewer than n-1 frames in flight) the call has fewer rows and no output. All
+sessions of one call (same resolution) go through one VAE encode, one UNet call (rows of every
+session, each with its own timesteps and prompt embedding) and one VAE decode.
+
+Per session: fixed seeded noise per stage (as StreamDiffusion does, steadier video), the prompt
+track (blend, transition), and the stochastic similarity filter: when the input is almost the
+same as the last processed one (cosine similarity above the threshold), it is skipped with a
+probability growing with the similarity, at most ``similar_image_filter_max_skip_frame`` in a
+row, and the previous output is sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.inference import diffusion as d
+from services.inference.pipeline import Pipeline, PipelineSpec, Request, Result
+from services.inference.specs import SD_TURBO, TAESD, StreamDiffusionConfig
+from services.models.downloads import require_models
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class SDSession:
+    session_id: str
+    width: int
+    height: int
+    config: StreamDiffusionConfig
+    prompt: d.PromptTrack
+    noise: torch.Tensor  # [n, C, h, w]: one fixed noise per stage
+    buffer: list[torch.Tensor] = field(default_factory=list)  # x_t of stage 1..
+    tags: list[Any] = field(default_factory=list)  # tag of each buffered latent
+    prev_input: torch.Tensor | None = None
+    prev_output: torch.Tensor | None = None
+    skipped_in_row: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+    unet_rows: int = 0
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self.config.denoising_step_list)
+
+
+class StreamDiffusionPipeline(Pipeline):
+    copies_input = True
+    oom_errors = d.OOM_ERRORS
+
+    def __init__(self, spec: PipelineSpec, load: StreamDiffusionConfig, models_dir: Path) -> None:
+        super().__init__(spec)
+        require_models(spec, models_dir)
+        self.device = d.select_device()
+        self.device_description = self.device.description
+        self.c = d.load_components(models_dir, SD_TURBO.repo_id, TAESD.repo_id, self.device)
+        self.prompts = d.PromptEncoder(self.c)
+        self.load_config = load
+        self.unet_calls = 0  # tests and benchmarks count calls
+        logger.info("streamdiffusion on %s", self.device_description)
+
+    # ------------------------------------------------------------ sessions
+
+    def _fresh_noise(self, s: SDSession) -> None:
+        shape = d.latent_shape(self.c, s.width, s.height)
+        n = len(s.config.denoising_step_list)
+        s.noise = torch.stack(
+            [d.seeded_noise(s.config.seed, i, shape, self.device) for i in range(n)]
+        )
+        s.buffer, s.tags = [], []
+        s.prev_input = s.prev_output = None
+        s.skipped_in_row = 0
+        s.rng.seed(s.config.seed)
+
+    def new_session(
+        self, session_id: str, width: int, height: int, config: StreamDiffusionConfig
+    ) -> SDSession:
+        track = d.PromptTrack(self.prompts, config.prompts, config.prompt_interpolation_method)
+        s = SDSession(session_id, width, height, config, track, torch.empty(0))
+        self._fresh_noise(s)
+        if config.transition is not None:
+            track.start_transition(config.transition, config.prompt_interpolation_method)
+        return s
+
+    def update(self, state: SDSession, config: StreamDiffusionConfig, changed: set[str]) -> None:
+        old = state.config
+        state.config = config
+        if changed & {"prompts", "prompt_interpolation_method"}:
+            state.prompt.set_prompts(config.prompts, config.prompt_interpolation_method)
+        if "transition" in changed and config.transition is not None:
+            state.prompt.start_transition(config.transition, config.prompt_interpolation_method)
+        if (
+            config.reset_cache
+            or old.seed != config.seed
+            or old.denoising_step_list != config.denoising_step_list
+        ):
+            self._fresh_noise(state)
+
+    def end_session(self, state: SDSession) -> None:
+        state.buffer.clear()
+        state.tags.clear()
+        state.prev_input = state.prev_output = None
+
+    def prepare(self, state: SDSession, rgb: Any) -> torch.Tensor:
+        # The one host->device copy; on CPU a copy too, so the ring slot can go back at once.
+        t = torch.from_numpy(rgb)
+        if self.device.device.type == "cuda":
+            return t.to(self.device.device, non_blocking=False)
+        return t.clone()
+
+    # ------------------------------------------------------------ the call
+
+    def _skip(self, s: SDSession, frame: torch.Tensor) -> bool:
+        cfg = s.config
+        small = frame[::8, ::8].float()
+        skip = False
+        if cfg.similar_image_filter and s.prev_input is not None and s.prev_output is not None:
+            sim = d.cosine_similarity(small, s.prev_input)
+            threshold = cfg.similar_image_filter_threshold
+            if sim > threshold and s.skipped_in_row < cfg.similar_image_filter_max_skip_frame:
+                p_skip = max(0.0, 1.0 - (1.0 - sim) / max(1e-6, 1.0 - threshold))
+                skip = s.rng.random() < p_skip
+        if skip:
+            s.skipped_in_row += 1
+        else:
+            s.skipped_in_row = 0
+            s.prev_input = small
+        return skip
+
+    def __call__(self, requests: Sequence[Request]) -> list[Result]:
+        results: list[Result] = []
+        work: list[Request] = []
+        for r in requests:
+            s: SDSession = r.state
+            if self._skip(s, r.frames):
+                results.append(Result(s, s.prev_output, r.tag, {"skipped": True}))
+            else:
+                work.append(r)
+        if not work:
+            return results
+        c = self.c
+        frames = torch.stack([r.frames for r in work]).to(self.device.device)
+        x0_new = d.encode_images(c, frames)
+        rows: list[torch.Tensor] = []
+        ts: list[int] = []
+        embs: list[torch.Tensor] = []
+        spans: list[tuple[int, int]] = []
+        for i, r in enumerate(work):
+            s = r.state
+            steps = s.steps
+            emb = s.prompt.step()
+            t0 = torch.tensor([steps[0]], device=self.device.device)
+            new = d.add_noise(c, x0_new[i : i + 1], s.noise[0:1], t0, s.config.noise_scale)
+            s_rows = [new, *s.buffer]
+            start = len(rows)
+            rows.extend(s_rows)
+            ts.extend(steps[: len(s_rows)])
+            embs.extend([emb] * len(s_rows))
+            spans.append((start, len(s_rows)))
+            s.tags.insert(0, r.tag)
+            s.unet_rows += len(s_rows)
+        x_t = torch.cat(rows)
+        t = torch.tensor(ts, device=self.device.device, dtype=torch.long)
+        out = d.run_unet(c, x_t, t, torch.stack(embs))
+        self.unet_calls += 1
+        x0 = d.predict_x0(c, x_t, t, out)
+        finished: list[tuple[SDSession, torch.Tensor, Any]] = []
+        for r, (start, count) in zip(work, spans, strict=True):
+            s = r.state
+            steps = s.steps
+            n = len(steps)
+            x0_s = x0[start : start + count]
+            keep = min(count, n - 1)
+            next_t = torch.tensor(steps[1 : keep + 1], device=self.device.device, dtype=torch.long)
+            s.buffer = [
+                d.add_noise(
+                    c,
+                    x0_s[j : j + 1],
+                    s.noise[j + 1 : j + 2],
+                    next_t[j : j + 1],
+                    s.config.noise_scale,
+                )
+                for j in range(keep)
+            ]
+            if count == n:
+                finished.append((s, x0_s[n - 1 : n], s.tags.pop()))
+            else:
+                results.append(Result(s, None, None, {"warming_up": True}))
+        if finished:
+            images = d.decode_latents(c, torch.cat([lat for _, lat, _ in finished]))
+            for (s, _, tag), img in zip(finished, images, strict=True):
+                s.prev_output = img
+                results.append(Result(s, img, tag))
+        return results
+
+    def free_memory(self) -> None:
+        d.free_device_memory()
+
+
+def load(spec: PipelineSpec, load_params: Any, models_dir: Path) -> StreamDiffusionPipeline:
+    return StreamDiffusionPipeline(spec, load_params, models_dir)

@@ -1,0 +1,296 @@
+"""``overlay``: draws Moondream's latest result on every frame; the model runs beside the video.
+
+Per frame (main thread, never waiting for the model):
+
+1. take the newest input frame; on every ``inference_interval``-th frame of the session (0, N,
+   2N, …), or on the first frame after ``feature`` / the question / the object changed, copy
+   it for the model (the job replaces one of this session still waiting, see
+   :mod:`services.overlay.worker`);
+2. collect finished inferences: a result computed for other settings than the current ones is
+   discarded (never drawn, never sent); a good one becomes the session's result and goes to the
+   client as ``StageOutput(kind="fetch_output", data={"feature", "frame", "result"})``; a model
+   error clears the result (video continues unannotated) and goes to the client as
+   ``StageOutput(kind="error")``;
+3. copy the frame into the output ring, draw the result (unless older than
+   ``max_result_age_s``, counted from the frame the model saw), publish, notify downstream.
+
+Parameters: ``StartSession.params`` then ``UpdateParameters`` (newest value of each key wins;
+keys of other pipelines are ignored). Client messages go to the ``signalling`` service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from services import protocol as p
+from services.overlay.config import PIPELINE_ID, MoondreamConfig, parse_config
+from services.overlay.draw import OverlayPlan, build_plan
+from services.overlay.model import FeatureRequest, VisionModel, make_model, run_feature
+from services.overlay.worker import InferenceJob, InferenceOutcome, InferenceWorker
+from services.runtime import Outbox, ServiceSpec
+from services.stage import RingStage, StageSession
+from shm.ring import FrameMeta, Stage, stamp
+
+logger = logging.getLogger(__name__)
+
+CLIENT_SERVICE = "signalling"
+#: How often the loop looks for finished inferences while one runs and no frame arrives.
+RESULT_POLL_S = 0.01
+
+
+class OverlayOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """The overlay service's options (``[[services]] options`` / set by the supervisor)."""
+
+    #: The pipeline id (the supervisor names it for inference-like services).
+    pipeline: str = PIPELINE_ID
+    #: Models directory; default ``$DREAMWIRE_MODELS_DIR`` or ``~/.dreamwire/models``.
+    models_dir: str | None = None
+    #: ``module:callable`` building a stand-in with Moondream's four methods; None = Moondream.
+    model: str | None = None
+    #: Keyword arguments for ``model``.
+    model_options: dict[str, Any] = {}
+    #: Load parameters (``compile_model``) as ``POST /api/v1/pipeline/load`` gives them.
+    load_params: dict[str, Any] = {}
+    #: A result older than this (from the frame it was computed on) is not drawn; 0 = no limit.
+    max_result_age_s: float = 5.0
+
+
+def default_models_dir() -> Path:
+    # DREAMWIRE_MODELS_DIR is declared in supervisor.config.ENVIRONMENT.
+    if env := os.environ.get("DREAMWIRE_MODELS_DIR"):
+        return Path(env).expanduser()
+    return Path.home() / ".dreamwire" / "models"
+
+
+@dataclass(slots=True)
+class Result:
+    key: tuple[str, ...]
+    seq: int
+    data: dict[str, Any]
+    frame_number: int
+    submitted_at: float
+
+
+@dataclass(slots=True)
+class OverlayState:
+    """What the overlay keeps per session."""
+
+    config: MoondreamConfig
+    frames_seen: int = 0
+    submitted_key: tuple[str, ...] | None = None
+    result: Result | None = None
+    plan: OverlayPlan | None = None
+    plan_for: tuple[Any, ...] = ()
+    last_error: str | None = None
+    inferences: int = 0
+    stale_dropped: int = 0
+
+
+class OverlayCore(RingStage):
+    """The ``overlay`` service core: one model, any number of sessions."""
+
+    def __init__(self, spec: ServiceSpec, outbox: Outbox, model: VisionModel | None = None) -> None:
+        super().__init__(spec, outbox)
+        self.options = msgspec.convert(spec.options, OverlayOptions)
+        if model is None:
+            models_dir = (
+                Path(self.options.models_dir).expanduser()
+                if self.options.models_dir
+                else default_models_dir()
+            )
+            compile_model = bool(self.options.load_params.get("compile_model", False))
+            model = make_model(
+                self.options.model, models_dir, compile_model, dict(self.options.model_options)
+            )
+        self.model = model
+        self.states: dict[str, OverlayState] = {}
+        self.clock = time.monotonic  # result ages; tests move it
+        self._seq = 0
+        self.worker = InferenceWorker(self._infer, name=f"{spec.name}.model")
+
+    def _infer(self, request: FeatureRequest, image: np.ndarray) -> dict[str, Any]:
+        return run_feature(self.model, request, image)
+
+    # ------------------------------------------------------------ sessions
+
+    def start_session(self, msg: p.StartSession) -> None:
+        if not msg.input_ring or not msg.output_ring:
+            raise ValueError("overlay needs an input ring and an output ring")
+        config = parse_config(msg.params)  # a bad value fails the session, naming the field
+        old = self.states.get(msg.session_id)
+        if old is not None:
+            config = old.config  # StartSession again (a restart): later updates are newer
+        self.worker.cancel(msg.session_id)
+        super().start_session(msg)
+        self.states[msg.session_id] = OverlayState(config=config)
+
+    def on_session_ended(self, session: StageSession) -> None:
+        self.states.pop(session.session_id, None)
+        self.worker.cancel(session.session_id)
+
+    # ------------------------------------------------------------ messages
+
+    def on_parameters(self, session: StageSession, changed: dict[str, Any]) -> None:
+        """``UpdateParameters`` for a session (routed here by :class:`RingStage`)."""
+        self.update_parameters(session.session_id, changed)
+
+    def handle_other(self, msg: p.InboxMessage) -> None:
+        match msg:
+            case p.UpdateParameters(session_id=session_id, params=params):
+                if session_id not in self.sessions:
+                    raise KeyError(f"unknown session {session_id!r}")
+                self.update_parameters(session_id, params)
+            case _:
+                super().handle_other(msg)
+
+    def update_parameters(self, session_id: str, params: dict[str, Any]) -> None:
+        """Newest value of each key wins; a bad value changes nothing and tells the client."""
+        state = self.states[session_id]
+        try:
+            config = parse_config(params, state.config)
+        except msgspec.ValidationError as exc:
+            self._send(p.StageOutput(session_id, self.spec.name, "error", f"parameters: {exc}"))
+            return
+        if config.result_key() != state.config.result_key():
+            state.result = None  # never draw a result of other settings
+            state.plan = None
+        state.config = config
+
+    def tick(self) -> float | None:
+        self.collect()
+        return RESULT_POLL_S if self.worker.busy() else None
+
+    def close(self) -> None:
+        self.worker.close()
+        super().close()
+
+    # ------------------------------------------------------------ frames
+
+    def drain(self, session: StageSession) -> None:
+        assert session.input is not None and session.output is not None
+        frame = session.input.acquire_latest()
+        if frame is None:
+            return
+        state = self.states[session.session_id]
+        stamps = frame.stamps
+        stamp(stamps, Stage.OVERLAY_START)
+        try:
+            job = self._schedule(session.session_id, state, frame.array, frame.frame_number)
+            self.collect()
+            slot = session.output.begin(session.width, session.height)
+            np.copyto(slot.array, frame.array, casting="no")
+            plan = self._plan(state, session.width, session.height)
+            if plan is not None:
+                plan.draw(slot.array)
+        except BaseException:
+            session.input.release(frame)
+            raise
+        stamp(stamps, Stage.OVERLAY_END)
+        if not session.input.release(frame):
+            logger.debug("session %s: frame %d torn, discarded", session.session_id, frame.seq)
+            if job is not None:
+                state.submitted_key = None  # the due inference happens on the next frame
+            return
+        if job is not None:
+            self.worker.submit(job)
+        self.publish(session, slot, FrameMeta(frame.frame_number, frame.pts, stamps))
+
+    def _schedule(
+        self, session_id: str, state: OverlayState, rgb: np.ndarray, frame_number: int
+    ) -> InferenceJob | None:
+        """A job for this frame when it is due (copied now, submitted once the frame is
+        known intact), else None."""
+        config = state.config
+        index = state.frames_seen
+        state.frames_seen += 1
+        key = config.result_key()
+        if key == state.submitted_key and index % config.inference_interval != 0:
+            return None
+        state.submitted_key = key
+        state.inferences += 1
+        self._seq += 1
+        request = FeatureRequest(
+            feature=config.feature,
+            caption_length=config.caption_length.value,
+            question=config.question,
+            detect_object=config.detect_object,
+            temperature=config.temperature,
+            max_objects=config.max_objects,
+        )
+        return InferenceJob(
+            session_id=session_id,
+            seq=self._seq,
+            key=key,
+            request=request,
+            image=rgb.copy(),
+            frame_number=frame_number,
+            submitted_at=self.clock(),
+        )
+
+    def _plan(self, state: OverlayState, width: int, height: int) -> OverlayPlan | None:
+        result = state.result
+        if result is None:
+            return None
+        max_age_s = self.options.max_result_age_s
+        if max_age_s > 0 and self.clock() - result.submitted_at > max_age_s:
+            state.result = None
+            state.plan = None
+            state.stale_dropped += 1
+            return None
+        config = state.config
+        wanted = (result.seq, width, height, config.overlay_opacity, config.font_scale)
+        if state.plan is None or state.plan_for != wanted:
+            state.plan = build_plan(
+                config.feature, result.data, width, height, config.overlay_opacity,
+                config.font_scale,
+            )  # fmt: skip
+            state.plan_for = wanted
+        return state.plan
+
+    # ------------------------------------------------------------ results
+
+    def collect(self) -> None:
+        """Take finished inferences into the sessions' state and tell the clients."""
+        for outcome in self.worker.poll():
+            state = self.states.get(outcome.session_id)
+            if state is None:
+                continue
+            self._accept(outcome, state)
+
+    def _accept(self, outcome: InferenceOutcome, state: OverlayState) -> None:
+        if outcome.key != state.config.result_key():
+            return  # computed for settings the client has left
+        if state.result is not None and state.result.seq > outcome.seq:
+            return
+        feature = outcome.request.feature.value
+        if outcome.error is not None:
+            state.result = None
+            state.plan = None
+            message = f"moondream {feature} failed: {outcome.error}"
+            if message != state.last_error:
+                state.last_error = message
+                self._send(p.StageOutput(outcome.session_id, self.spec.name, "error", message))
+            return
+        assert outcome.result is not None
+        state.last_error = None
+        state.result = Result(
+            key=outcome.key,
+            seq=outcome.seq,
+            data=outcome.result,
+            frame_number=outcome.frame_number,
+            submitted_at=outcome.submitted_at,
+        )
+        state.plan = None
+        data = {"feature": feature, "frame": outcome.frame_number, "result": outcome.result}
+        self._send(p.StageOutput(outcome.session_id, self.spec.name, "fetch_output", data))
+
+    def _send(self, message: p.StageOutput) -> None:
+        self.outbox.send(CLIENT_SERVICE, message)

@@ -1,0 +1,195 @@
+"""The real ApiBackend: the supervisor, the sessions, the models."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from services import protocol as p
+from signalling.api.errors import (
+    ConcurrencyLimitReached,
+    InvalidParameters,
+    InvalidSdp,
+    NoPipelineLoaded,
+    UnknownPipeline,
+    UnknownSession,
+)
+from signalling.api.types import (
+    HardwareInfoResponse,
+    IceCandidate,
+    ModelsStatusResponse,
+    PipelineLoadItem,
+    PipelineStatusResponse,
+    WebRtcOfferRequest,
+    WebRtcOfferResponse,
+)
+from signalling.links import AdminLink
+from signalling.models import ModelsLink
+from signalling.pipelines import ParameterError, PipelineCatalog
+from signalling.sessions import Session, SessionManager, SessionPlan
+
+logger = logging.getLogger(__name__)
+
+SIGNALLING = "signalling"
+
+
+class SessionRefused(RuntimeError):
+    pass
+
+
+class SignallingBackend:
+    def __init__(
+        self,
+        admin: AdminLink,
+        sessions: SessionManager,
+        catalog: PipelineCatalog,
+        models: ModelsLink,
+        max_sessions: int,
+    ) -> None:
+        self.admin = admin
+        self.sessions = sessions
+        self.catalog = catalog
+        self.models = models
+        self.max_sessions = max_sessions
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ pipelines
+
+    async def load_pipelines(self, items: list[PipelineLoadItem]) -> None:
+        loads = []
+        for item in items:
+            if not self.catalog.known(item.pipeline_id):
+                raise UnknownPipeline(item.pipeline_id)
+            loads.append(p.PipelineLoad(item.pipeline_id, dict(item.load_params or {})))
+        reply = await self.admin.request(p.LoadPipelines(pipelines=loads))
+        if isinstance(reply, p.Rejected):
+            raise InvalidParameters(reply.reason)
+
+    async def pipeline_status(self) -> PipelineStatusResponse:
+        states = (await self.admin.status()).pipelines
+        if not states:
+            return PipelineStatusResponse(status="not_loaded")
+        # The first pipeline asked for is the one Scope's single-pipeline status describes;
+        # an error in any of them is reported.
+        state = next((s for s in states if s.status == "error"), states[0])
+        if state.status == "loaded" and any(s.status == "loading" for s in states):
+            state = next(s for s in states if s.status == "loading")
+        return PipelineStatusResponse(
+            status=state.status,  # type: ignore[arg-type]
+            pipeline_id=state.pipeline_id,
+            load_params=state.load_params,
+            loaded_lora_adapters=[],
+            error=state.error,
+        )
+
+    async def pipeline_schemas(self) -> dict[str, dict[str, Any]]:
+        return self.catalog.schemas()
+
+    async def _session_plan(self) -> SessionPlan:
+        """The chain the loaded pipelines make: the first non-overlay pipeline runs in its
+        inference process; an overlay (Moondream) comes after it, or alone on the camera."""
+        states = (await self.admin.status()).pipelines
+        if errors := [s for s in states if s.status == "error"]:
+            raise NoPipelineLoaded(
+                f"Pipeline {errors[0].pipeline_id} failed to load: {errors[0].error}"
+            )
+        if any(s.status == "loading" for s in states):
+            raise NoPipelineLoaded("Pipeline is still loading. Wait for status 'loaded'.")
+        loaded = [s for s in states if s.status == "loaded"]
+        if not loaded:
+            raise NoPipelineLoaded()
+        models = [s for s in loaded if not self.catalog.is_overlay(s.pipeline_id)]
+        overlays = [s for s in loaded if self.catalog.is_overlay(s.pipeline_id)]
+        chain = [*models[:1], *overlays[:1]]
+        first = chain[0]
+        info = self.catalog.info(first.pipeline_id, first.load_params)
+        processing = [f"inference/{s.pipeline_id}" for s in models[:1]]
+        processing += ["overlay" for _ in overlays[:1]]
+        return SessionPlan(
+            pipeline_ids=tuple(s.pipeline_id for s in chain),
+            processing=tuple(processing),
+            width=info.width,
+            height=info.height,
+            modes=info.modes,
+        )
+
+    # ------------------------------------------------------------------ sessions
+
+    async def create_session(self, offer: WebRtcOfferRequest) -> WebRtcOfferResponse:
+        plan = await self._session_plan()
+        if len(self.sessions) >= self.max_sessions:
+            raise ConcurrencyLimitReached(self.max_sessions)
+        try:
+            initial = self.catalog.validate_for(
+                plan.pipeline_ids, dict(offer.initialParameters or {})
+            )
+        except ParameterError as exc:
+            raise InvalidParameters(f"initialParameters.{exc}") from None
+        try:
+            session_id, answer = await self.sessions.create(offer.sdp, plan, initial)
+        except ParameterError as exc:
+            raise InvalidParameters(str(exc)) from None
+        except SessionRefused as exc:
+            raise NoPipelineLoaded(str(exc)) from None
+        except ValueError as exc:
+            raise InvalidSdp(f"invalid SDP offer: {exc}") from None
+        return WebRtcOfferResponse(sdp=answer.sdp, type=answer.type, sessionId=session_id)
+
+    async def open_chain(
+        self, session: Session, width: int, height: int, params: dict[str, Any]
+    ) -> None:
+        reply = await self.admin.request(
+            p.OpenSession(
+                session_id=session.session_id,
+                stages=session.stages,
+                width=width,
+                height=height,
+                sink=SIGNALLING,
+                params=params,
+                owner=SIGNALLING,
+                mode=session.mode,
+                codec=session.codec,
+            )
+        )
+        if isinstance(reply, p.Rejected):
+            raise SessionRefused(reply.reason)
+
+    async def close_chain(self, session_id: str) -> None:
+        await self.admin.request(p.CloseSession(session_id=session_id))
+
+    async def add_ice_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
+        if session_id not in self.sessions.sessions:
+            raise UnknownSession(session_id)
+        try:
+            await self.sessions.add_candidates(session_id, candidates)
+        except ValueError as exc:
+            raise InvalidParameters(str(exc)) from None
+
+    async def close_session(self, session_id: str) -> None:
+        if not await self.sessions.close(session_id):
+            raise UnknownSession(session_id)
+
+    # ------------------------------------------------------------------ models, hardware
+
+    async def models_status(self, pipeline_id: str) -> ModelsStatusResponse:
+        if not self.catalog.known(pipeline_id):
+            raise UnknownPipeline(pipeline_id)
+        return self.models.status(pipeline_id)
+
+    async def download_models(self, pipeline_id: str) -> None:
+        if not self.catalog.known(pipeline_id):
+            raise UnknownPipeline(pipeline_id)
+        self.models.start_download(pipeline_id)
+
+    async def hardware_info(self) -> HardwareInfoResponse:
+        return self.models.hardware_info()
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        report = await self.admin.status()
+        services = {s.name: s.state for s in report.services}
+        # A pipeline that failed to load is reported by its status, not as ill health.
+        ok = all(
+            state in ("ready",) or name.startswith("inference/") for name, state in services.items()
+        )
+        return ok, {"services": services, "sessions": len(self.sessions)}

@@ -1,0 +1,93 @@
+"""Configuration of the Dreams broadcast: one msgspec Struct, meant for the supervisor's tree."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = ["AUTH_TOKEN_ENV", "DreamsConfig", "LauncherConfig", "resolve_auth_token"]
+
+#: Shared secret of the GPU worker link, on the hub and on the worker (as the Dreams API says).
+AUTH_TOKEN_ENV = "DREAM_GEN_AUTH_TOKEN"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class LauncherConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Who starts and stops the generator.
+
+    * ``local``: the hub runs ``python -m supervisor.worker --connect <connect_url>`` as a child
+      process while someone watches, and stops it after the grace period.
+    * ``external``: a worker started by someone else (``supervisor worker --connect`` on a GPU
+      host) connects when it likes; the hub pauses it (0x10) when nobody watches and resumes it
+      (0x11) when someone does.
+
+    A cloud launcher (RunPod, …) is a :class:`signalling.dreams.launcher.Launcher` passed to
+    ``add_dreams_routes``; see that module.
+    """
+
+    kind: Literal["local", "external"] = "local"
+    #: Where a local worker connects; "" = ws://127.0.0.1:<port of the request that woke it>/ws/gpu.
+    connect_url: str = ""
+    #: Generator of a local worker (``supervisor worker --generator``).
+    generator: str = "testcard"
+    #: Extra arguments for a local worker.
+    worker_args: list[str] = []
+    #: SIGTERM, then SIGKILL after this long, for a local worker that does not exit.
+    kill_timeout_s: Positive = 5.0
+
+
+class DreamsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    #: Playback rate until the worker announces its own (0x04 ``target_fps``).
+    target_fps: Annotated[float, msgspec.Meta(gt=0, le=120)] = 5.0
+    #: Resolution advertised before the first frame (then the frames' own).
+    width: Count = 1024
+    height: Count = 512
+    #: Frames kept for ``/api/dreams/frame/{n}`` and ``frames/recent`` (the API caps count at 30).
+    cache_frames: Count = 30
+    #: Playback prebuffer: frames are held this long to smooth the worker's jitter.
+    buffer_seconds: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    #: After the last viewer leaves (or the last API access), keep generating this long.
+    grace_period_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    #: A generator that has sent no frame this long after being started is an error.
+    start_timeout_s: Positive = 180.0
+    #: A ready generator that sends no frame this long has stalled (restarted when local).
+    stall_timeout_s: Positive = 30.0
+    #: Shutdown handshake: wait this long for the 0x02 snapshot after 0x12, and as long again
+    #: for the worker to hang up after 0x13.
+    save_timeout_s: Positive = 10.0
+    #: Relaunch backoff after a generator failure (doubles up to the max, reset by a frame).
+    retry_initial_s: Positive = 1.0
+    retry_max_s: Positive = 30.0
+    #: Per IP and endpoint, on the rate-limited endpoints.
+    rate_limit_requests: Count = 60
+    rate_limit_window_s: Positive = 60.0
+    #: Long-lived viewer connections (WebSocket and SSE) per IP, and in all.
+    max_connections_per_ip: Count = 10
+    max_viewers: Count = 1000
+    #: Frames waiting for one slow WebSocket viewer before its oldest are dropped.
+    viewer_queue_frames: Count = 8
+    #: Status to SSE clients (and viewer counts to WebSocket viewers) this often.
+    status_interval_s: Positive = 5.0
+    #: A worker that sends nothing this long is disconnected.
+    worker_timeout_s: Positive = 30.0
+    max_worker_message_bytes: Count = 8 * 1024 * 1024
+    max_state_bytes: Count = 1024 * 1024
+    #: Bearer token of ``/ws/gpu``; None reads ``DREAM_GEN_AUTH_TOKEN``; "" = no token
+    #: (loopback workers only).
+    auth_token: str | None = None
+    #: Base URL used by ``/api/dreams/embed``; "" = the request's own scheme and host.
+    public_url: str = ""
+    #: File keeping the last state snapshot across restarts of the server; "" = memory only.
+    state_path: str = ""
+    launcher: LauncherConfig = msgspec.field(default_factory=LauncherConfig)
+
+
+def resolve_auth_token(config: DreamsConfig) -> str:
+    """The token ``/ws/gpu`` requires, "" for none."""
+    if config.auth_token is not None:
+        return config.auth_token
+    return os.environ.get(AUTH_TOKEN_ENV, "")

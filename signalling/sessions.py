@@ -1,0 +1,394 @@
+"""WebRTC sessions: one RTCPeerConnection each, wired to the media stages.
+
+signalling does no codec work. Incoming video leaves aiortc as encoded frames (see
+``signalling.webrtc.forwarding``) and goes to ``decode``; outgoing video arrives from ``encode``
+as packets that an :class:`~signalling.webrtc.EncodedVideoTrack` hands to aiortc's sender.
+Keyframe requests and bitrate estimates go the other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.sdp import candidate_from_sdp
+
+from services import protocol as p
+from signalling.api.types import IceCandidate
+from signalling.links import AsyncOutbox
+from signalling.metrics import MetricsAggregator
+from signalling.pipelines import ParameterError, PipelineCatalog
+from signalling.webrtc import (
+    EncodedVideoFrame,
+    EncodedVideoTrack,
+    FrameDrain,
+    forward_encoded,
+    negotiated_video_codec,
+    prefer_video_codecs,
+    request_keyframe_upstream,
+    start_drain,
+)
+
+logger = logging.getLogger(__name__)
+
+DECODE = "decode"
+ENCODE = "encode"
+PARAMETERS_CHANNEL = "parameters"
+STOPPED_LINGER_S = 2.0
+
+
+def offer_sends_video(sdp: str) -> bool:
+    """Does the offer's video m-section send (camera in) or only receive (text to video)?"""
+    in_video = False
+    direction = "sendrecv"
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            if in_video:
+                break
+            in_video = line.startswith("m=video")
+        elif in_video and line.strip() in ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive"):
+            direction = line.strip()[2:]
+    return direction in ("sendrecv", "sendonly")
+
+
+def parse_parameters_message(raw: str | bytes) -> dict[str, Any]:
+    """Decode a data-channel message into a dict, or raise ParameterError naming the problem."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"message: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ParameterError(f"message: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """What the loaded pipelines make of a new session (computed by the backend)."""
+
+    #: The session's pipelines, in chain order (e.g. ``["streamdiffusion", "moondream"]``).
+    pipeline_ids: tuple[str, ...]
+    #: The processes its frames pass, per mode, between decode (video) and encode.
+    processing: tuple[str, ...]
+    width: int
+    height: int
+    modes: tuple[str, ...]
+
+    @property
+    def pipeline_id(self) -> str:
+        return self.pipeline_ids[0]
+
+    def stages(self, mode: str) -> list[str]:
+        head = [DECODE] if mode == "video" else []
+        return [*head, *self.processing, ENCODE]
+
+
+@dataclass
+class Session:
+    session_id: str
+    pipeline_id: str
+    mode: str  # "video" | "text"
+    pc: RTCPeerConnection
+    track: EncodedVideoTrack
+    transceiver: RTCRtpTransceiver
+    stages: list[str]
+    #: The processes that take this session's runtime parameters.
+    parameter_targets: tuple[str, ...] = ()
+    pipeline_ids: tuple[str, ...] = ()
+    codec: str = "VP8"
+    channel: RTCDataChannel | None = None
+    drain: FrameDrain | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    packets_out: int = 0
+    frames_in: int = 0
+    created: float = field(default_factory=time.monotonic)
+    closed: bool = False
+    #: Messages for the client queued before its data channel opened.
+    pending_messages: list[str] = field(default_factory=list)
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        text = json.dumps(message)
+        channel = self.channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(text)
+        else:
+            self.pending_messages.append(text)
+
+
+OpenChain = Callable[[Session, int, int, dict[str, Any]], Awaitable[None]]
+CloseChain = Callable[[str], Awaitable[None]]
+
+
+class SessionManager:
+    """Creates, tracks and tears down sessions; routes media and messages for them."""
+
+    def __init__(
+        self,
+        outbox: AsyncOutbox,
+        catalog: PipelineCatalog,
+        open_chain: OpenChain,
+        close_chain: CloseChain,
+        ice_servers: list[RTCIceServer] | None = None,
+        metrics: MetricsAggregator | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.metrics = metrics or MetricsAggregator()  # per-stage latency (issue 5)
+        self.catalog = catalog
+        self._open_chain = open_chain
+        self._close_chain = close_chain
+        self._ice_servers = ice_servers or []
+        self.sessions: dict[str, Session] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    # ------------------------------------------------------------------ create
+
+    async def create(
+        self, sdp: str, plan: SessionPlan, initial_params: dict[str, Any]
+    ) -> tuple[str, RTCSessionDescription]:
+        """Negotiate, allocate the chain and answer. Raises ValueError for a bad offer."""
+        pipeline_id, width, height = plan.pipeline_id, plan.width, plan.height
+        mode = "video" if offer_sends_video(sdp) else "text"
+        if mode not in plan.modes:
+            raise ParameterError(
+                f"mode: {pipeline_id} does not support "
+                + ("video input" if mode == "video" else "no-input (text-to-video) sessions")
+            )
+        session_id = secrets.token_hex(8)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        track = EncodedVideoTrack(
+            on_keyframe_request=lambda reason: self._keyframe_to_encode(session_id, reason),
+            on_bitrate=lambda bps: self._bitrate_to_encode(session_id, bps),
+        )
+        direction = "sendrecv" if mode == "video" else "sendonly"
+        transceiver = pc.addTransceiver(track, direction=direction)
+        track.attach_sender(transceiver.sender)
+        stages = plan.stages(mode)
+        session = Session(
+            session_id,
+            pipeline_id,
+            mode,
+            pc,
+            track,
+            transceiver,
+            stages,
+            parameter_targets=plan.processing,
+            pipeline_ids=plan.pipeline_ids,
+        )
+        session.params = dict(initial_params)
+        try:
+            prefer_video_codecs(transceiver, sdp)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            negotiated = negotiated_video_codec(transceiver)
+            if negotiated is None:
+                raise ValueError("the offer has no video codec dreamwire supports (VP8, H264)")
+            session.codec = negotiated.name
+            if mode == "video":
+                forward_encoded(transceiver.receiver)
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except Exception:
+            await pc.close()
+            raise
+        self.sessions[session_id] = session
+        self.metrics.session_opened(session_id, pipeline_id, mode, stages)
+        self._wire_events(session)
+        try:
+            await self._open_chain(session, width, height, dict(initial_params))
+        except Exception:
+            self.sessions.pop(session_id, None)
+            self.metrics.session_closed(session_id)
+            await pc.close()
+            raise
+        if mode == "video":
+            session.drain = start_drain(
+                transceiver.receiver.track,
+                lambda frame: self._forward_frame(session, frame),
+                name=f"session-{session_id[:6]}.recv",
+            )
+        logger.info(
+            "session %s: %s, %s mode, %s %dx%d",
+            session_id,
+            pipeline_id,
+            mode,
+            session.codec,
+            width,
+            height,
+        )
+        return session_id, pc.localDescription
+
+    def _wire_events(self, session: Session) -> None:
+        pc = session.pc
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            if channel.label != PARAMETERS_CHANNEL:
+                logger.info(
+                    "session %s: ignoring data channel %r", session.session_id, channel.label
+                )
+                return
+            session.channel = channel
+
+            def flush() -> None:
+                for text in session.pending_messages:
+                    channel.send(text)
+                session.pending_messages.clear()
+
+            if channel.readyState == "open":
+                flush()
+            else:
+                channel.on("open", flush)
+
+            @channel.on("message")
+            def on_message(raw: str | bytes) -> None:
+                self.on_parameters_message(session, raw)
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            logger.info("session %s: connection %s", session.session_id, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
+                await self.close(session.session_id)
+
+    # ------------------------------------------------------------------ media
+
+    def _forward_frame(self, session: Session, frame: EncodedVideoFrame) -> None:
+        session.frames_in += 1
+        forwarded = self.outbox.send(
+            DECODE,
+            p.EncodedFrame(
+                session_id=session.session_id,
+                codec=frame.codec,
+                data=frame.data,
+                pts=frame.timestamp,
+                keyframe=frame.keyframe,
+                rtp_arrival_ns=frame.arrival_ns,
+                frame_complete_ns=time.monotonic_ns(),
+            ),
+        )
+        self.metrics.frame_in(session.session_id, forwarded)
+
+    def _keyframe_to_encode(self, session_id: str, reason: str) -> None:
+        logger.debug("session %s: keyframe requested (%s)", session_id, reason)
+        self.outbox.send(ENCODE, p.KeyframeNeeded(session_id=session_id))
+
+    def _bitrate_to_encode(self, session_id: str, bps: int) -> None:
+        self.outbox.send(ENCODE, p.BitrateChanged(session_id=session_id, bitrate_bps=bps))
+
+    def on_packet(self, msg: p.EncodedPacket) -> None:
+        session = self.sessions.get(msg.session_id)
+        if session is None:
+            raise KeyError(f"unknown session {msg.session_id!r}")
+        # The metrics stamp RTP departure when aiortc has sent the frame (issue 5).
+        on_done = self.metrics.departure_callback(msg.session_id, msg.frame_number, msg.stamps)
+        if session.track.push(msg.data, msg.pts, msg.keyframe, on_done=on_done):
+            session.packets_out += 1
+        else:
+            self.metrics.dropped(msg.session_id, "send")
+
+    async def on_keyframe_needed(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise KeyError(f"unknown session {session_id!r}")
+        if session.mode == "video":
+            await request_keyframe_upstream(session.transceiver.receiver)
+
+    def on_stage_output(self, msg: p.StageOutput) -> None:
+        session = self.sessions.get(msg.session_id)
+        if session is None:
+            raise KeyError(f"unknown session {msg.session_id!r}")
+        session.send_message({"type": msg.kind, "data": msg.data})
+
+    # ------------------------------------------------------------------ parameters
+
+    def on_parameters_message(self, session: Session, raw: str | bytes) -> None:
+        try:
+            params = parse_parameters_message(raw)
+            if params.get("type") == "ping":
+                session.send_message({"type": "pong", "data": params.get("data")})
+                return
+            params = self.catalog.validate_for(session.pipeline_ids, params)
+        except ParameterError as exc:
+            session.send_message({"type": "error", "data": str(exc)})
+            return
+        if not params:
+            return
+        session.params.update(params)
+        update = p.UpdateParameters(session_id=session.session_id, params=params)
+        for target in session.parameter_targets:
+            self.outbox.send(target, update)
+
+    # ------------------------------------------------------------------ teardown
+
+    async def add_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
+        session = self.sessions[session_id]
+        for item in candidates:
+            if not item.candidate:
+                continue  # end-of-candidates
+            text = item.candidate.removeprefix("candidate:")
+            try:
+                candidate = candidate_from_sdp(text)
+            except (ValueError, IndexError) as exc:
+                raise ValueError(f"candidates: cannot parse {item.candidate!r}: {exc}") from None
+            candidate.sdpMid = item.sdpMid
+            candidate.sdpMLineIndex = item.sdpMLineIndex
+            await session.pc.addIceCandidate(candidate)
+
+    async def stage_failed(self, msg: p.SessionFailed) -> None:
+        session = self.sessions.get(msg.session_id)
+        if session is None:
+            return
+        logger.warning("session %s stopped: %s", msg.session_id, msg.reason)
+        session.send_message({"type": "stream_stopped", "error_message": msg.reason})
+        # Free the stages at once; keep the peer connection a moment so the message is
+        # delivered (the client closes it on stream_stopped anyway).
+        await self.close(msg.session_id, linger_s=STOPPED_LINGER_S)
+
+    async def close(self, session_id: str, linger_s: float = 0.0) -> bool:
+        session = self.sessions.pop(session_id, None)
+        if session is None or session.closed:
+            return False
+        session.closed = True
+        self.metrics.session_closed(session_id)
+        if session.drain is not None:
+            await session.drain.stop()
+        try:
+            await self._close_chain(session_id)
+        except Exception as exc:
+            logger.warning("session %s: closing its chain: %s", session_id, exc)
+        if linger_s > 0:
+            task = asyncio.create_task(
+                self._close_pc_later(session, linger_s), name=f"session-{session_id[:6]}.linger"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            await session.pc.close()
+        logger.info("session %s closed", session_id)
+        return True
+
+    async def _close_pc_later(self, session: Session, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await session.pc.close()
+
+    async def close_all(self) -> None:
+        for session_id in list(self.sessions):
+            await self.close(session_id)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
