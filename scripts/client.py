@@ -142,13 +142,25 @@ class DreamwireClient:
         timeout_s: float = LOAD_TIMEOUT_S,
     ) -> dict[str, Any]:
         body = {"pipeline_id": pipeline_id, "load_params": load_params or {}}
+        return await self._load(body, pipeline_id, timeout_s)
+
+    async def load_pipelines(
+        self, pipelines: list[dict[str, Any]], timeout_s: float = LOAD_TIMEOUT_S
+    ) -> dict[str, Any]:
+        """Load a chain (``[{"pipeline_id": …, "load_params": …}, …]``, e.g. a pipeline and
+        ``moondream``) and wait until it is loaded."""
+        return await self._load({"pipelines": pipelines}, None, timeout_s)
+
+    async def _load(
+        self, body: dict[str, Any], pipeline_id: str | None, timeout_s: float
+    ) -> dict[str, Any]:
         status, data = await self.request("POST", "/api/v1/pipeline/load", body)
         if status != 200:
             raise ClientError(f"load failed ({status}): {data}")
         deadline = time.monotonic() + timeout_s
         while True:
             _, state = await self.request("GET", "/api/v1/pipeline/status")
-            if state["status"] == "loaded" and state.get("pipeline_id") == pipeline_id:
+            if state["status"] == "loaded" and pipeline_id in (None, state.get("pipeline_id")):
                 return dict(state)
             if state["status"] == "error":
                 raise ClientError(f"pipeline failed to load: {state.get('error')}")

@@ -19,6 +19,7 @@ from signalling.dreams.routes import add_dreams_routes
 from signalling.links import AdminLink, AsyncOutbox
 from signalling.metrics_routes import add_metrics_routes
 from signalling.models import ModelsLink
+from signalling.outputs import add_output_routes
 from signalling.pipelines import PipelineCatalog
 from signalling.sessions import SessionManager
 
@@ -80,6 +81,7 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
     app[backend_key] = backend
     add_api_routes(app, backend, api_config)
     add_page_routes(app)
+    add_output_routes(app, sessions)
     dreams_config = msgspec.convert(options.get("dreams", {}), DreamsConfig)
     add_dreams_routes(app, dreams_config)
     add_metrics_routes(app, sessions.metrics, admin.status)  # /api/v1/metrics, /metrics

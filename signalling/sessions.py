@@ -119,6 +119,15 @@ class Session:
     closed: bool = False
     #: Messages for the client queued before its data channel opened.
     pending_messages: list[str] = field(default_factory=list)
+    #: Server-sent-event listeners of this session's results (``/api/v1/sessions/{id}/outputs``).
+    output_listeners: set[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=set)
+
+    def publish_output(self, message: dict[str, Any] | None) -> None:
+        """To every listener; one that lags loses its oldest message, never blocks us."""
+        for queue in self.output_listeners:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(message)
 
     def send_message(self, message: dict[str, Any]) -> None:
         text = json.dumps(message)
@@ -312,7 +321,9 @@ class SessionManager:
         session = self.sessions.get(msg.session_id)
         if session is None:
             raise KeyError(f"unknown session {msg.session_id!r}")
-        session.send_message({"type": msg.kind, "data": msg.data})
+        message = {"type": msg.kind, "data": msg.data}
+        session.send_message(message)
+        session.publish_output(message)
 
     # ------------------------------------------------------------------ parameters
 

@@ -68,6 +68,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     models_dir: str | None = None
     #: decode and encode, the WebRTC media stages.
     media: bool = True
+    #: The overlay's model: None is Moondream 2 from ``models_dir``; ``module:callable`` builds
+    #: anything with Moondream's four methods (a plugin, or a test stand-in).
+    overlay_model: str | None = None
+    overlay_model_options: dict[str, Any] = {}
     #: Concurrent WebRTC sessions; the next offer gets 429.
     max_sessions: int = 8
     #: Extra services, started in order before signalling (e.g. testsrc/testsink).

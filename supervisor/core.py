@@ -157,13 +157,16 @@ class Supervisor:
         return plan
 
     def _pipeline_service(self, load: p.PipelineLoad) -> ServiceConfig:
-        options = {
+        options: dict[str, object] = {
             "pipeline": load.pipeline_id,
             "load_params": dict(load.load_params),
             "models_dir": str(self.models_dir),
         }
         name = service_of_pipeline(load.pipeline_id)
         kind = "overlay" if name == OVERLAY else "inference"
+        if kind == "overlay" and self.config.overlay_model:
+            options["model"] = self.config.overlay_model
+            options["model_options"] = dict(self.config.overlay_model_options)
         return ServiceConfig(name, kind, options, self.config.restart)
 
     def _spec(self, svc: ServiceConfig) -> ServiceSpec:

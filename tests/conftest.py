@@ -79,7 +79,15 @@ class SupervisorRun:
         self.config_path = base / "dreamwire.toml"
         self.config_path.write_text(f"port = {self.port}\n{config}")
         self.log_path = base / "supervisor.log"
-        self.env = {**os.environ, "DREAMWIRE_RUN_DIR": str(base / "run")}
+        # tests/ on the path of every process: test stand-ins (a Moondream with the same four
+        # methods, say) are loaded by module name in the services.
+        tests_dir = str(Path(__file__).resolve().parent)
+        python_path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
+        self.env = {
+            **os.environ,
+            "DREAMWIRE_RUN_DIR": str(base / "run"),
+            "PYTHONPATH": python_path,
+        }
         self.args = [
             sys.executable,
             "-m",
