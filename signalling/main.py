@@ -12,6 +12,7 @@ import msgspec
 from aiohttp import web
 
 from services import protocol as p
+from services.inference import registry
 from services.runtime import ServiceSpec, configure_logging, die_with_parent
 from signalling.app import create_app
 from signalling.control import ControlLink
@@ -39,6 +40,9 @@ async def serve(spec: ServiceSpec) -> None:
             )
             raise
         logger.info("listening on http://%s:%d/", host, port)
+        # Discover the pipelines (and import their plugins' spec modules) before serving: a
+        # slow plugin import must not stall the event loop under a request later.
+        registry.specs()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, link.stopped.set)
         await link.ready()

@@ -20,6 +20,8 @@ ENVIRONMENT: dict[str, str] = {
     "$XDG_RUNTIME_DIR/dreamwire or ~/.dreamwire/run",
     "DREAMWIRE_LOG_LEVEL": "log level of every process (default INFO)",
     "DREAMWIRE_MODELS_DIR": "where model files live (default ~/.dreamwire/models)",
+    "DREAMWIRE_PIPELINES": "extra pipeline plugins without an installed distribution: "
+    "id=module:attr,… (each attr a PipelineSpec)",
     "DREAMWIRE_TORCH_COMPILE": "1: torch.compile the models at load (slower start, faster calls)",
     "DREAMWIRE_CHROMIUM": "the browser the browser tests drive (default /usr/bin/chromium)",
     "DREAM_GEN_AUTH_TOKEN": "shared secret of the Dreams GPU worker link (/ws/gpu); unset: "

@@ -11,11 +11,12 @@ none). A lost connection is retried with backoff (1 s doubling to 30 s); a refus
 
 The state (:class:`DreamState`: prompt, seed, frame and keyframe counters) is msgpack. The
 built-in generator ``testcard`` draws the frame number (``services.testpattern``) on a moving
-pattern; a generator that runs an inference pipeline registers itself with
-:func:`register_generator` (``pipeline:<id>`` is reserved for them).
+pattern. ``pipeline:<id>`` runs a text-mode inference pipeline of the registry (``dream``;
+``testcard`` for tests) in this process (``supervisor.worker_pipeline``; ``--models-dir``,
+``--load-params``). Other generators register themselves with :func:`register_generator`.
+A generator that raises makes the worker report the error (0x04 ``error``) and exit 1.
 
-Run ``python -m supervisor.worker --connect ws://127.0.0.1:8000/ws/gpu`` or, once wired into the
-CLI, ``supervisor worker --connect …``.
+Run ``supervisor worker --connect ws://127.0.0.1:8000/ws/gpu [--generator pipeline:dream]``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import av
@@ -45,6 +46,7 @@ from signalling.dreams.wire import MsgType, control
 __all__ = [
     "DreamState",
     "Generator",
+    "Rendered",
     "TestcardGenerator",
     "WorkerCore",
     "WorkerOptions",
@@ -68,6 +70,7 @@ DEFAULT_WEBP_METHOD = 2
 #: (the hub's playback queue absorbs the burst); further behind, it drops the debt.
 MAX_CATCH_UP_S = 1.0
 DEFAULT_PROMPT = "a quiet dream of drifting light"
+PIPELINE_PREFIX = "pipeline:"
 
 
 class DreamState(msgspec.Struct, kw_only=True):
@@ -81,13 +84,26 @@ class DreamState(msgspec.Struct, kw_only=True):
     generator: str = "testcard"
 
 
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """One generated frame and what its generator knows about it (None: the worker decides:
+    keyframes every ``keyframe_interval`` frames, the time it took to render and encode)."""
+
+    rgb: np.ndarray
+    keyframe_number: int | None = None
+    generation_time_ms: float | None = None
+
+
 class Generator(Protocol):
-    """Makes the frames of a dream: RGB uint8 (height, width, 3) for the state's frame."""
+    """Makes the frames of a dream: RGB uint8 (height, width, 3) for the state's frame (whose
+    prompt and seed it follows). Called from one worker thread at a time."""
 
     width: int
     height: int
 
-    def render(self, state: DreamState) -> np.ndarray: ...
+    def render(self, state: DreamState) -> Rendered: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +122,10 @@ class WorkerOptions:
     seed: int | None = None
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     once: bool = False
+    #: ``pipeline:<id>`` generators: where the models are (None: the default models dir) and
+    #: the pipeline's load parameters.
+    models_dir: str | None = None
+    load_params: Mapping[str, Any] | None = None
 
 
 class TestcardGenerator:
@@ -134,8 +154,9 @@ class TestcardGenerator:
             noise = np.random.default_rng(0).integers(-texture, texture + 1, (height, width, 1))
             self._noise = noise.astype(np.int16)
 
-    def render(self, state: DreamState) -> np.ndarray:
-        rng = np.random.default_rng([state.seed, state.keyframe_number])
+    def render(self, state: DreamState) -> Rendered:
+        keyframe = (state.frame_number - 1) // self.keyframe_interval
+        rng = np.random.default_rng([state.seed, keyframe])
         phase = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
         t = np.float32((state.frame_number % self.keyframe_interval) / self.keyframe_interval)
         small = np.empty((*self._x.shape, 3), np.uint8)
@@ -147,7 +168,10 @@ class TestcardGenerator:
         if self._noise is not None:
             rgb = np.clip(rgb + self._noise, 0, 255).astype(np.uint8)
         draw_frame_number(rgb, state.frame_number)
-        return rgb
+        return Rendered(rgb, keyframe)
+
+    def close(self) -> None:
+        pass
 
 
 GeneratorFactory = Callable[[WorkerOptions], Generator]
@@ -161,12 +185,21 @@ def register_generator(name: str, factory: GeneratorFactory) -> None:
     _GENERATORS[name] = factory
 
 
+def find_generator(name: str) -> GeneratorFactory:
+    """The factory of ``--generator name``; ``ValueError`` naming the known ones."""
+    factory = _GENERATORS.get(name)
+    if factory is not None:
+        return factory
+    if name.startswith(PIPELINE_PREFIX):  # imported only by pipeline workers
+        from supervisor.worker_pipeline import pipeline_factory
+
+        return pipeline_factory(name.removeprefix(PIPELINE_PREFIX))
+    known = ", ".join([*sorted(_GENERATORS), f"{PIPELINE_PREFIX}<id>"])
+    raise ValueError(f"unknown generator {name!r} (known: {known})")
+
+
 def make_generator(options: WorkerOptions) -> Generator:
-    factory = _GENERATORS.get(options.generator)
-    if factory is None:
-        known = ", ".join(sorted(_GENERATORS))
-        raise ValueError(f"unknown generator {options.generator!r} (known: {known})")
-    return factory(options)
+    return find_generator(options.generator)(options)
 
 
 def encode_webp(rgb: np.ndarray, quality: int = 80, method: int = DEFAULT_WEBP_METHOD) -> bytes:
@@ -223,19 +256,27 @@ class WorkerCore:
         Returns (webp, frame number, keyframe number, generation ms, new keyframe)."""
         started = time.perf_counter()
         state = self.state
-        keyframe = (state.frame_number - 1) // self.options.keyframe_interval
+        rendered = self.generator.render(state)
+        keyframe = rendered.keyframe_number
+        if keyframe is None:
+            keyframe = (state.frame_number - 1) // self.options.keyframe_interval
         new_keyframe = keyframe != state.keyframe_number
         state.keyframe_number = keyframe
-        webp = encode_webp(
-            self.generator.render(state), self.options.quality, self.options.webp_method
-        )
+        webp = encode_webp(rendered.rgb, self.options.quality, self.options.webp_method)
         number = state.frame_number
         state.frame_number += 1
-        return webp, number, keyframe, (time.perf_counter() - started) * 1000.0, new_keyframe
+        gen_ms = rendered.generation_time_ms
+        if gen_ms is None:
+            gen_ms = (time.perf_counter() - started) * 1000.0
+        return webp, number, keyframe, gen_ms, new_keyframe
 
 
 class HubRefused(Exception):
     """The hub refused the connection (token)."""
+
+
+class GeneratorFailed(Exception):
+    """The generator raised: the worker exits (1) rather than retry it."""
 
 
 class _Session:
@@ -263,18 +304,33 @@ class _Session:
             resolution=[self.core.generator.width, self.core.generator.height],
             keyframe=self.core.state.keyframe_number,
         )
+        receive = asyncio.create_task(self._receive(), name="worker.receive")
+        generate = asyncio.create_task(self._generate(), name="worker.generate")
         tasks = [
-            asyncio.create_task(self._generate(), name="worker.generate"),
+            receive,
+            generate,
             asyncio.create_task(self._heartbeat(), name="worker.heartbeat"),
         ]
         try:
-            await self._receive()
+            await asyncio.wait({receive, generate}, return_when=asyncio.FIRST_COMPLETED)
+            if generate.done() and not generate.cancelled():
+                exc = generate.exception()
+                if exc is not None and not isinstance(exc, ConnectionError):
+                    # A generator that fails (a pipeline error) will fail again: say so, go.
+                    logger.error("the generator failed", exc_info=exc)
+                    with contextlib.suppress(ConnectionError):
+                        await self.send_status(state="error", error=f"generator failed: {exc!r}")
+                    await self.ws.close()
+                    raise GeneratorFailed(repr(exc)) from exc
+            await receive
         finally:
             for task in tasks:
                 task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for result in results:
-                if isinstance(result, Exception) and not isinstance(result, ConnectionError):
+                if isinstance(result, Exception) and not isinstance(
+                    result, ConnectionError | GeneratorFailed
+                ):
                     logger.error("worker task failed: %r", result)
         return self.shutdown
 
@@ -349,7 +405,18 @@ class _Session:
 async def run_worker(options: WorkerOptions, stop: asyncio.Event | None = None) -> int:
     """Connect, generate, reconnect with backoff; the exit status."""
     stop = stop or asyncio.Event()
-    core = WorkerCore(options, make_generator(options))
+    try:  # a pipeline loads for a while: in a thread, so a signal still stops us after
+        generator = await asyncio.to_thread(make_generator, options)
+    except Exception:
+        logger.exception("cannot load the generator %s", options.generator)
+        return 1
+    try:
+        return await _serve(options, WorkerCore(options, generator), stop)
+    finally:
+        generator.close()
+
+
+async def _serve(options: WorkerOptions, core: WorkerCore, stop: asyncio.Event) -> int:
     headers = {"Authorization": f"Bearer {options.token}"} if options.token else {}
     backoff = RECONNECT_INITIAL_S
     async with aiohttp.ClientSession() as http:
@@ -374,8 +441,11 @@ async def run_worker(options: WorkerOptions, stop: asyncio.Event | None = None) 
                             await session.send(MsgType.STATE, core.snapshot())
                         await ws.close()
                     stopped.cancel()
-                    if await run:
-                        return 0
+                    try:
+                        if await run:
+                            return 0
+                    except GeneratorFailed:
+                        return 1
                     logger.warning("connection to the hub closed (%s)", ws.close_code)
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status in (401, 403):
@@ -402,7 +472,18 @@ def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--token", help=f"bearer token (default: ${AUTH_TOKEN_ENV}; prefer the variable)"
     )
     parser.add_argument(
-        "--generator", default="testcard", help="frame generator (default testcard)"
+        "--generator",
+        default="testcard",
+        help="frame generator: testcard (default) or pipeline:<id>, a text-mode inference "
+        "pipeline (dream, testcard)",
+    )
+    parser.add_argument(
+        "--models-dir", help="pipeline:<id>: models directory (default: dreamwire's)"
+    )
+    parser.add_argument(
+        "--load-params",
+        type=_json_object,
+        help="pipeline:<id>: load parameters as a JSON object, e.g. '{\"keyframe_interval\": 8}'",
     )
     parser.add_argument("--fps", type=float, default=5.0, help="target frame rate (default 5)")
     parser.add_argument("--width", type=int, default=1024)
@@ -428,6 +509,16 @@ def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--log-level", default=os.environ.get("DREAMWIRE_LOG_LEVEL", "INFO"))
     parser.set_defaults(func=cmd_worker)
     return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def add_worker_parser(
@@ -458,13 +549,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         seed=args.seed,
         once=args.once,
+        models_dir=args.models_dir,
+        load_params=args.load_params,
     )
     if options.fps <= 0 or options.width < 16 or options.height < 24:
         print("worker: --fps must be > 0, the frame at least 16x24", file=sys.stderr)
         return 2
-    if options.generator not in _GENERATORS:
-        known = ", ".join(sorted(_GENERATORS))
-        print(f"worker: unknown generator {options.generator!r} (known: {known})", file=sys.stderr)
+    try:
+        find_generator(options.generator)
+        if options.generator.startswith(PIPELINE_PREFIX):
+            from supervisor.worker_pipeline import load_params_for
+
+            pipeline_id = options.generator.removeprefix(PIPELINE_PREFIX)
+            load_params_for(pipeline_id, options.load_params, options.width, options.height)
+    except ValueError as exc:  # registry.ParameterError included
+        print(f"worker: {exc}", file=sys.stderr)
         return 2
 
     async def main() -> int:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import av
 import msgspec
 import numpy as np
+import requests
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -60,6 +62,26 @@ async def serve_dreams(
     finally:
         await close_dreams(app)  # as signalling does before its runner's cleanup
         await client.close()
+
+
+def poll_frames(base_url: str, want: int, deadline_s: float) -> list[tuple[int, bytes]]:
+    """The page's "Simple Polling Client", unchanged but for saving to a list and stopping."""
+    saved: list[tuple[int, bytes]] = []
+    last_frame = 0
+    deadline = time.monotonic() + deadline_s
+    while len(saved) < want and time.monotonic() < deadline:
+        status = requests.get(f"{base_url}/api/dreams/status").json()
+        if status["status"] != "ready":
+            time.sleep(0.2)  # the page waits 5 s; the test is shorter
+            continue
+        current = status["generation"]["current_frame"]
+        if current > last_frame:
+            response = requests.get(f"{base_url}/api/dreams/current")
+            if response.status_code == 200:
+                saved.append((current, response.content))
+                last_frame = current
+        time.sleep(0.2)  # 5 Hz polling
+    return saved
 
 
 def decode_number(webp: bytes) -> int | None:

@@ -6,18 +6,17 @@ import asyncio
 import base64
 import json
 import threading
-import time
 from typing import Any
 
 import aiohttp
 import pytest
-import requests
 from dreams_helpers import (
     HEIGHT,
     WIDTH,
     RecordingLauncher,
     decode_number,
     dreams_config,
+    poll_frames,
     serve_dreams,
 )
 
@@ -26,26 +25,6 @@ from signalling.dreams import ExternalWorker
 pytestmark = pytest.mark.timeout(60)
 
 RATE_LIMIT_BODY = {"detail": "Rate limit exceeded. Max 60 requests per 60s."}
-
-
-def poll_frames(base_url: str, want: int, deadline_s: float) -> list[tuple[int, bytes]]:
-    """The page's "Simple Polling Client", unchanged but for saving to a list and stopping."""
-    saved: list[tuple[int, bytes]] = []
-    last_frame = 0
-    deadline = time.monotonic() + deadline_s
-    while len(saved) < want and time.monotonic() < deadline:
-        status = requests.get(f"{base_url}/api/dreams/status").json()
-        if status["status"] != "ready":
-            time.sleep(0.2)  # the page waits 5 s; the test is shorter
-            continue
-        current = status["generation"]["current_frame"]
-        if current > last_frame:
-            response = requests.get(f"{base_url}/api/dreams/current")
-            if response.status_code == 200:
-                saved.append((current, response.content))
-                last_frame = current
-        time.sleep(0.2)  # 5 Hz polling
-    return saved
 
 
 async def test_viewers_get_increasing_frames_over_ws_polling_and_sse() -> None:

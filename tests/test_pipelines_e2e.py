@@ -134,3 +134,25 @@ async def test_moondream_overlay_after_passthrough(
         assert rgb is not None
         edge = rgb[200:300, 126:131].reshape(-1, 3).astype(int).mean(axis=0)
         assert edge[1] > edge[0] + 40 and edge[1] > edge[2] + 40, edge
+
+
+async def test_out_of_memory_stops_sessions_and_a_smaller_load_works(
+    connect: Callable[[str], DreamwireClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plugin from tests/ (on every process's path): the test card, out of CUDA memory when a
+    # call is larger than 128x96.
+    monkeypatch.setenv("DREAMWIRE_PIPELINES", "oomcard=oom_pipeline:OOMCARD")
+    async with connect("") as client:
+        await client.load_pipeline("oomcard", {"height": 192, "width": 256})
+        await client.connect(None)
+        stopped = await client.wait_message("stream_stopped", timeout_s=30)
+        assert "out of memory in oomcard: CUDA out of memory" in stopped["error_message"]
+        _, state = await client.request("GET", "/api/v1/pipeline/status")
+        assert state["status"] == "error"
+        assert "CUDA out of memory" in state["error"]
+        await client.disconnect()
+        # Loading it again at a size that fits works.
+        await client.load_pipeline("oomcard", {"height": 96, "width": 128})
+        await client.connect(None)
+        await client.wait_frames(10, timeout_s=30)
+        assert (client.received.width, client.received.height) == (128, 96)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from browser import CHROMIUM_ARGS, ensure_chromium
@@ -40,11 +40,14 @@ CONFIG = """
 [api.ice]
 stun_urls = []
 """
+#: Moondream's overlay with the stand-in model of tests/overlay_stand_in.py (no weights here).
+MOONDREAM_CONFIG = 'overlay_model = "overlay_stand_in:StandInMoondream"\n' + CONFIG
 LAPTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 WAIT_MS = 30_000
 NUMBER = re.compile(r"^\d+(\.\d)?$")
 MILLISECONDS = re.compile(r"^\d+ ms$")
+LATENCY = re.compile(r"^\d+(\.\d)? ms$")
 
 Start = Callable[..., SupervisorRun]
 
@@ -171,6 +174,46 @@ def frames(server: SupervisorRun) -> dict[str, int]:
     return {s.name: s.frames_done for s in server.status().services}
 
 
+def expect_latency_chart(page: Page, stages: tuple[str, ...] = ("decode", "encode")) -> None:
+    """The latency card names ``stages`` (in pipeline order) with their mean milliseconds, draws
+    a bar segment for each, highlights the slowest stage and shows end-to-end p50/p95 and drops."""
+    chart = page.locator("#latency")
+    for stage in stages:
+        item = chart.locator(f'.latency-item[data-stage="{stage}"]')
+        expect(item.locator(".latency-name")).to_have_text(stage)
+        expect(item.locator(".latency-ms")).to_have_text(NUMBER)
+        expect(chart.locator(f'.latency-seg[data-stage="{stage}"]')).to_be_visible()
+    expect(chart.locator('[data-latency="p50"]')).to_have_text(LATENCY)
+    expect(chart.locator('[data-latency="p95"]')).to_have_text(LATENCY)
+    expect(chart.locator('[data-latency="drops"]')).to_have_text(re.compile(r"^\d+$"))
+    rows = chart.locator(".latency-item").evaluate_all(
+        """els => els.map(e => ({
+          stage: e.dataset.stage,
+          ms: parseFloat(e.querySelector(".latency-ms").textContent),
+          slowest: e.classList.contains("slowest"),
+        }))"""
+    )
+    order = [row["stage"] for row in rows]
+    assert [stage for stage in order if stage in stages] == list(stages), order
+    (slowest,) = [row for row in rows if row["slowest"]]
+    assert slowest["ms"] == max(row["ms"] for row in rows), rows
+    expect(chart.locator(f'.latency-seg.slowest[data-stage="{slowest["stage"]}"]')).to_have_count(1)
+
+
+def metrics_polls(page: Page) -> list[str]:
+    """The session of each ``GET /api/v1/metrics`` the page makes from now on, in order
+    (``"stop"`` markers may be appended by the test)."""
+    polls: list[str] = []
+
+    def on_request(request: Request) -> None:
+        url = urlsplit(request.url)
+        if url.path == "/api/v1/metrics":
+            polls.append(parse_qs(url.query)["session"][0])
+
+    page.on("request", on_request)
+    return polls
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -182,6 +225,9 @@ def test_camera_stream_plays_and_server_counts_frames(page: Page, server: Superv
     expect(page.locator("#readout-size")).to_have_text("512×512")
     expect(page.locator("#readout-fps")).to_have_text(NUMBER)
     expect(page.locator("#readout-rtt")).to_have_text(MILLISECONDS)
+    # Where the milliseconds go: the latency card, polled from /api/v1/metrics.
+    expect_latency_chart(page)
+    expect(page.locator("#outputs")).to_be_hidden()  # passthrough sends no results
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web_page_streaming_1280.png"))
     page.set_viewport_size(PHONE)
@@ -297,10 +343,15 @@ def test_video_file_input_and_start_without_load(
 
 
 def test_stop_and_start_again(page: Page, server: SupervisorRun) -> None:
+    polls = metrics_polls(page)
     stream_passthrough(page)
+    expect_latency_chart(page)
+    first = polls[-1]
     page.click("#start")  # now labelled Stop
     expect(page.locator("#stream-pill")).to_have_text("idle")
     expect(page.locator("#start .button-label")).to_have_text("Start")
+    expect(page.locator("#latency")).to_be_hidden()
+    polls.append("stop")
     wait_until(lambda: not server.status().sessions, 10, "the session to close on the server")
     done = server.service("encode").frames_done
     page.click("#start")
@@ -308,6 +359,10 @@ def test_stop_and_start_again(page: Page, server: SupervisorRun) -> None:
     wait_until(
         lambda: server.service("encode").frames_done >= done + 30, 10, "frames of the 2nd stream"
     )
+    # The card follows the new session; the stopped one is no longer polled.
+    expect_latency_chart(page)
+    after = polls[polls.index("stop") + 1 :]
+    assert after and first not in after, polls
 
 
 def test_inference_killed_shows_error_then_reconnects(page: Page, server: SupervisorRun) -> None:
@@ -320,11 +375,54 @@ def test_inference_killed_shows_error_then_reconnects(page: Page, server: Superv
     expect(alert).to_contain_text("SIGKILL")
     # The page reconnects by itself (first retry after 1 s) once the stage is back.
     expect(page.locator("#stream-status")).to_contain_text("Reconnect")
+    expect(page.locator("#latency")).to_be_hidden()
     wait_playing(page, width=512)
     done = server.service("encode").frames_done
     wait_until(
         lambda: server.service("encode").frames_done >= done + 15, 10, "frames after reconnect"
     )
+    expect_latency_chart(page)
+
+
+def test_moondream_results_show_as_data(
+    browser: Browser, start_supervisor: Start, request: pytest.FixtureRequest
+) -> None:
+    """Moondream alone on the camera: its results (fetch_output on the data channel) show in the
+    output card as data, the latency card includes the overlay stage."""
+    server = start_supervisor(MOONDREAM_CONFIG)
+    with open_page(browser, f"http://127.0.0.1:{server.port}/", request) as page:
+        load(page, "moondream")
+        page.click("#start")
+        wait_playing(page, width=512)
+        output = page.locator("#outputs")
+        # Detect "person" (the defaults): the stand-in's two boxes, numbered as drawn.
+        expect(output).to_have_attribute("data-feature", "detect")
+        expect(output.locator(".card-title")).to_have_text("Output · detect")
+        expect(output.locator(".output-frame")).to_have_text(re.compile(r"^frame \d+$"))
+        expect(output.locator(".output-text")).to_have_text("2 boxes · person")
+        expect(output.locator(".output-n")).to_have_text(["1", "2"])
+        expect(output.locator(".output-label")).to_have_text(["person", "person"])
+        expect(output.locator(".output-where").first).to_have_text("25%–75% × 25%–75%")
+        expect_latency_chart(page, ("decode", "overlay", "encode"))
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.set_viewport_size(PHONE)
+        page.screenshot(path=str(ARTIFACTS / "web_page_moondream_390.png"), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        page.set_viewport_size(LAPTOP)
+        # Points on a cup, then a caption: the card shows the newest result of the new feature.
+        page.fill('[data-param="detect_object"] input', "cup")
+        page.select_option('[data-param="feature"] select', json.dumps("point"))
+        expect(output.locator(".output-text")).to_have_text("2 points · cup")
+        expect(output.locator(".output-where")).to_have_text(["50%, 50%", "20%, 80%"])
+        page.select_option('[data-param="feature"] select', json.dumps("caption"))
+        expect(output.locator(".output-text")).to_have_text(
+            re.compile(r"^A normal caption of frame \d+\.$")
+        )
+        expect(output.locator(".output-items")).to_be_hidden()
+        page.screenshot(path=str(ARTIFACTS / "web_page_moondream_1280.png"))
+        page.click("#start")  # Stop
+        expect(output).to_be_hidden()
+        expect(page.locator("#latency")).to_be_hidden()
 
 
 # ---------------------------------------------------------------- the page alone, scripted API
@@ -492,3 +590,95 @@ def test_page_modules(offline_page: Page) -> None:
     assert result["fraction"] == 25 and result["percent"] == 42
     assert result["object"] == {"percent": 50, "file": "a.bin", "state": "downloading", "error": ""}
     assert result["failed"]["error"] == "403"
+
+
+METRICS_SESSION = {
+    "session_id": "s1",
+    "end_to_end": {"count": 30, "mean_ms": 20.0, "p50_ms": 18.0, "p95_ms": 31.25},
+    "stages": [
+        {"stage": "decode", "process": "decode", "kind": "work", "share": 0.15,
+         "latency": {"mean_ms": 3.0, "p50_ms": 2.9, "p95_ms": 4.0}},
+        {"stage": "to_inference", "process": "inference/passthrough", "kind": "queue",
+         "share": 0.05, "latency": {"mean_ms": 1.0, "p50_ms": 0.8, "p95_ms": 2.0}},
+        {"stage": "encode", "process": "encode", "kind": "work", "share": 0.8,
+         "latency": {"mean_ms": 16.0, "p50_ms": 15.0, "p95_ms": 25.0}},
+    ],
+    "drops": {"to_inference": 2, "encode": 1},
+}  # fmt: skip
+
+
+def test_latency_chart_and_output_modules(offline_page: Page) -> None:
+    """The latency card from a scripted metrics source (a 404 ends polling quietly) and the
+    output card's reading of each Moondream result shape, in the browser."""
+    result = offline_page.evaluate(
+        """async (session) => {
+          const { ApiError } = await import("/static/js/api.js");
+          const { LatencyChart, chartModel } = await import("/static/js/latency.js");
+          const { describeOutput } = await import("/static/js/outputs.js");
+          const root = document.querySelector("#latency").cloneNode(true);
+          root.id = "latency-test";
+          document.body.append(root);
+          let calls = 0;
+          const fetchMetrics = async (id) => {
+            calls += 1;
+            if (calls > 2) throw new ApiError(404, `Session ${id} not found`, null);
+            return { sessions: [session] };
+          };
+          const chart = new LatencyChart(root, { fetchMetrics, intervalMs: 10 });
+          chart.start("s1");
+          const deadline = performance.now() + 5000;
+          while (chart.polling && performance.now() < deadline) {
+            await new Promise((resolve) => setTimeout(resolve, 10));
+          }
+          await new Promise((resolve) => setTimeout(resolve, 100)); // no poll after the 404
+          const text = (sel) => Array.from(root.querySelectorAll(sel), (e) => e.textContent);
+          const shown = {
+            calls,
+            state: root.dataset.state,
+            hidden: root.hidden,
+            note: root.querySelector(".latency-note").textContent,
+            names: text(".latency-name"),
+            values: text(".latency-ms"),
+            slowest: text(".latency-item.slowest .latency-name"),
+            summary: text(".latency-summary dd"),
+            badges: text(".latency-drops:not([hidden])"),
+            grow: Array.from(root.querySelectorAll(".latency-seg"), (e) => e.style.flexGrow),
+          };
+          chart.stop();
+          shown.hiddenAfterStop = root.hidden;
+          const waiting = chartModel({ ...session, end_to_end: { count: 0 }, stages: [] });
+          return {
+            shown,
+            waiting: waiting.ready,
+            caption: describeOutput({ feature: "caption", frame: 3,
+                                      result: { caption: "A cat.", length: "short" } }),
+            query: describeOutput({ feature: "query", frame: 4,
+                                    result: { question: "Who?", answer: "Nobody." } }),
+            detect: describeOutput({ feature: "detect", frame: 5, result: { object: "face",
+              objects: [{ x_min: 0.25, y_min: 0.1, x_max: 0.75, y_max: 0.5 }] } }),
+            point: describeOutput({ feature: "point", frame: 6,
+                                    result: { object: "cup", points: [] } }),
+            other: describeOutput({ frame_number: 7, text: "hello" }),
+          };
+        }""",
+        METRICS_SESSION,
+    )
+    shown = result["shown"]
+    assert shown["calls"] == 3 and shown["state"] == "ended", shown
+    assert shown["note"] == "The session has ended." and not shown["hidden"]
+    assert shown["hiddenAfterStop"]
+    assert shown["names"] == ["decode", "to_inference", "encode"]
+    assert shown["values"] == ["3.0", "1.0", "16.0"]
+    assert shown["slowest"] == ["encode"]
+    assert shown["summary"] == ["18.0 ms", "31.3 ms", "3"]
+    assert shown["badges"] == ["↓2", "↓1"]
+    assert shown["grow"] == ["0.15", "0.05", "0.8"]
+    assert result["waiting"] is False
+    assert result["caption"] == {
+        "feature": "caption", "frame": 3, "question": "", "text": "A cat.", "items": []
+    }  # fmt: skip
+    assert (result["query"]["question"], result["query"]["text"]) == ("Who?", "Nobody.")
+    assert result["detect"]["text"] == "1 box · face"
+    assert result["detect"]["items"] == [{"n": 1, "label": "face", "where": "25%–75% × 10%–50%"}]
+    assert result["point"]["text"] == "0 points · cup"
+    assert (result["other"]["frame"], result["other"]["text"]) == (7, "hello")

@@ -32,9 +32,11 @@ class LauncherConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     kind: Literal["local", "external"] = "local"
     #: Where a local worker connects; "" = ws://127.0.0.1:<port of the request that woke it>/ws/gpu.
     connect_url: str = ""
-    #: Generator of a local worker (``supervisor worker --generator``).
+    #: Generator of a local worker (``supervisor worker --generator``): ``testcard``, or
+    #: ``pipeline:<id>`` for a text-mode inference pipeline (``dream``; ``testcard`` in tests).
     generator: str = "testcard"
-    #: Extra arguments for a local worker.
+    #: Extra arguments for a local worker, e.g. ``["--models-dir", "/models", "--load-params",
+    #: '{"keyframe_interval": 8}']`` for ``pipeline:dream``.
     worker_args: list[str] = []
     #: SIGTERM, then SIGKILL after this long, for a local worker that does not exit.
     kill_timeout_s: Positive = 5.0

@@ -110,7 +110,7 @@ def complete_on_marker(jitter_buffer: Any, packet: Any) -> JitterFrame | None:
     if origin is None or slots is None or packet.timestamp is None:
         return None
     capacity = len(slots)
-    run = []
+    run: list[Any] = []
     for count in range(capacity):
         queued = slots[(origin + count) % capacity]
         if queued is None or (run and queued.timestamp != run[0].timestamp):

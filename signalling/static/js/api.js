@@ -63,6 +63,7 @@ export const api = {
   candidates: (sessionId, candidates) =>
     call("PATCH", `/api/v1/webrtc/offer/${encodeURIComponent(sessionId)}`, { candidates }),
   close: (sessionId) => call("DELETE", `/api/v1/webrtc/offer/${encodeURIComponent(sessionId)}`),
+  metrics: (sessionId) => call("GET", `/api/v1/metrics?session=${encodeURIComponent(sessionId)}`),
 };
 
 /** Download progress in any of the shapes a server may send: a fraction, a percentage, or an

@@ -5,6 +5,8 @@
 import { api } from "./api.js";
 import { el, renderField, renderPrompts } from "./controls.js";
 import { ModelsPanel } from "./downloads.js";
+import { LatencyChart } from "./latency.js";
+import { OutputPanel } from "./outputs.js";
 import { ParamQueue } from "./params.js";
 import { categoryTitle, fieldsOf, groupByCategory, transitionOf } from "./schema.js";
 import { InputPanel, stopStream } from "./sources.js";
@@ -24,7 +26,8 @@ const ui = {
   output: $("output"),
   placeholderText: $("placeholder-text"),
   preview: $("input-preview"),
-  caption: $("caption"),
+  latency: $("latency"),
+  outputs: $("outputs"),
   alert: $("alert"),
   alertText: $("alert-text"),
   alertClose: $("alert-close"),
@@ -76,6 +79,8 @@ const state = {
 const params = new ParamQueue((patch) => Boolean(state.stream && state.stream.send(patch)));
 const models = new ModelsPanel(ui, (text) => showAlert(text));
 const inputs = new InputPanel(ui, () => changeInput());
+const latency = new LatencyChart(ui.latency);
+const outputs = new OutputPanel(ui.outputs);
 
 // ------------------------------------------------------------------ alerts and status text
 
@@ -416,6 +421,7 @@ async function connect() {
   wireStream(stream);
   setStreamStatus("Connecting…");
   await stream.open();
+  if (stream === state.stream && stream.sessionId) latency.start(stream.sessionId);
 }
 
 function wireStream(stream) {
@@ -456,25 +462,12 @@ function onServerMessage(data) {
     case "stream_stopped":
       // handled by the Stream's "ended"
       break;
-    case "fetch_output": {
-      const text = outputText(data.data);
-      ui.caption.textContent = text;
-      ui.caption.hidden = !text;
+    case "fetch_output":
+      outputs.show(data.data);
       break;
-    }
     default:
       break;
   }
-}
-
-/** A pipeline's extra output (a caption, an answer, detections) as one line of text. */
-function outputText(d) {
-  if (d === null || d === undefined) return "";
-  if (typeof d !== "object") return String(d);
-  for (const key of ["text", "caption", "answer"]) if (typeof d[key] === "string") return d[key];
-  return Object.entries(d)
-    .map(([k, v]) => `${k.replace(/_/g, " ")} ${typeof v === "object" ? JSON.stringify(v) : v}`)
-    .join(" · ");
 }
 
 /** Connected (the first frame may still be on its way: a paused pipeline sends none). */
@@ -506,12 +499,13 @@ async function teardown() {
   clearInterval(state.countdownTimer);
   clearTimeout(state.stableTimer);
   params.clear();
+  latency.stop();
+  outputs.clear();
   const stream = state.stream;
   state.stream = null;
   if (stream) await stream.close();
   closeInput();
   ui.output.srcObject = null;
-  ui.caption.hidden = true;
   ui.fps.textContent = ui.size.textContent = ui.rtt.textContent = "–";
   setStreamStatus("");
   setPhase("idle");
@@ -524,6 +518,8 @@ async function restart() {
 
 function onStreamEnded(reason, fromServer) {
   showAlert(`Stream stopped: ${reason}`);
+  latency.stop();
+  outputs.clear();
   const stream = state.stream;
   state.stream = null;
   // A session the server stopped is gone there already: no DELETE for it.
