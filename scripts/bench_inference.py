@@ -12,7 +12,8 @@ Per step count (len(denoising_step_list)):
 * ``stream_batch_fps``: = raw_fps (named as in the issue);
 * ``pipeline_fps``: the pipeline object in-process (prompt track, noise, uint8 conversion);
 * ``system_fps``: ``supervisor start`` with testsrc → inference → passthrough, one session,
-  frames leaving inference per second (testsrc offers more than the model can take);
+  frames leaving inference per second (testsrc offers a 30 fps camera's frames, more than the
+  model can take; a source much faster than that would only compete for the CPU);
 * ``system_4_sessions_fps``: the same with 4 sessions (frames of all sessions per second).
 
 ``--models DIR`` with no models in it gets the tiny random models (``make_tiny_models.py``).
@@ -121,7 +122,7 @@ models_dir = "{models}"
 [[services]]
 name = "testsrc"
 kind = "testsrc"
-options = {{ fps = 500 }}
+options = {{ fps = 30 }}
 """
     )
     env = {**os.environ, "DREAMWIRE_RUN_DIR": str(base / "run")}

@@ -28,7 +28,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import zmq
@@ -89,6 +89,18 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+S = TypeVar("S", bound=zmq.Socket[Any])
+
+
+def connect_inbox(ctx: zmq.Context[S], run_dir: str, service: str) -> S:
+    """A PUSH socket to ``service``'s inbox: no linger, a small high-water mark (see above)."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, DOWNSTREAM_HWM)
+    sock.connect(inbox_endpoint(run_dir, service))
+    return sock
+
+
 class Outbox:
     """Non-blocking PUSH sockets to other services' inboxes."""
 
@@ -102,11 +114,7 @@ class Outbox:
     def send(self, service: str, message: p.InboxMessage) -> bool:
         sock = self._sockets.get(service)
         if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, DOWNSTREAM_HWM)
-            sock.connect(inbox_endpoint(self._run_dir, service))
-            self._sockets[service] = sock
+            sock = self._sockets[service] = connect_inbox(self._ctx, self._run_dir, service)
         try:
             sock.send(self._codec.encode(message), zmq.NOBLOCK)
         except zmq.Again:

@@ -11,7 +11,7 @@ import zmq
 import zmq.asyncio
 
 from services import protocol as p
-from services.runtime import DOWNSTREAM_HWM, admin_endpoint, inbox_endpoint
+from services.runtime import admin_endpoint, connect_inbox
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +76,7 @@ class AsyncOutbox:
     def send(self, service: str, message: p.InboxMessage) -> bool:
         sock = self._sockets.get(service)
         if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, DOWNSTREAM_HWM)
-            sock.connect(inbox_endpoint(self._run_dir, service))
-            self._sockets[service] = sock
+            sock = self._sockets[service] = connect_inbox(self._ctx, self._run_dir, service)
         # zmq.asyncio's send with NOBLOCK returns a future that is already done, holding
         # zmq.Again when the peer is down or full.
         future = cast("asyncio.Future[object]", sock.send(self._codec.encode(message), zmq.NOBLOCK))

@@ -120,6 +120,10 @@ async def test_viewers_wake_the_worker_grace_stops_it_next_viewer_resumes(
         # saved state.
         async with http.ws_connect(f"{base}/ws/dreams") as ws:
             status = json.loads((await ws.receive(timeout=10)).data)
+            # The hub may still be finishing the stop (the worker has exited; the launcher is
+            # winding down): then "stopping" comes first, and "starting" follows.
+            while status.get("status") == "stopping" or status.get("type") != "status":
+                status = json.loads((await ws.receive(timeout=10)).data)
             assert status == {
                 "type": "status",
                 "status": "starting",

@@ -35,7 +35,8 @@ def test_registry_and_schemas_import_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "'dream', 'moondream', 'passthrough', 'streamdiffusion', 'testcard'" in out.stdout
+    for pipeline_id in ("dream", "moondream", "passthrough", "streamdiffusion", "testcard"):
+        assert repr(pipeline_id) in out.stdout
 
 
 def test_schema_has_scope_shape_defaults_bounds_and_ui_hints() -> None:

@@ -28,7 +28,12 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.frame import VideoFrame
 from av.video.reformatter import VideoReformatter
 
-from services.codec_common import VIDEO_TIME_BASE, UnknownSession, check_codec, check_size
+from services.codec_common import (
+    VIDEO_TIME_BASE,
+    PerSession,
+    check_codec,
+    check_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +77,10 @@ class _Session:
     stats: DecodeStats = dataclasses.field(default_factory=DecodeStats)
 
 
-class DecodeCore:
+class DecodeCore(PerSession[_Session]):
     """Per-session decoders. Not thread-safe: call from one thread."""
 
-    def __init__(self) -> None:
-        self._sessions: dict[str, _Session] = {}
+    holds = "decoder"
 
     def open_session(self, session_id: str, codec: str, width: int, height: int) -> None:
         """Start decoding ``codec`` ("VP8" or "H264") for ``session_id``, output ``width`` x
@@ -91,26 +95,6 @@ class DecodeCore:
         session.stats.keyframe_requests = 1  # keyframe_wanted starts raised
         self._sessions[session_id] = session
         logger.debug("session %s: decoding %s to %dx%d", session_id, codec, width, height)
-
-    def close_session(self, session_id: str) -> None:
-        """Free the session's decoder. Closing an unknown or closed session does nothing."""
-        session = self._sessions.pop(session_id, None)
-        if session is not None:
-            logger.debug("session %s: decoder closed, %s", session_id, session.stats)
-
-    def close(self) -> None:
-        """Close every session."""
-        for session_id in list(self._sessions):
-            self.close_session(session_id)
-
-    def sessions(self) -> list[str]:
-        return list(self._sessions)
-
-    def _session(self, session_id: str) -> _Session:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise UnknownSession(session_id) from None
 
     def needs_keyframe(self, session_id: str) -> bool:
         """Whether a keyframe should be requested from the sender; clears the request.

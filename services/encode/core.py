@@ -38,7 +38,7 @@ from av.video.frame import PictureType, VideoFrame
 from services.codec_common import (
     VIDEO_TIME_BASE,
     CodecName,
-    UnknownSession,
+    PerSession,
     check_codec,
     check_size,
 )
@@ -116,11 +116,13 @@ def _h264_level(width: int, height: int, fps: int) -> str:
     return "5.2"
 
 
-class EncodeCore:
+class EncodeCore(PerSession[_Session]):
     """Per-session encoders. Not thread-safe: call from one thread.
 
     Bitrates are clamped to [``min_bitrate_bps``, ``max_bitrate_bps``].
     """
+
+    holds = "encoder"
 
     def __init__(
         self,
@@ -135,7 +137,7 @@ class EncodeCore:
         self.min_bitrate_bps = min_bitrate_bps
         self.max_bitrate_bps = max_bitrate_bps
         self.keyframe_interval_frames = keyframe_interval_frames
-        self._sessions: dict[str, _Session] = {}
+        super().__init__()
 
     def open_session(
         self,
@@ -161,25 +163,6 @@ class EncodeCore:
             codec=name, width=width, height=height, fps=fps, bitrate_bps=self._clamp(bitrate_bps)
         )
         logger.debug("session %s: encoding %s %dx%d@%d", session_id, codec, width, height, fps)
-
-    def close_session(self, session_id: str) -> None:
-        """Free the session's encoder. Closing an unknown or closed session does nothing."""
-        if self._sessions.pop(session_id, None) is not None:
-            logger.debug("session %s: encoder closed", session_id)
-
-    def close(self) -> None:
-        """Close every session."""
-        for session_id in list(self._sessions):
-            self.close_session(session_id)
-
-    def sessions(self) -> list[str]:
-        return list(self._sessions)
-
-    def _session(self, session_id: str) -> _Session:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise UnknownSession(session_id) from None
 
     def _clamp(self, bitrate_bps: int) -> int:
         return max(self.min_bitrate_bps, min(int(bitrate_bps), self.max_bitrate_bps))

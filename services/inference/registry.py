@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
@@ -25,6 +26,8 @@ from services.inference.pipeline import PipelineSpec
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "dreamwire.pipelines"
+#: Declared in supervisor.config.ENVIRONMENT.
+PLUGINS_ENV = "DREAMWIRE_PIPELINES"
 
 BUILTIN: dict[str, str] = {
     "passthrough": "services.inference.specs:PASSTHROUGH",
@@ -32,6 +35,9 @@ BUILTIN: dict[str, str] = {
     "dream": "services.inference.specs:DREAM",
     "testcard": "services.inference.specs:TESTCARD",
     "moondream": "services.inference.specs:MOONDREAM",
+    "streamdiffusionv2": "services.inference.wan.specs:STREAMDIFFUSIONV2",
+    "longlive": "services.inference.wan.specs:LONGLIVE",
+    "krea-realtime-video": "services.inference.wan.specs:KREA_REALTIME_VIDEO",
 }
 
 
@@ -65,6 +71,11 @@ def _discover() -> tuple[dict[str, PipelineSpec], dict[str, str]]:
     found: dict[str, PipelineSpec] = {}
     errors: dict[str, str] = {}
     sources = [(ep.name, ep.value) for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    # Plugins under development, without an installed distribution: "id=module:attr,…".
+    for item in os.environ.get(PLUGINS_ENV, "").split(","):
+        name, _, value = item.strip().partition("=")
+        if name and value:
+            sources.append((name, value))
     names = {name for name, _ in sources}
     sources += [(name, value) for name, value in BUILTIN.items() if name not in names]
     for name, value in sources:

@@ -1,0 +1,187 @@
+"""Write tiny random-weight causal Wan models in the real on-disk layout.
+
+``python scripts/make_tiny_wan.py DIR`` fills DIR (a dreamwire models directory) with:
+
+* ``DIR/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/``: ``model_index.json``, ``text_encoder/`` (UMT5
+  encoder), ``tokenizer/`` (a character-level fast tokenizer standing in for UMT5's
+  SentencePiece one) and ``vae/`` (``AutoencoderKLWan``), as ``save_pretrained`` writes them;
+* one transformer checkpoint per pipeline, with the **original Wan key names**
+  (``blocks.0.self_attn.q.weight``, ``head.head.weight``, …) in the container each loader
+  must unwrap: a ``{"generator": {"model.…"}}`` pickle (StreamDiffusionV2), a plain pickle
+  (LongLive), a safetensors file (Krea).
+
+Every repository gets the downloader's completion marker. The transformer is 2 layers of width
+256 (two heads of 128, as Wan's head size); a 64×64 block takes milliseconds on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import sys
+from pathlib import Path
+from typing import Any
+
+WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+TEXT_DIM = 32
+TEXT_LEN = 512
+Z_DIM = 16
+
+#: diffusers name fragment -> original Wan name fragment (the inverse of diffusers' mapping).
+TO_ORIGINAL = (
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1", "self_attn"),
+    ("attn2", "cross_attn"),
+    (".to_out.0.", ".o."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
+    ("proj_out", "head.head"),
+)
+
+
+def to_original_key(key: str) -> str:
+    if key == "scale_shift_table":
+        return "head.modulation"
+    key = key.replace(".scale_shift_table", ".modulation")
+    for new, old in TO_ORIGINAL:
+        key = key.replace(new, old)
+    # diffusers' norm2 (cross-attention norm) is the original norm3 and vice versa.
+    if ".norm2." in key:
+        return key.replace(".norm2.", ".norm3.")
+    if ".norm3." in key:
+        return key.replace(".norm3.", ".norm2.")
+    return key
+
+
+def tiny_transformer(seed: int = 0) -> Any:
+    import torch
+
+    from services.inference.wan.model import CausalWanTransformer
+
+    torch.manual_seed(seed)
+    model = CausalWanTransformer(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=128,
+        in_channels=Z_DIM,
+        out_channels=Z_DIM,
+        text_dim=TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=512,
+        num_layers=2,
+    )
+    with torch.no_grad():  # random init leaves a zero-output head: give it signal
+        model.proj_out.weight.normal_(0.0, 0.02)
+    return model
+
+
+def original_state_dict(model: Any) -> dict[str, Any]:
+    return {to_original_key(k): v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def write_checkpoint(path: Path, state: dict[str, Any], container: str) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if container == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif container == "generator":
+        torch.save({"generator": {f"model.{k}": v for k, v in state.items()}}, path)
+    else:
+        torch.save(state, path)
+
+
+def write_tokenizer(out: Path) -> None:
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for c in string.ascii_lowercase + string.digits + string.punctuation + " ":
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=TEXT_LEN,
+    )
+    fast.save_pretrained(out)
+
+
+def make_base(root: Path, seed: int = 1) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(root / "tokenizer")
+    text_config = UMT5Config(
+        vocab_size=128,
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    UMT5EncoderModel(text_config).save_pretrained(root / "text_encoder")
+    vae: Any = AutoencoderKLWan(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    vae.save_pretrained(root / "vae")
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": "0.42.1",
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_all(models_dir: Path) -> None:
+    from services.inference.wan.specs import CHECKPOINTS
+    from services.models.store import mark_complete, repo_dir
+
+    make_base(repo_dir(models_dir, WAN_REPO))
+    mark_complete(models_dir, WAN_REPO)
+    containers = {
+        "streamdiffusionv2": "generator",
+        "longlive": "plain",
+        "krea-realtime-video": "safetensors",
+    }
+    for i, (pipeline_id, (repo, filename)) in enumerate(sorted(CHECKPOINTS.items())):
+        state = original_state_dict(tiny_transformer(seed=10 + i))
+        write_checkpoint(repo_dir(models_dir, repo) / filename, state, containers[pipeline_id])
+        mark_complete(models_dir, repo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dir", type=Path, help="models directory to fill")
+    args = parser.parse_args(argv)
+    make_all(args.dir)
+    print(f"tiny causal Wan models written to {args.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())

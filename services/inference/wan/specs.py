@@ -1,0 +1,243 @@
+"""Declarations of the causal Wan pipelines (torch-free): configs, modes, artifacts.
+
+All three generate video in blocks of latent frames with a few flow-matching denoising steps,
+attending to a rolling per-session KV cache of earlier blocks (``services.inference.wan.model``).
+One latent frame is four video frames (the Wan VAE's temporal compression); a session's first
+block decodes to ``4 * n - 3`` frames, every later one to ``4 * n``.
+
+Registry lines (``services.inference.registry.BUILTIN`` and the ``dreamwire.pipelines`` entry
+points)::
+
+    "streamdiffusionv2": "services.inference.wan.specs:STREAMDIFFUSIONV2",
+    "longlive": "services.inference.wan.specs:LONGLIVE",
+    "krea-realtime-video": "services.inference.wan.specs:KREA_REALTIME_VIDEO",
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from services.inference.pipeline import (
+    Artifact,
+    Dimension,
+    PipelineSpec,
+    PromptItem,
+    Transition,
+    ui,
+)
+from services.inference.specs import (
+    Paused,
+    PromptInterpolation,
+    Prompts,
+    SeedField,
+    check_descending,
+)
+
+DEFAULT_PROMPT = (
+    "A 3D animated scene. A panda walks along a path towards the camera in a park on a spring day."
+)
+
+#: Text encoder (UMT5-XXL), tokenizer and VAE in the diffusers layout.
+WAN_BASE = Artifact(
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    ("model_index.json", "text_encoder/*", "tokenizer/*", "vae/*"),
+)
+#: The causal transformers: single-file checkpoints with the original Wan key names.
+SDV2_WEIGHTS = Artifact("jerryfeng/StreamDiffusionV2", ("wan_causal_dmd_v2v/model.pt",))
+LONGLIVE_WEIGHTS = Artifact(
+    "Efficient-Large-Model/LongLive-1.3B", ("models/longlive_base.pt", "models/lora.pt")
+)
+KREA_WEIGHTS = Artifact("krea/krea-realtime-video", ("krea-realtime-video-14b.safetensors",))
+
+#: Where each pipeline's transformer checkpoint lives inside its artifact.
+CHECKPOINTS: dict[str, tuple[str, str]] = {
+    "streamdiffusionv2": (SDV2_WEIGHTS.repo_id, SDV2_WEIGHTS.patterns[0]),
+    "longlive": (LONGLIVE_WEIGHTS.repo_id, LONGLIVE_WEIGHTS.patterns[0]),
+    "krea-realtime-video": (KREA_WEIGHTS.repo_id, KREA_WEIGHTS.patterns[0]),
+}
+
+#: Wan timesteps: 1000 is pure noise; a block's last step is the smallest.
+WanTimestep = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+Quantization = Literal["fp8_e4m3fn"]
+
+
+def _prompts(text: str = DEFAULT_PROMPT) -> list[PromptItem]:
+    return [PromptItem(text, 1.0)]
+
+
+def _steps(default: list[int]) -> Any:
+    return msgspec.field(default_factory=lambda: list(default))
+
+
+MaybeTransition = Annotated[
+    Transition | None,
+    msgspec.Meta(description="Move to target prompts over num_steps generated blocks"),
+]
+StepList = Annotated[
+    list[WanTimestep],
+    msgspec.Meta(
+        min_length=1,
+        max_length=8,
+        description="Descending timesteps (1000 = pure noise), one transformer pass each",
+        extra_json_schema=ui(3, label="Denoising steps"),
+    ),
+]
+ManageCache = Annotated[
+    bool,
+    msgspec.Meta(
+        description="Reset the KV cache when the prompt changes outside a transition",
+        extra_json_schema=ui(7, label="Manage cache"),
+    ),
+]
+ResetCache = Annotated[
+    bool,
+    msgspec.Meta(
+        description="Drop the session's KV cache once (when manage_cache is off)",
+        extra_json_schema=ui(8, label="Reset cache"),
+    ),
+]
+Height = Annotated[
+    Dimension,
+    msgspec.Meta(description="Output height (load time)", extra_json_schema=ui(30, load=True)),
+]
+Width = Annotated[
+    Dimension,
+    msgspec.Meta(description="Output width (load time)", extra_json_schema=ui(31, load=True)),
+]
+
+
+class WanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Fields every causal Wan pipeline has."""
+
+    height: Height = 320
+    width: Width = 576
+    seed: SeedField = 42
+    prompts: Prompts = msgspec.field(default_factory=_prompts)
+    prompt_interpolation_method: PromptInterpolation = "linear"
+    transition: MaybeTransition = None
+    denoising_step_list: StepList = _steps([1000, 750, 500, 250])
+    manage_cache: ManageCache = True
+    reset_cache: ResetCache = False
+    paused: Paused = False
+
+
+class StreamDiffusionV2Config(WanConfig, forbid_unknown_fields=True, kw_only=True):
+    height: Height = 512
+    width: Width = 512
+    denoising_step_list: StepList = _steps([750, 250])
+    noise_scale: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            le=1.0,
+            description="Noise added to the input video (1 = the schedule's first step)",
+            extra_json_schema=ui(4, label="Noise scale"),
+        ),
+    ] = 0.7
+    noise_controller: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Set the noise from the input's motion (more motion, less noise)",
+            extra_json_schema=ui(5, label="Noise controller"),
+        ),
+    ] = True
+
+
+class LongLiveConfig(WanConfig, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class KreaRealtimeVideoConfig(WanConfig, forbid_unknown_fields=True, kw_only=True):
+    kv_cache_attention_bias: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.01,
+            le=1.0,
+            description="Reliance on past frames: log(bias) is added to their attention scores",
+            extra_json_schema=ui(6, label="KV cache attention bias"),
+        ),
+    ] = 0.3
+    quantization: Annotated[
+        Quantization | None,
+        msgspec.Meta(
+            description="fp8 weights (GPUs with fp8 support, < 40 GB)",
+            extra_json_schema=ui(32, label="Quantization", load=True),
+        ),
+    ] = None
+
+
+#: Text-mode step list of streamdiffusionv2 (its config default is the video one).
+SDV2_TEXT_STEPS = (1000, 750)
+#: The block and cache geometry of each pipeline, in latent frames.
+GEOMETRY: dict[str, dict[str, Any]] = {
+    "streamdiffusionv2": {"block_frames": 1, "local_attn_frames": 6, "sink_frames": 0},
+    "longlive": {"block_frames": 3, "local_attn_frames": 12, "sink_frames": 3},
+    "krea-realtime-video": {"block_frames": 3, "local_attn_frames": 6, "sink_frames": 0},
+}
+
+
+def _spec(
+    pipeline_id: str,
+    name: str,
+    description: str,
+    config: type[WanConfig],
+    modes: tuple[Literal["video", "text"], ...],
+    weights: Artifact,
+    width: int,
+    height: int,
+    load_only: frozenset[str] = frozenset({"height", "width"}),
+) -> PipelineSpec:
+    geometry = GEOMETRY[pipeline_id]
+    return PipelineSpec(
+        id=pipeline_id,
+        name=name,
+        description=description,
+        config=config,
+        modes=modes,
+        loader="services.inference.wan.pipeline:load",
+        default_width=width,
+        default_height=height,
+        artifacts=(WAN_BASE, weights),
+        frames_per_call=4 * geometry["block_frames"],
+        load_only=load_only,
+        check=check_descending,
+        extra={"geometry": dict(geometry)},
+    )
+
+
+STREAMDIFFUSIONV2 = _spec(
+    "streamdiffusionv2",
+    "StreamDiffusionV2",
+    "Real-time video-to-video on a causal, DMD-distilled Wan2.1-T2V-1.3B: one latent frame "
+    "(4 video frames) per block, rolling KV cache of 6 latent frames, motion-aware noise.",
+    StreamDiffusionV2Config,
+    ("video", "text"),
+    SDV2_WEIGHTS,
+    512,
+    512,
+)
+LONGLIVE = _spec(
+    "longlive",
+    "LongLive",
+    "Long text-to-video on LongLive-1.3B (causal Wan2.1): blocks of 3 latent frames, a local "
+    "window of 12 with 3 sink frames, recent frames re-cached with the new prompt on a change.",
+    LongLiveConfig,
+    ("text", "video"),
+    LONGLIVE_WEIGHTS,
+    576,
+    320,
+)
+KREA_REALTIME_VIDEO = _spec(
+    "krea-realtime-video",
+    "Krea Realtime Video",
+    "Text-to-video on Krea Realtime Video 14B (causal Wan2.1): blocks of 3 latent frames, "
+    "KV cache recomputed from the context frames every block, tunable attention to the past.",
+    KreaRealtimeVideoConfig,
+    ("text", "video"),
+    KREA_WEIGHTS,
+    576,
+    320,
+    frozenset({"height", "width", "quantization"}),
+)

@@ -1,0 +1,221 @@
+"""The causal Wan transformer: cached block-by-block generation equals one block-causal pass;
+original-checkpoint conversion uses every key."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from services.inference.wan.convert import (  # noqa: E402
+    CheckpointMismatch,
+    load_transformer,
+)
+from services.inference.wan.fp8 import Fp8Linear  # noqa: E402
+from services.inference.wan.model import (  # noqa: E402
+    AttentionPolicy,
+    CausalWanTransformer,
+    KVCache,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[1]
+ATOL = 1e-4
+
+
+def load_script(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> CausalWanTransformer:
+    torch.manual_seed(0)
+    m = CausalWanTransformer(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=8,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=64,
+    )
+    with torch.no_grad():
+        m.proj_out.weight.normal_(0.0, 0.2)
+    return m.eval()
+
+
+def inputs(frames: int, seed: int = 1) -> tuple[Any, Any, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, frames, 4, 6, generator=gen)
+    timesteps = torch.rand(1, frames, generator=gen) * 1000
+    context = torch.randn(1, 5, 8, generator=gen)
+    return latents, timesteps, context
+
+
+def blockwise(
+    model: CausalWanTransformer, policy: AttentionPolicy, cache: KVCache, x: Any, t: Any, cross: Any
+) -> Any:
+    b = policy.block_frames
+    outs = [
+        model.forward_causal(
+            x[:, :, i : i + b], t[:, i : i + b], cross, policy, cache=cache, write=True
+        )
+        for i in range(0, x.shape[2], b)
+    ]
+    return torch.cat(outs, dim=2)
+
+
+POLICIES = {
+    "global": AttentionPolicy(3),
+    "window": AttentionPolicy(3, local_attn_frames=6),
+    "window+sink": AttentionPolicy(3, local_attn_frames=6, sink_frames=3),
+    "one-frame blocks": AttentionPolicy(1, local_attn_frames=3, sink_frames=1),
+    "bias": AttentionPolicy(3, local_attn_frames=9, attention_bias=0.3),
+}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+@torch.inference_mode()
+def test_cached_blocks_equal_one_block_causal_pass(model: CausalWanTransformer, name: str) -> None:
+    policy = POLICIES[name]
+    x, t, ctx = inputs(12)
+    cross = model.cross_kv(ctx)
+    full = model.forward_causal(x, t, cross, policy)
+    cache = KVCache(policy, rope_frames=64)
+    cached = blockwise(model, policy, cache, x, t, cross)
+    assert torch.allclose(cached, full, atol=ATOL), (cached - full).abs().max()
+    # The cache holds only what the next block can see.
+    if policy.local_attn_frames > 0:
+        assert len(cache) <= policy.local_attn_frames - policy.block_frames + policy.sink_frames
+    # The mask matters: without it (every frame sees every frame) the result differs.
+    everything = AttentionPolicy(12)
+    assert not torch.allclose(model.forward_causal(x, t, cross, everything), full, atol=ATOL)
+
+
+@torch.inference_mode()
+def test_equivalence_holds_after_a_cache_reset(model: CausalWanTransformer) -> None:
+    policy = POLICIES["window+sink"]
+    x, t, ctx = inputs(12, seed=2)
+    cross = model.cross_kv(ctx)
+    cache = KVCache(policy, rope_frames=64)
+    before, _, _ = inputs(6, seed=3)
+    blockwise(model, policy, cache, before, t[:, :6], cross)
+    assert len(cache) == 6 and cache.next_frame == 6
+    cache.reset()
+    assert len(cache) == 0 and cache.next_frame == 0 and cache.resets == 1
+    cached = blockwise(model, policy, cache, x, t, cross)
+    assert torch.allclose(cached, model.forward_causal(x, t, cross, policy), atol=ATOL)
+
+
+@torch.inference_mode()
+def test_rope_offset_by_the_absolute_frame_index(model: CausalWanTransformer) -> None:
+    policy = AttentionPolicy(3)
+    x, t, ctx = inputs(3)
+    cross = model.cross_kv(ctx)
+    at0 = model.forward_causal(x, t, cross, policy, start_frame=0)
+    at9 = model.forward_causal(x, t, cross, policy, start_frame=9)
+    # RoPE scores depend on position differences only: a lone block is the same anywhere,
+    # and a cached block continues from the cache's next frame.
+    assert torch.allclose(at0, at9, atol=ATOL)
+    cache = KVCache(policy, rope_frames=12)
+    cache.next_frame = 9
+    assert torch.allclose(model.forward_causal(x, t, cross, policy, cache=cache), at9, atol=ATOL)
+    assert not cache.overflows(3) and cache.overflows(4)
+
+
+class ZeroBias(AttentionPolicy):
+    """Forces the biased (float mask) path with log(1) = 0 everywhere."""
+
+    def bias(self, query_frames: Any, key_frames: Any) -> Any:
+        return torch.zeros(query_frames.numel(), key_frames.numel())
+
+
+@torch.inference_mode()
+def test_attention_bias_one_is_no_bias_and_other_values_differ(model: CausalWanTransformer) -> None:
+    x, t, ctx = inputs(9, seed=4)
+    cross = model.cross_kv(ctx)
+    plain = model.forward_causal(x, t, cross, AttentionPolicy(3))
+    forced = model.forward_causal(x, t, cross, ZeroBias(3))
+    assert torch.allclose(plain, forced, atol=1e-5)
+    biased = model.forward_causal(x, t, cross, AttentionPolicy(3, attention_bias=0.3))
+    # The first block has no past: unchanged; later blocks lean less on the past.
+    assert torch.allclose(biased[:, :, :3], plain[:, :, :3], atol=1e-5)
+    assert not torch.allclose(biased[:, :, 3:], plain[:, :, 3:], atol=1e-3)
+
+
+# ---------------------------------------------------------------- conversion
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    return load_script("make_tiny_wan")
+
+
+@pytest.mark.parametrize("container", ["safetensors", "generator", "plain"])
+@torch.inference_mode()
+def test_original_checkpoint_loads_with_every_key_used(
+    tiny: Any, tmp_path: Path, container: str
+) -> None:
+    source = tiny.tiny_transformer(seed=3).eval()
+    state = tiny.original_state_dict(source)
+    assert "blocks.0.self_attn.q.weight" in state and "head.head.weight" in state
+    assert not any(k.startswith(("condition_embedder", "proj_out")) for k in state)
+    path = tmp_path / ("model.safetensors" if container == "safetensors" else "model.pt")
+    tiny.write_checkpoint(path, state, container)
+    loaded = load_transformer(path)
+    assert loaded.config.num_layers == 2 and loaded.config.num_attention_heads == 2
+    for name, param in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], param), name
+    x, t, ctx = (v.repeat(1, 4, 1, 1, 1) if v.ndim == 5 else v for v in inputs(3))
+    ctx = torch.randn(1, 7, tiny.TEXT_DIM)
+    policy = AttentionPolicy(3)
+    a = source.forward_causal(x, t, source.cross_kv(ctx), policy)
+    b = loaded.forward_causal(x, t, loaded.cross_kv(ctx), policy)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unused_or_missing_keys_are_refused(tiny: Any, tmp_path: Path) -> None:
+    state = tiny.original_state_dict(tiny.tiny_transformer(seed=4))
+    extra = dict(state, **{"blocks.0.self_attn.lora_A.weight": torch.zeros(2, 2)})
+    tiny.write_checkpoint(tmp_path / "extra.safetensors", extra, "safetensors")
+    with pytest.raises(CheckpointMismatch, match="unused") as info:
+        load_transformer(tmp_path / "extra.safetensors")
+    assert info.value.unused == ["blocks.0.attn1.lora_A.weight"]
+    short = {k: v for k, v in state.items() if k != "blocks.1.ffn.2.bias"}
+    tiny.write_checkpoint(tmp_path / "short.safetensors", short, "safetensors")
+    with pytest.raises(CheckpointMismatch, match="missing") as info:
+        load_transformer(tmp_path / "short.safetensors")
+    assert info.value.missing == ["blocks.1.ffn.net.2.bias"]
+
+
+@torch.inference_mode()
+def test_fp8_linear_is_close_to_the_original() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    q = Fp8Linear(linear, torch.float32)
+    assert q.weight.dtype == torch.float8_e4m3fn
+    ref = linear(x)
+    assert float((q(x) - ref).abs().max()) < 0.05 * float(ref.abs().max())
