@@ -145,7 +145,9 @@ options = {{ fps = 30 }}
                 try:
                     client = AdminClient(runs[0])
                     report = client.status()
-                    if report.services and all(s.state == "ready" for s in report.services):
+                    if report.phase == "running" and all(
+                        s.state == "ready" for s in report.services
+                    ):
                         admin = client
                     else:
                         client.close()

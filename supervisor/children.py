@@ -60,6 +60,7 @@ class Child:
         self.restart_due = 0.0
         self.last_error = ""
         self.failure_reason = ""  # what the process said (ServiceFailed) before it died
+        self.kill_reason = ""  # why the supervisor killed it (no heartbeat, no progress)
         self.last_ack = 0.0
         self.frames_done = 0
         self.progress_at = 0.0
@@ -84,6 +85,7 @@ class Child:
             self.pidfd = None  # polled instead (non-Linux / old kernel)
         now = time.monotonic()
         self.failure_reason = ""
+        self.kill_reason = ""
         self.state = State.STARTING
         self.started_at = now
         self.last_ack = now

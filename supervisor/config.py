@@ -53,7 +53,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     run_dir: str | None = None
     log_level: str = "INFO"
     heartbeat_interval_s: float = 0.5
-    heartbeat_timeout_s: float = 3.0
+    #: A process whose loop does not answer for this long is restarted (10 s: a loaded
+    #: 2-core box can stall a healthy loop for a few seconds).
+    heartbeat_timeout_s: float = 10.0
     #: Model processes answer heartbeats between calls; one call may take this long.
     model_heartbeat_timeout_s: float = 30.0
     stall_timeout_s: float = 5.0

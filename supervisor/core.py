@@ -323,7 +323,7 @@ class Supervisor:
                     del self.children[child.name]
                 logger.info("%s stopped", child.name)
                 continue
-            reason = child.failure_reason
+            reason = child.failure_reason or child.kill_reason
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             why = f"{child.name} died ({how})" + (f": {reason}" if reason else "")
             logger.error("%s", why)
@@ -349,7 +349,7 @@ class Supervisor:
             elif child.state is State.STARTING and now - child.started_at > self._ready_timeout(
                 child
             ):
-                child.last_error = "not ready in time"
+                child.kill_reason = "not ready in time"
                 child.kill()
             elif child.state is State.READY:
                 self._check_liveness(child, now)
@@ -369,12 +369,12 @@ class Supervisor:
             # Heartbeats are answered between model calls, and one call may be long.
             timeout_s = max(timeout_s, self.config.model_heartbeat_timeout_s)
         if now - child.last_ack > timeout_s:
-            child.last_error = f"no heartbeat for {now - child.last_ack:.1f} s"
-            logger.error("%s: %s; killing it", child.name, child.last_error)
+            child.kill_reason = f"no heartbeat for {now - child.last_ack:.1f} s"
+            logger.error("%s: %s; killing it", child.name, child.kill_reason)
             child.kill()
         elif now - child.progress_at > self.config.stall_timeout_s:
-            child.last_error = f"frames waiting but none done for {now - child.progress_at:.1f} s"
-            logger.error("%s: %s; killing it", child.name, child.last_error)
+            child.kill_reason = f"frames waiting but none done for {now - child.progress_at:.1f} s"
+            logger.error("%s: %s; killing it", child.name, child.kill_reason)
             child.kill()
 
     # ------------------------------------------------------------------ control socket

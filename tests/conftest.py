@@ -126,7 +126,21 @@ class SupervisorRun:
             return report.phase == "running" and all(s.state == "ready" for s in report.services)
 
         wait_until(up, timeout_s, "supervisor to be ready")
+        if any(s.name == "signalling" for s in self.status().services):
+            wait_until(self._http_answers, timeout_s, "the HTTP API to answer")
         return self
+
+    def _http_answers(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5):
+                return True
+        except urllib.error.HTTPError:
+            return True  # 503 is an answer
+        except OSError:
+            return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

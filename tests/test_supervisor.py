@@ -215,3 +215,23 @@ def test_garbage_is_rejected_and_services_keep_answering(start_supervisor: Start
     wait_frames_flow(run)
     assert "rejected" in run.log()
     assert run.stop() == 0
+
+
+def test_a_frozen_stage_is_restarted(start_supervisor: Start) -> None:
+    """A live process is not a live loop: a stage that stops answering is replaced."""
+    run = start_supervisor("heartbeat_timeout_s = 1.5\n" + CHAIN)
+    open_chain(run)
+    wait_frames_flow(run)
+    frozen = run.service("testsink").pid
+    assert frozen is not None
+    os.kill(frozen, signal.SIGSTOP)  # alive, but its loop answers nothing
+
+    def replaced() -> bool:
+        s = run.service("testsink")
+        return s.state == "ready" and s.pid not in (None, frozen)
+
+    wait_until(replaced, 15, "the frozen stage to be replaced")
+    assert "no heartbeat for" in run.service("testsink").last_error
+    assert not pid_alive(frozen)
+    wait_frames_flow(run)
+    assert run.stop() == 0

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Per-block latency and frames/s of the causal Wan pipelines: the pipeline object in-process
+(the model loop) against the whole system (``supervisor start``, the inference process, rings),
+in one run.
+
+    python scripts/make_tiny_wan.py /tmp/wan     # tiny random weights, CPU
+    python scripts/bench_wan.py --models /tmp/wan --size 64 [--json]
+
+With the real checkpoints on a GPU, compare with the published figures (StreamDiffusionV2
+~17-22 fps at 512x512 on one high-end GPU, LongLive ~20 fps on an H100, Krea ~11 fps on a B200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services import protocol as p  # noqa: E402
+from services.inference import registry  # noqa: E402
+from services.inference.pipeline import Request  # noqa: E402
+from supervisor.client import AdminClient, find_run_dirs  # noqa: E402
+
+PIPELINES = ("streamdiffusionv2", "longlive", "krea-realtime-video")
+
+
+def bench_model_loop(pipeline_id: str, models: Path, size: int, blocks: int) -> dict[str, float]:
+    spec = registry.get(pipeline_id)
+    load = registry.full_config(spec, {"height": size, "width": size})
+    pipe = spec.load(load, models)
+    config = registry.full_config(spec, {"height": size, "width": size})
+    state = pipe.new_session("bench", size, size, config)
+    per_block = spec.frames_per_call  # one call returns one frame; a block is made every n
+    for _ in range(per_block):  # the first block warms up (and decodes 4n - 3 frames)
+        pipe([Request(state, None, None)])
+    frames = blocks * per_block
+    start = time.perf_counter()
+    for _ in range(frames):
+        pipe([Request(state, None, None)])
+    total = time.perf_counter() - start
+    return {"block_ms": round(1e3 * total / blocks, 1), "fps": round(frames / total, 2)}
+
+
+def bench_system(pipeline_id: str, models: Path, size: int, seconds: float) -> dict[str, float]:
+    base = Path(tempfile.mkdtemp(prefix="dwbw", dir="/tmp"))
+    (base / "bench.toml").write_text(
+        f'signalling = false\nmedia = false\nmodels_dir = "{models}"\n'
+        f'pipelines = []\n[[services]]\nname = "testsink"\nkind = "testsink"\n'
+    )
+    env = {**os.environ, "DREAMWIRE_RUN_DIR": str(base / "run")}
+    with open(base / "log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "start", "--config", str(base / "bench.toml")],
+            env=env,
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+        )
+    name = f"inference/{pipeline_id}"
+    try:
+        admin = _wait_running(base, proc)
+        load = p.PipelineLoad(pipeline_id, {"height": size, "width": size})
+        admin.request(p.LoadPipelines(pipelines=[load]))
+        _wait(lambda: _service(admin, name) is not None and _service(admin, name).state == "ready")
+        opened = admin.request(
+            p.OpenSession(
+                session_id="bench", stages=[name, "testsink"], width=size, height=size, mode="text"
+            )
+        )
+        assert isinstance(opened, p.SessionOpened), opened
+        _wait(lambda: _service(admin, name).frames_done > 0, 300)
+        first = _service(admin, name).frames_done
+        start = time.monotonic()
+        time.sleep(seconds)
+        done = _service(admin, name).frames_done - first
+        elapsed = time.monotonic() - start
+        fps = done / elapsed
+        block = registry.get(pipeline_id).frames_per_call
+        return {"fps": round(fps, 2), "block_ms": round(1e3 * block / fps, 1) if fps else 0.0}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _service(admin: AdminClient, name: str) -> Any:
+    return next((s for s in admin.status().services if s.name == name), None)
+
+
+def _wait(predicate: Any, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out")
+        time.sleep(0.2)
+
+
+def _wait_running(base: Path, proc: subprocess.Popen[bytes]) -> AdminClient:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError((base / "log").read_text())
+        runs = find_run_dirs(base / "run")
+        if runs:
+            client = AdminClient(runs[0])
+            try:
+                if client.status().phase == "running":
+                    return client
+            except Exception:
+                pass
+            client.close()
+        time.sleep(0.2)
+    raise RuntimeError("the supervisor did not come up")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--pipeline", choices=PIPELINES, action="append")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = {}
+    for pipeline_id in args.pipeline or PIPELINES:
+        results[pipeline_id] = {
+            "model_loop": bench_model_loop(pipeline_id, args.models, args.size, args.blocks),
+            "system": bench_system(pipeline_id, args.models, args.size, args.seconds),
+        }
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(
+        f"{'pipeline':<22} {'loop ms/block':>14} {'loop fps':>9} {'system ms/block':>16} "
+        f"{'system fps':>11}"
+    )
+    for pid, r in results.items():
+        loop, system = r["model_loop"], r["system"]
+        print(
+            f"{pid:<22} {loop['block_ms']:>14} {loop['fps']:>9} {system['block_ms']:>16} "
+            f"{system['fps']:>11}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

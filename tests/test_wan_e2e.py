@@ -1,0 +1,48 @@
+"""The causal Wan pipelines through the whole system: ``supervisor start``, the inference
+process, rings, encode and WebRTC, with tiny random-weight checkpoints in the original format."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import make_tiny_wan
+import pytest
+from client import DreamwireClient, PatternTrack
+from conftest import SupervisorRun
+
+pytestmark = pytest.mark.timeout(240)
+
+Start = Callable[..., SupervisorRun]
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models = tmp_path_factory.mktemp("wan")
+    make_tiny_wan.make_all(models)
+    return models
+
+
+@pytest.fixture
+async def client(start_supervisor: Start, tiny_wan: Path) -> AsyncIterator[DreamwireClient]:
+    server = start_supervisor(f'models_dir = "{tiny_wan}"\n[api.ice]\nstun_urls = []\n')
+    async with DreamwireClient(f"http://127.0.0.1:{server.port}", ice_servers=[]) as c:
+        yield c
+
+
+@pytest.mark.parametrize("pipeline_id", ["longlive", "krea-realtime-video"])
+async def test_text_to_video(client: DreamwireClient, pipeline_id: str) -> None:
+    await client.load_pipeline(pipeline_id, {"height": SIZE, "width": SIZE})
+    await client.connect(None, initial_parameters={"prompts": [{"text": "a red fox"}]})
+    # Blocks of 12 video frames (9 for a session's first): two blocks' worth arrives.
+    await client.wait_frames(12, timeout_s=120)
+    assert (client.received.width, client.received.height) == (SIZE, SIZE)
+
+
+async def test_streamdiffusionv2_video_in(client: DreamwireClient) -> None:
+    await client.load_pipeline("streamdiffusionv2", {"height": SIZE, "width": SIZE})
+    client.pattern = PatternTrack(SIZE, SIZE, 15)
+    await client.connect(client.pattern)
+    await client.wait_frames(6, timeout_s=120)
+    assert (client.received.width, client.received.height) == (SIZE, SIZE)
