@@ -51,10 +51,19 @@ async def async_wait_until(predicate: Callable[[], Any], timeout_s: float, what:
         await asyncio.sleep(POLL_S)
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free TCP port on loopback, never the same twice in a session: a server of an earlier
+    test that is still going away must not answer for the next one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def pid_alive(pid: int) -> bool:
@@ -203,8 +212,13 @@ def start_supervisor(short_tmp: Path) -> Iterator[Callable[..., SupervisorRun]]:
     yield start
     for run in runs:
         if run.proc is not None and run.proc.poll() is None:
-            run.proc.kill()
-            run.proc.wait(10)
+            # A clean stop, so that no process of this test outlives it into the next one.
+            run.proc.terminate()
+            try:
+                run.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                run.proc.kill()
+                run.proc.wait(10)
         run.close_log()
 
 

@@ -30,6 +30,7 @@ from playwright.sync_api import (
     expect,
     sync_playwright,
 )
+from playwright.sync_api import Error as PlaywrightError
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -99,8 +100,12 @@ def open_page(
 
 @pytest.fixture
 def page(browser: Browser, server: SupervisorRun, request: pytest.FixtureRequest) -> Iterator[Page]:
-    with open_page(browser, f"http://127.0.0.1:{server.port}/", request) as page:
-        yield page
+    try:
+        with open_page(browser, f"http://127.0.0.1:{server.port}/", request) as page:
+            yield page
+    except PlaywrightError as exc:
+        # The server's side of the story, for a page that could not be opened.
+        raise AssertionError(f"{exc}\n--- supervisor log ---\n{server.log()[-6000:]}") from exc
 
 
 class FakeApi:
