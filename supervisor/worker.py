@@ -504,7 +504,11 @@ def _configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=int, help="seed (default: the saved one, else random)")
     parser.add_argument("--once", action="store_true", help="exit when the connection ends")
     parser.add_argument(
-        "--die-with-parent", action="store_true", help="exit when the parent process dies"
+        "--die-with-parent",
+        type=int,
+        metavar="PID",
+        help="exit when process PID (the launcher) dies; PID, not our parent at start-up, "
+        "since the launcher may already be gone when we get here",
     )
     parser.add_argument("--log-level", default=os.environ.get("DREAMWIRE_LOG_LEVEL", "INFO"))
     parser.set_defaults(func=cmd_worker)
@@ -534,7 +538,7 @@ def add_worker_parser(
 def cmd_worker(args: argparse.Namespace) -> int:
     configure_logging("worker", args.log_level)
     if args.die_with_parent:
-        die_with_parent(os.getppid())
+        die_with_parent(args.die_with_parent)
     options = WorkerOptions(
         connect=args.connect,
         token=args.token if args.token is not None else os.environ.get(AUTH_TOKEN_ENV, ""),

@@ -147,6 +147,7 @@ class LocalWorkerLauncher(Launcher):
             "--height",
             str(self.height),
             "--die-with-parent",
+            str(os.getpid()),
             *self.config.worker_args,
         ]
 
