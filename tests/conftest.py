@@ -222,6 +222,38 @@ def start_supervisor(short_tmp: Path) -> Iterator[Callable[..., SupervisorRun]]:
         run.close_log()
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """torch on one thread: deterministic and steady on a shared 2-core machine."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD-Turbo + TAESD with tiny random weights, in the real layout (built once a session)."""
+    pytest.importorskip("diffusers")
+    import make_tiny_models
+
+    models = tmp_path_factory.mktemp("models")
+    make_tiny_models.make_all(models)
+    return models
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The causal Wan checkpoints with tiny random weights (built once a session)."""
+    pytest.importorskip("diffusers")
+    import make_tiny_wan
+
+    models = tmp_path_factory.mktemp("wan-models")
+    make_tiny_wan.make_all(models)
+    return models
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Browser tests need Debian's chromium: install it before any test's timeout starts."""
     if any(item.path.name == "test_web_page.py" for item in session.items):

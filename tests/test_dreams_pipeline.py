@@ -7,10 +7,8 @@ written by ``scripts/make_tiny_models.py`` and loaded through the real loader.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,6 @@ from supervisor.worker import (
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parents[1]
 DREAM_SIZE = 64
 DREAM_KEYFRAMES = 4
 
@@ -101,28 +98,6 @@ async def test_a_failing_generator_is_reported_and_ends_the_worker(
 
 
 # --- dream on tiny models ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and steady on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "scripts" / "make_tiny_models.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    models = tmp_path_factory.mktemp("models")
-    module.make_all(models)
-    return models
 
 
 def dream_core(models: Path, **options: Any) -> WorkerCore:

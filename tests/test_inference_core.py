@@ -37,15 +37,6 @@ class RecordingOutbox:
         return [m for _, m in self.sent if isinstance(m, kind)]
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_inference_pipelines import load_script
-
-    models = tmp_path_factory.mktemp("models")
-    load_script("make_tiny_models").make_all(models)
-    return models
-
-
 class Rig:
     """An InferenceCore and the rings of its sessions."""
 

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
-import make_tiny_models
 import numpy as np
 import pytest
 from client import DreamwireClient, PatternTrack
@@ -25,13 +24,6 @@ ICE = """
 stun_urls = []
 """
 Start = Callable[..., SupervisorRun]
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    models = tmp_path_factory.mktemp("models")
-    make_tiny_models.make_all(models)
-    return models
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import make_tiny_wan
 import pytest
 from client import DreamwireClient, PatternTrack
 from conftest import SupervisorRun
@@ -15,13 +14,6 @@ pytestmark = pytest.mark.timeout(240)
 
 Start = Callable[..., SupervisorRun]
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    models = tmp_path_factory.mktemp("wan")
-    make_tiny_wan.make_all(models)
-    return models
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ original-checkpoint conversion uses every key."""
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +22,10 @@ from services.inference.wan.model import (  # noqa: E402
     KVCache,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
-
-
-def load_script(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +152,9 @@ def test_attention_bias_one_is_no_bias_and_other_values_differ(model: CausalWanT
 
 @pytest.fixture(scope="module")
 def tiny() -> Any:
-    return load_script("make_tiny_wan")
+    import make_tiny_wan
+
+    return make_tiny_wan
 
 
 @pytest.mark.parametrize("container", ["safetensors", "generator", "plain"])

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,34 +18,11 @@ from services.inference import registry  # noqa: E402
 from services.inference.pipeline import PipelineSpec, Request  # noqa: E402
 from services.inference.wan import specs as ws  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 SPECS = {s.id: s for s in (ws.STREAMDIFFUSIONV2, ws.LONGLIVE, ws.KREA_REALTIME_VIDEO)}
-
-
-def load_script(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("wan-models")
-    load_script("make_tiny_wan").make_all(root)
-    return root
 
 
 def config(pipeline_id: str, **params: Any) -> Any:
@@ -54,6 +30,11 @@ def config(pipeline_id: str, **params: Any) -> Any:
 
 
 _loaded: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_wan: Path) -> Path:
+    return tiny_wan
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-from services.inference.pipeline import PromptItem, Transition
+from services.inference.pipeline import Pipeline, PipelineSpec, PromptItem, Transition
+from services.inference.specs import SD_TURBO, TAESD
+from services.models.downloads import require_models
 from services.models.store import repo_dir
 
 logger = logging.getLogger(__name__)
@@ -357,3 +359,21 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 def latent_shape(c: Components, width: int, height: int) -> tuple[int, int, int]:
     f = c.vae_scale_factor
     return (int(c.unet.config.in_channels), math.ceil(height / f), math.ceil(width / f))
+
+
+class SDTurboPipeline(Pipeline):
+    """Base of the SD-Turbo pipelines: UNet + CLIP text encoder + TAESD from the models
+    directory, on the best device there is, with the prompt-embedding cache."""
+
+    copies_input = True
+    oom_errors = OOM_ERRORS
+
+    def __init__(self, spec: PipelineSpec, models_dir: Path) -> None:
+        super().__init__(spec)
+        require_models(spec, models_dir)
+        self.device = select_device()
+        self.device_description = self.device.description
+        self.c = load_components(models_dir, SD_TURBO.repo_id, TAESD.repo_id, self.device)
+        self.prompts = PromptEncoder(self.c)
+        self.unet_calls = 0  # tests and benchmarks count calls
+        logger.info("%s on %s", spec.id, self.device_description)

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from services.inference import diffusion as d
-from services.inference.pipeline import Pipeline, PipelineSpec, Request, Result
-from services.inference.specs import SD_TURBO, TAESD, DreamConfig
-from services.models.downloads import require_models
+from services.inference.pipeline import PipelineSpec, Request, Result
+from services.inference.specs import DreamConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,19 +49,9 @@ class DreamSession:
     shown: torch.Tensor | None = None  # latent of the last frame
 
 
-class DreamPipeline(Pipeline):
-    copies_input = True
-    oom_errors = d.OOM_ERRORS
-
+class DreamPipeline(d.SDTurboPipeline):
     def __init__(self, spec: PipelineSpec, load: DreamConfig, models_dir: Path) -> None:
-        super().__init__(spec)
-        require_models(spec, models_dir)
-        self.device = d.select_device()
-        self.device_description = self.device.description
-        self.c = d.load_components(models_dir, SD_TURBO.repo_id, TAESD.repo_id, self.device)
-        self.prompts = d.PromptEncoder(self.c)
-        self.unet_calls = 0
-        logger.info("dream on %s", self.device_description)
+        super().__init__(spec, models_dir)
 
     def new_session(
         self, session_id: str, width: int, height: int, config: DreamConfig

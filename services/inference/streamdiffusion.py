@@ -33,9 +33,8 @@ from typing import Any
 import torch
 
 from services.inference import diffusion as d
-from services.inference.pipeline import Pipeline, PipelineSpec, Request, Result
-from services.inference.specs import SD_TURBO, TAESD, StreamDiffusionConfig
-from services.models.downloads import require_models
+from services.inference.pipeline import PipelineSpec, Request, Result
+from services.inference.specs import StreamDiffusionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +60,10 @@ class SDSession:
         return list(self.config.denoising_step_list)
 
 
-class StreamDiffusionPipeline(Pipeline):
-    copies_input = True
-    oom_errors = d.OOM_ERRORS
-
+class StreamDiffusionPipeline(d.SDTurboPipeline):
     def __init__(self, spec: PipelineSpec, load: StreamDiffusionConfig, models_dir: Path) -> None:
-        super().__init__(spec)
-        require_models(spec, models_dir)
-        self.device = d.select_device()
-        self.device_description = self.device.description
-        self.c = d.load_components(models_dir, SD_TURBO.repo_id, TAESD.repo_id, self.device)
-        self.prompts = d.PromptEncoder(self.c)
+        super().__init__(spec, models_dir)
         self.load_config = load
-        self.unet_calls = 0  # tests and benchmarks count calls
-        logger.info("streamdiffusion on %s", self.device_description)
 
     # ------------------------------------------------------------ sessions
 
