@@ -632,7 +632,10 @@ class Supervisor:
             raise ValueError("session_id must be 1-64 letters, digits or '-'")
         unknown = [s for s in req.stages if s not in self.children]
         if unknown or not req.stages:
-            raise ValueError(f"unknown stage(s): {', '.join(unknown) or '(none given)'}")
+            raise ValueError(
+                f"unknown stage(s): {', '.join(unknown) or '(none given)'}"
+                f" (this server runs: {', '.join(self.children) or 'nothing'})"
+            )
         if not (0 < req.width <= cfg.max_frame_width and 0 < req.height <= cfg.max_frame_height):
             raise ValueError(
                 f"{req.width}x{req.height} is outside 1x1..{cfg.max_frame_width}x"

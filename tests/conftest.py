@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -115,15 +116,15 @@ class SupervisorRun:
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=self._log)
         self.run_dir = None
 
+        pid = self.proc.pid
+
         def up() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"supervisor exited early:\n{self.log()}")
             runs = find_run_dirs(self.base / "run")
             mine = [
-                r
-                for r in runs
-                if (r / "supervisor.json").read_text().find(f'"pid": {self.proc.pid}') >= 0
+                r for r in runs if json.loads((r / "supervisor.json").read_text())["pid"] == pid
             ]
             if not mine:
                 return False

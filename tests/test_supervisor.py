@@ -36,7 +36,7 @@ Start = Callable[..., SupervisorRun]
 
 def open_chain(run: SupervisorRun, session_id: str = "s1") -> None:
     reply = run.request(p.OpenSession(session_id=session_id, stages=STAGES, width=128, height=96))
-    assert isinstance(reply, p.SessionOpened), reply
+    assert isinstance(reply, p.SessionOpened), f"{reply}\n{run.status()}\n{run.log()}"
 
 
 def sink_frames(run: SupervisorRun) -> int:
