@@ -2,6 +2,10 @@
 
     python scripts/bench_inference.py --pipeline streamdiffusion --models DIR --size 256 \\
         --steps 1,2,4 [--json]
+    python scripts/bench_inference.py --pipeline longlive --models DIR [--size 64 --blocks 6]
+
+streamdiffusionv2, longlive and krea-realtime-video run ``bench_wan.py`` (per-block latency and
+frames/s of the model loop against the whole system); the rest of this text is streamdiffusion.
 
 Per step count (len(denoising_step_list)):
 
@@ -33,6 +37,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_wan import PIPELINES as WAN_PIPELINES  # noqa: E402
 
 
 def _timed(fn: Any, frames: int, warmup: int) -> tuple[float, float]:
@@ -184,17 +191,33 @@ options = {{ fps = 30 }}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", default="streamdiffusion", choices=["streamdiffusion"])
+    parser.add_argument(
+        "--pipeline", default="streamdiffusion", choices=["streamdiffusion", *WAN_PIPELINES]
+    )
     parser.add_argument("--models", type=Path, required=True, help="models directory")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, help="frame size (256; causal Wan: 64)")
     parser.add_argument("--steps", default="1,2,4", help="step counts to measure")
     parser.add_argument("--frames", type=int, default=30, help="frames per in-process run")
     parser.add_argument(
-        "--seconds", type=float, default=6.0, help="measured seconds per system run"
+        "--seconds", type=float, help="measured seconds per system run (6; causal Wan: 10)"
     )
     parser.add_argument("--no-system", action="store_true", help="skip the multi-process runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    args, wan_args = parser.parse_known_args(argv)
+    if args.pipeline in WAN_PIPELINES:
+        # The causal Wan pipelines generate blocks, not frames: their own benchmark.
+        import bench_wan
+
+        extra = ["--json"] if args.json else []
+        extra += ["--size", str(args.size)] if args.size else []
+        extra += ["--seconds", str(args.seconds)] if args.seconds else []
+        return bench_wan.main(
+            ["--pipeline", args.pipeline, "--models", str(args.models), *extra, *wan_args]
+        )
+    if wan_args:
+        parser.error(f"unrecognized arguments: {' '.join(wan_args)}")
+    args.size = args.size or 256
+    args.seconds = args.seconds or 6.0
 
     from services.inference import registry
     from services.models.downloads import is_downloaded

@@ -3,8 +3,10 @@
 (the model loop) against the whole system (``supervisor start``, the inference process, rings),
 in one run.
 
-    python scripts/make_tiny_wan.py /tmp/wan     # tiny random weights, CPU
-    python scripts/bench_wan.py --models /tmp/wan --size 64 [--json]
+    python scripts/bench_wan.py --models /tmp/wan --size 64 [--pipeline ID] [--json]
+    python scripts/bench_inference.py --pipeline longlive --models /tmp/wan   # the same
+
+``--models DIR`` without the checkpoints gets the tiny random ones (``make_tiny_wan.py``).
 
 With the real checkpoints on a GPU, compare with the published figures (StreamDiffusionV2
 ~17-22 fps at 512x512 on one high-end GPU, LongLive ~20 fps on an H100, Krea ~11 fps on a B200).
@@ -123,7 +125,18 @@ def _wait_running(base: Path, proc: subprocess.Popen[bytes]) -> AdminClient:
     raise RuntimeError("the supervisor did not come up")
 
 
-def main() -> int:
+def ensure_models(models: Path, pipeline_ids: list[str]) -> None:
+    """No checkpoints in ``models``: write the tiny random ones (``make_tiny_wan.py``)."""
+    from services.models.downloads import is_downloaded
+
+    if not all(is_downloaded(pid, models) for pid in pipeline_ids):
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import make_tiny_wan
+
+        make_tiny_wan.make_all(models)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--pipeline", choices=PIPELINES, action="append")
@@ -131,9 +144,11 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    pipeline_ids = args.pipeline or list(PIPELINES)
+    ensure_models(args.models, pipeline_ids)
     results = {}
-    for pipeline_id in args.pipeline or PIPELINES:
+    for pipeline_id in pipeline_ids:
         results[pipeline_id] = {
             "model_loop": bench_model_loop(pipeline_id, args.models, args.size, args.blocks),
             "system": bench_system(pipeline_id, args.models, args.size, args.seconds),

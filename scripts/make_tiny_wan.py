@@ -8,7 +8,7 @@
 * one transformer checkpoint per pipeline, with the **original Wan key names**
   (``blocks.0.self_attn.q.weight``, ``head.head.weight``, …) in the container each loader
   must unwrap: a ``{"generator": {"model.…"}}`` pickle (StreamDiffusionV2), a plain pickle
-  (LongLive), a safetensors file (Krea).
+  (LongLive, with its built-in LoRA beside it in PEFT's key names), a safetensors file (Krea).
 
 Every repository gets the downloader's completion marker. The transformer is 2 layers of width
 256 (two heads of 128, as Wan's head size); a 64×64 block takes milliseconds on a laptop CPU.
@@ -101,6 +101,23 @@ def write_checkpoint(path: Path, state: dict[str, Any], container: str) -> None:
         torch.save(state, path)
 
 
+def tiny_lora(state: dict[str, Any], rank: int = 4, seed: int = 0) -> dict[str, Any]:
+    """A LoRA on every Linear of every attention block, as LongLive's ``lora.pt`` holds it: PEFT
+    key names under ``{"generator_lora": …}``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for key, weight in state.items():
+        if not (key.startswith("blocks.") and key.endswith(".weight") and weight.ndim == 2):
+            continue
+        module = f"base_model.model.{key[: -len('.weight')]}"
+        out_features, in_features = weight.shape
+        lora[f"{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=gen) * 0.01
+        lora[f"{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * 0.01
+    return {"generator_lora": lora}
+
+
 def write_tokenizer(out: Path) -> None:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -157,7 +174,9 @@ def make_base(root: Path, seed: int = 1) -> None:
 
 
 def make_all(models_dir: Path) -> None:
-    from services.inference.wan.specs import CHECKPOINTS
+    import torch
+
+    from services.inference.wan.specs import CHECKPOINTS, LORAS
     from services.models.store import mark_complete, repo_dir
 
     make_base(repo_dir(models_dir, WAN_REPO))
@@ -170,6 +189,9 @@ def make_all(models_dir: Path) -> None:
     for i, (pipeline_id, (repo, filename)) in enumerate(sorted(CHECKPOINTS.items())):
         state = original_state_dict(tiny_transformer(seed=10 + i))
         write_checkpoint(repo_dir(models_dir, repo) / filename, state, containers[pipeline_id])
+        if pipeline_id in LORAS:
+            lora_repo, lora_file, _ = LORAS[pipeline_id]
+            torch.save(tiny_lora(state, seed=20 + i), repo_dir(models_dir, lora_repo) / lora_file)
         mark_complete(models_dir, repo)
 
 

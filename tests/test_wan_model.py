@@ -203,3 +203,93 @@ def test_fp8_linear_is_close_to_the_original() -> None:
     assert q.weight.dtype == torch.float8_e4m3fn
     ref = linear(x)
     assert float((q(x) - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+@torch.inference_mode()
+def test_longlive_lora_is_merged_with_every_key_used(tiny: Any, tmp_path: Path) -> None:
+    source = tiny.tiny_transformer(seed=5).eval()
+    state = tiny.original_state_dict(source)
+    tiny.write_checkpoint(tmp_path / "base.pt", state, "plain")
+    lora = tiny.tiny_lora(state, rank=4, seed=6)
+    torch.save(lora, tmp_path / "lora.pt")
+    alpha = 8.0
+    merged = load_transformer(tmp_path / "base.pt", lora=tmp_path / "lora.pt", lora_alpha=alpha)
+    plain = load_transformer(tmp_path / "base.pt")
+    pairs = lora["generator_lora"]
+    # 2 layers x (4 self-attention + 4 cross-attention + 2 feed-forward) Linears.
+    assert len(pairs) == 2 * 10 * 2
+    a = pairs["base_model.model.blocks.1.cross_attn.k.lora_A.weight"]
+    b = pairs["base_model.model.blocks.1.cross_attn.k.lora_B.weight"]
+    expected = state["blocks.1.cross_attn.k.weight"] + (alpha / 4) * (b @ a)
+    assert torch.allclose(merged.blocks[1].attn2.to_k.weight, expected, atol=1e-6)
+    assert torch.equal(merged.blocks[0].norm2.weight, plain.blocks[0].norm2.weight)
+    x, t, _ = (v.repeat(1, 4, 1, 1, 1) if v.ndim == 5 else v for v in inputs(3))
+    ctx = torch.randn(1, 7, tiny.TEXT_DIM)
+    policy = AttentionPolicy(3)
+    out_merged = merged.forward_causal(x, t, merged.cross_kv(ctx), policy)
+    out_plain = plain.forward_causal(x, t, plain.cross_kv(ctx), policy)
+    assert not torch.allclose(out_merged, out_plain, atol=1e-4)
+
+
+def test_a_lora_that_does_not_fit_is_refused(tiny: Any, tmp_path: Path) -> None:
+    state = tiny.original_state_dict(tiny.tiny_transformer(seed=5))
+    tiny.write_checkpoint(tmp_path / "base.pt", state, "plain")
+    pairs = tiny.tiny_lora(state)["generator_lora"]
+    cases = {
+        "unknown module": dict(
+            pairs,
+            **{
+                "base_model.model.blocks.9.ffn.0.lora_A.weight": pairs[
+                    "base_model.model.blocks.0.ffn.0.lora_A.weight"
+                ]
+            },
+        ),
+        "lone A": {
+            k: v for k, v in pairs.items() if k != "base_model.model.blocks.0.ffn.2.lora_B.weight"
+        },
+    }
+    for case, lora in cases.items():
+        torch.save({"generator_lora": lora}, tmp_path / "lora.pt")
+        with pytest.raises(CheckpointMismatch) as info:
+            load_transformer(tmp_path / "base.pt", lora=tmp_path / "lora.pt")
+        if case == "unknown module":
+            assert info.value.unused == ["blocks.9.ffn.0.lora_A.weight"]
+        else:
+            assert info.value.missing == ["blocks.0.ffn.2.lora_B.weight"]
+
+
+@pytest.mark.timeout(180)
+def test_compiled_blocks_equal_eager_and_compile_once_for_all_layers() -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    m = CausalWanTransformer(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=8,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=64,
+    ).eval()
+    policy = POLICIES["window+sink"]
+    x, t, ctx = inputs(15)
+
+    def generate() -> Any:
+        with torch.inference_mode():
+            return blockwise(m, policy, KVCache(policy, 64), x, t, m.cross_kv(ctx))
+
+    eager = generate()
+    counter = CompileCounter()
+    m.compile_blocks(backend=counter)
+    try:
+        compiled = generate()
+    finally:
+        m._compiled_block = None
+        torch._dynamo.reset()
+    assert torch.allclose(compiled, eager, atol=1e-6)
+    # 5 blocks x 2 layers = 10 layer steps; graphs differ only by cache/mask presence.
+    assert 1 <= counter.frame_count <= 4

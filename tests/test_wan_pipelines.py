@@ -218,3 +218,23 @@ def test_specs_load_without_models_fail_cleanly(tmp_path: Path) -> None:
     spec: PipelineSpec = SPECS["longlive"]
     with pytest.raises(ModelsNotDownloaded):
         spec.load(config("longlive"), tmp_path)
+
+
+@torch.inference_mode()
+def test_longlive_serves_its_base_with_the_built_in_lora_merged(
+    pipes: dict[str, Any], models: Path
+) -> None:
+    from services.inference.wan.convert import load_transformer
+    from services.models.store import repo_dir
+
+    repo, filename = ws.CHECKPOINTS["longlive"]
+    base = load_transformer(repo_dir(models, repo) / filename)
+    lora = torch.load(repo_dir(models, repo) / ws.LORAS["longlive"][1])["generator_lora"]
+    served = pipes["longlive"].transformer
+    a = lora["base_model.model.blocks.0.self_attn.q.lora_A.weight"]
+    b = lora["base_model.model.blocks.0.self_attn.q.lora_B.weight"]
+    alpha = ws.LORAS["longlive"][2]
+    expected = base.blocks[0].attn1.to_q.weight + alpha / a.shape[0] * (b @ a)
+    assert torch.allclose(served.blocks[0].attn1.to_q.weight, expected, atol=1e-5)
+    # The other two releases ship no LoRA: served as their checkpoints hold them.
+    assert "streamdiffusionv2" not in ws.LORAS and "krea-realtime-video" not in ws.LORAS

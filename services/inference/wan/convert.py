@@ -7,16 +7,18 @@ The released checkpoints (StreamDiffusionV2 ``model.pt``, LongLive ``longlive_ba
 
 1. reads the file (safetensors, or a ``torch.load(weights_only=True)`` pickle);
 2. unwraps the container and strips the prefix;
-3. renames the keys with diffusers' own ``convert_wan_transformer_to_diffusers`` (the mapping
+3. merges a LoRA when the release ships one (LongLive; :mod:`services.inference.wan.lora`);
+4. renames the keys with diffusers' own ``convert_wan_transformer_to_diffusers`` (the mapping
    ``from_single_file`` uses);
-4. infers the architecture from the tensor shapes (width, depth, FFN, text and frequency dims;
+5. infers the architecture from the tensor shapes (width, depth, FFN, text and frequency dims;
    heads = width / 128 as in every Wan2.1 model);
-5. loads strictly: a key of the checkpoint that no parameter takes, or a parameter the
+6. loads strictly: a key of the checkpoint that no parameter takes, or a parameter the
    checkpoint lacks, is a :class:`CheckpointMismatch` naming them, never silently ignored.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 
 from services.inference.wan.model import CausalWanTransformer
+
+logger = logging.getLogger(__name__)
 
 HEAD_DIM = 128
 #: Wrapper prefixes seen in released causal Wan checkpoints, tried in order.
@@ -108,13 +112,24 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
 
 
 def load_transformer(
-    path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    lora: Path | None = None,
+    lora_alpha: float | None = None,
 ) -> CausalWanTransformer:
     """The checkpoint at ``path`` as a :class:`CausalWanTransformer` (built on the meta device,
-    so a 14B model never exists twice in memory)."""
+    so a 14B model never exists twice in memory), with the LoRA at ``lora`` merged in."""
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    state = to_diffusers(read_checkpoint(path))
+    original = strip_prefix(read_checkpoint(path))
+    if lora is not None:
+        from services.inference.wan.lora import merge_lora, read_lora
+
+        merged = merge_lora(original, read_lora(lora), lora_alpha)
+        logger.info("merged the LoRA %s into %d weights", lora.name, len(merged))
+    state = to_diffusers(original)
     with torch.device("meta"):
         model = CausalWanTransformer(**infer_config(state))
     load_state_strict(model, state)

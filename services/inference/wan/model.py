@@ -111,6 +111,16 @@ class KVCache:
 class CausalWanTransformer(_WanBase):
     """WanTransformer3DModel with a block-causal, KV-cached forward (see the module doc)."""
 
+    #: The compiled per-layer step, once :meth:`compile_blocks` ran.
+    _compiled_block: Any = None
+
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` the per-layer step. Regional compilation: every layer runs the same
+        graph (the layer's weights are its inputs), so it compiles once rather than once per
+        layer; shapes are dynamic because the cache grows block by block until the window is
+        full (a few variants: with and without a cache or a mask)."""
+        self._compiled_block = torch.compile(self._block, dynamic=True, **options)
+
     # ------------------------------------------------------------ pieces
 
     def _rope(self, frames: Tensor, pph: int, ppw: int) -> tuple[Tensor, Tensor]:
@@ -196,12 +206,11 @@ class CausalWanTransformer(_WanBase):
             k_frames = q_frames
         mask = policy.mask(q_frames, k_frames, x.dtype)
 
+        step = self._compiled_block or self._block
         new_layers: list[tuple[Tensor, Tensor]] = []
         for i, block in enumerate(self.blocks):
             past_kv = cache.layers[i] if cache is not None and cache.layers else None
-            x, kv = self._block(
-                block, x, mod, tokens_per_frame, (cos, sin), cross[i], past_kv, mask
-            )
+            x, kv = step(block, x, mod, tokens_per_frame, (cos, sin), cross[i], past_kv, mask)
             new_layers.append(kv)
 
         if cache is not None and write:

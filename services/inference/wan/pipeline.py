@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from services.inference.wan.model import AttentionPolicy, CausalWanTransformer, 
 from services.inference.wan.specs import (
     CHECKPOINTS,
     GEOMETRY,
+    LORAS,
     SDV2_TEXT_STEPS,
     WAN_BASE,
     StreamDiffusionV2Config,
@@ -144,9 +146,19 @@ class WanPipeline(Pipeline):
             raise ValueError(f"quantization: {quantization} needs a CUDA GPU")
         dev, dtype = self.device.device, self.device.dtype
         repo, filename = CHECKPOINTS[spec.id]
+        lora_path, lora_alpha = None, None
+        if spec.id in LORAS:
+            lora_repo, lora_file, lora_alpha = LORAS[spec.id]
+            lora_path = repo_dir(models_dir, lora_repo) / lora_file
         self.transformer: CausalWanTransformer = load_transformer(
-            repo_dir(models_dir, repo) / filename, dtype, dev
+            repo_dir(models_dir, repo) / filename,
+            dtype,
+            dev,
+            lora=lora_path,
+            lora_alpha=lora_alpha,
         )
+        if os.environ.get(d.COMPILE_ENV) == "1":
+            self.transformer.compile_blocks()
         if quantization is not None:
             from services.inference.wan.fp8 import quantize_linears
 

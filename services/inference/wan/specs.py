@@ -57,6 +57,11 @@ CHECKPOINTS: dict[str, tuple[str, str]] = {
     "longlive": (LONGLIVE_WEIGHTS.repo_id, LONGLIVE_WEIGHTS.patterns[0]),
     "krea-realtime-video": (KREA_WEIGHTS.repo_id, KREA_WEIGHTS.patterns[0]),
 }
+#: LoRAs merged into the transformer at load: (repo, file, alpha). LongLive's config trains
+#: its built-in LoRA at rank 256, alpha 256.
+LORAS: dict[str, tuple[str, str, float]] = {
+    "longlive": (LONGLIVE_WEIGHTS.repo_id, LONGLIVE_WEIGHTS.patterns[1], 256.0),
+}
 
 #: Wan timesteps: 1000 is pure noise; a block's last step is the smallest.
 WanTimestep = Annotated[int, msgspec.Meta(ge=1, le=1000)]
