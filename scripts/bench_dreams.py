@@ -72,7 +72,9 @@ async def watch(
                 viewer.arrivals.append((time.monotonic(), message.data[1:]))
 
 
-async def wait_healthy(http: aiohttp.ClientSession, base: str, proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+async def wait_healthy(
+    http: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes]
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -197,7 +199,8 @@ def analyse(
     expected = set(range(max(starts) + 1, min(ends))) if starts and ends else set()
     missing = sum(len(expected - set(s)) for s in sequences)
     out_of_order = sum(1 for s in sequences if s != sorted(set(s)))
-    rates, gaps = [], []
+    rates: list[float] = []
+    gaps: list[float] = []
     for v in viewers:
         times = [t for t, _ in v.arrivals]
         if len(times) >= 2:

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"device": pipe.device_description, "size": args.size}
     for count in [int(x) for x in args.steps.split(",")]:
         steps = [int(999 - (i + 1) * 900 / (count + 1)) for i in range(count)]
-        row = bench_in_process(pipe, args.size, steps, args.frames)
+        row: dict[str, Any] = dict(bench_in_process(pipe, args.size, steps, args.frames))
         if not args.no_system:
             row["system_fps"] = bench_system(args.models, args.size, steps, 1, args.seconds)
             row["system_4_sessions_fps"] = bench_system(

@@ -143,7 +143,7 @@ def bench(method: str, frames: int, size: int, tmp: Path) -> dict[str, float]:
             q.put((t0, src))
         else:
             assert sock is not None
-            sock.send_multipart([t0.to_bytes(8, "little"), src], copy=False)
+            sock.send_multipart([t0.to_bytes(8, "little"), src.data], copy=False)
         ack.recv()
     elapsed = time.perf_counter() - start
     if method in ("ring", "ring_with_copy"):

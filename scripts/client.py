@@ -230,6 +230,7 @@ class DreamwireClient:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            assert isinstance(frame, av.VideoFrame)  # the only track is video
             now = time.monotonic()
             rgb = frame.to_ndarray(format="rgb24")
             rec.frames += 1
@@ -336,7 +337,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> int:
-    ice = [] if args.no_stun else None
+    ice: list[RTCIceServer] | None = [] if args.no_stun else None
     async with DreamwireClient(args.url, ice_servers=ice) as client:
         load_params = json.loads(args.load_params) if args.load_params else None
         state = await client.load_pipeline(args.pipeline, load_params)

@@ -47,7 +47,10 @@ def write_tokenizer(out: Path) -> None:
 
 def make_sd(root: Path, seed: int = 0) -> None:
     import torch
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    # From their modules: for type checkers, diffusers' top level exports placeholder classes.
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -106,7 +109,7 @@ def make_sd(root: Path, seed: int = 0) -> None:
 
 def make_taesd(root: Path, seed: int = 1) -> None:
     import torch
-    from diffusers import AutoencoderTiny
+    from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny  # (see make_sd)
 
     torch.manual_seed(seed)
     vae = AutoencoderTiny(

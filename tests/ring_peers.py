@@ -17,7 +17,7 @@ def produce_random(name: str, count: int, side: int, done: Any) -> None:
     for number in range(count):
         slot = producer.begin(side, side)
         slot.array[...] = rng.integers(0, 256, size=slot.array.shape, dtype=np.uint8)
-        producer.publish(slot, FrameMeta(number, zlib.crc32(slot.array)))
+        producer.publish(slot, FrameMeta(number, zlib.crc32(slot.array.data)))
     done.set()
     ring.close()
 
@@ -37,7 +37,7 @@ def consume_checking(name: str, done: Any, results: Any) -> None:
             continue
         gaps += frame.seq - last_seq - 1
         last_seq = frame.seq
-        ok = zlib.crc32(frame.array) == frame.pts
+        ok = zlib.crc32(frame.array.data) == frame.pts
         number = frame.frame_number
         if consumer.release(frame):
             intact += 1

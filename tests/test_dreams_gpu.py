@@ -12,6 +12,7 @@ from unittest import mock
 import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from dreams_helpers import decode_number, dreams_config, numbered_webp, serve_dreams
 
@@ -56,7 +57,7 @@ async def test_token_missing_or_wrong_is_refused_right_one_accepted() -> None:
 
 
 def test_without_a_token_only_loopback_workers_are_accepted() -> None:
-    def request_from(host: str) -> mock.Mock:
+    def request_from(host: str) -> web.Request:
         transport = mock.Mock()
         transport.get_extra_info.side_effect = lambda name, default=None: (
             (host, 40000) if name == "peername" else default
@@ -76,7 +77,7 @@ def test_without_a_token_only_loopback_workers_are_accepted() -> None:
     assert _authorize_worker(right, TOKEN) is None
 
 
-BAD_MESSAGES = [
+BAD_MESSAGES: list[tuple[str, str | bytes]] = [
     ("text", "hello"),
     ("empty", b""),
     ("unknown type", b"\x7f"),

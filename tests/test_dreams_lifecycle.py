@@ -9,6 +9,7 @@ import signal
 import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from dreams_helpers import decode_number, dreams_config, serve_dreams
 
@@ -33,7 +34,7 @@ async def drawn_numbers(ws: aiohttp.ClientWebSocketResponse, count: int) -> list
     return numbers
 
 
-async def current_number(client: TestClient) -> int:  # type: ignore[type-arg]
+async def current_number(client: TestClient[web.Request, web.Application]) -> int:
     async with client.get("/api/dreams/current") as resp:
         assert resp.status == 200
         return int(resp.headers["X-Frame-Number"])

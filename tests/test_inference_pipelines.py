@@ -194,7 +194,8 @@ def test_two_sessions_batched_never_see_each_other(sd: Any) -> None:
             assert y is None
         else:
             assert y is not None and diff(x, y) < 0.5  # as if alone (float rounding aside)
-    assert diff(together_a[-1], together_b[-1]) > 1.0
+    last_a, last_b = together_a[-1], together_b[-1]
+    assert last_a is not None and last_b is not None and diff(last_a, last_b) > 1.0
 
 
 def test_paused_and_similarity_filter_and_reset_cache(sd: Any) -> None:

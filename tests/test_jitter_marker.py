@@ -13,7 +13,9 @@ pytestmark = pytest.mark.timeout(10)
 
 def packet(seq: int, timestamp: int, payload: bytes, marker: bool) -> RtpPacket:
     p = RtpPacket(payload_type=96, marker=int(marker), sequence_number=seq, timestamp=timestamp)
-    p._data = payload  # what the receiver's depayloader leaves for the jitter buffer
+    # What the receiver's depayloader leaves for the jitter buffer. RtpPacket does not declare
+    # _data: aiortc attaches it dynamically (and type-ignores it in its own code too).
+    p._data = payload  # type: ignore[attr-defined]
     return p
 
 

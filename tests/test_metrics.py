@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import msgspec
-import numpy as np
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,7 +73,7 @@ def test_segments_of_a_video_frame_add_up_to_end_to_end() -> None:
 
 
 def test_text_session_starts_at_generation_and_overlay_is_included() -> None:
-    stamps = np.zeros(N_STAMPS, dtype=np.int64)
+    stamps = [0] * N_STAMPS
     t = 5_000_000
     for stage in (
         Stage.GENERATION_START,

@@ -214,7 +214,8 @@ def test_interrupted_download_resumes_with_a_range_request(hub: FakeHub, tmp_pat
             proc.wait(10)
         assert proc.stderr is not None
         proc.stderr.close()
-    assert downloads.read_progress(PIPELINE, tmp_path)["state"] == "interrupted"
+    progress = downloads.read_progress(PIPELINE, tmp_path)
+    assert progress is not None and progress["state"] == "interrupted"
     assert not downloads.is_downloaded(PIPELINE, tmp_path)
     hub.rate_bps = 0
     hub.ranges.clear()
@@ -223,7 +224,8 @@ def test_interrupted_download_resumes_with_a_range_request(hub: FakeHub, tmp_pat
     _check_files(hub, tmp_path)
     resumed = [path for path, rng in hub.ranges if rng != "bytes=0-"]
     assert unet in resumed, hub.ranges
-    assert downloads.read_progress(PIPELINE, tmp_path)["state"] == "done"
+    progress = downloads.read_progress(PIPELINE, tmp_path)
+    assert progress is not None and progress["state"] == "done"
 
 
 def test_gated_repo_gives_a_clear_message(hub: FakeHub, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from playwright.sync_api import (
     Page,
     Request,
     Route,
+    ViewportSize,
     expect,
     sync_playwright,
 )
@@ -43,8 +44,8 @@ stun_urls = []
 """
 #: Moondream's overlay with the stand-in model of tests/overlay_stand_in.py (no weights here).
 MOONDREAM_CONFIG = 'overlay_model = "overlay_stand_in:StandInMoondream"\n' + CONFIG
-LAPTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
+LAPTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 WAIT_MS = 30_000
 NUMBER = re.compile(r"^\d+(\.\d)?$")
 MILLISECONDS = re.compile(r"^\d+ ms$")

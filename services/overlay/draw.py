@@ -154,8 +154,7 @@ class _Blend:
         tmp = scratch[: region.size].reshape(region.shape)
         np.multiply(region, self.inv, out=tmp, dtype=np.uint16)
         tmp += self.ca
-        tmp >>= 8
-        np.copyto(region, tmp, casting="unsafe")
+        np.right_shift(tmp, 8, out=region, casting="unsafe")  # one pass: shift and narrow
 
 
 class OverlayPlan:

@@ -61,11 +61,15 @@ class ModelsNotDownloaded(RuntimeError):
 
 
 class VisionModel(Protocol):
-    """Moondream 2's interface (``hf_moondream.HfMoondream``); images are PIL images."""
+    """Moondream 2's interface (``hf_moondream.HfMoondream``); images are PIL images.
 
-    def caption(self, image: Any, length: str = ..., settings: Any = ...) -> dict[str, Any]: ...
+    ``settings`` is keyword-only for caption and query: Moondream has other parameters (``stream``,
+    and ``reasoning`` for query) before it.
+    """
 
-    def query(self, image: Any, question: str, settings: Any = ...) -> dict[str, Any]: ...
+    def caption(self, image: Any, length: str = ..., *, settings: Any = ...) -> dict[str, Any]: ...
+
+    def query(self, image: Any, question: str, *, settings: Any = ...) -> dict[str, Any]: ...
 
     def detect(self, image: Any, object: str, settings: Any = ...) -> dict[str, Any]: ...
 
