@@ -130,7 +130,12 @@ def _split_long_word(word: str, size: int, max_width: int) -> list[str]:
 
 
 class _Blend:
-    """One alpha blend of a colour (or an RGB sprite) over a clipped region of the frame."""
+    """One alpha blend of a colour (or an RGB sprite) over a clipped region of the frame.
+
+    Colours and weights are stored per row (``w*3`` values, or ``h × w*3``) rather than per
+    pixel as ``(3,)`` or ``(…, 1)``: numpy then runs its inner loop over whole rows instead of
+    3-element pixels, about 7× faster on a large box.
+    """
 
     __slots__ = ("ca", "inv", "opaque", "x0", "x1", "y0", "y1")
 
@@ -138,8 +143,8 @@ class _Blend:
         self, y0: int, y1: int, x0: int, x1: int, inv: Any, ca: np.ndarray, opaque: bool
     ) -> None:
         self.y0, self.y1, self.x0, self.x1 = y0, y1, x0, x1
-        self.inv = inv  # 256 - alpha: int, or uint16 H×W×1
-        self.ca = ca  # colour × alpha: uint16 (3,) or H×W×3
+        self.inv = inv  # 256 - alpha: int, or uint16 h × w*3
+        self.ca = ca  # colour × alpha: uint16 w*3 (a row) or h × w*3
         self.opaque = opaque  # alpha 256 everywhere: ``ca >> 8`` is the colour
 
     @property
@@ -147,14 +152,16 @@ class _Blend:
         return (self.y1 - self.y0) * (self.x1 - self.x0) * 3
 
     def apply(self, frame: np.ndarray, scratch: np.ndarray) -> None:
-        region = frame[self.y0 : self.y1, self.x0 : self.x1]
+        # A view (rows of a frame slice are contiguous), so writes land in the frame.
+        rows = frame[self.y0 : self.y1, self.x0 : self.x1].reshape(self.y1 - self.y0, -1)
         if self.opaque:
-            region[...] = self.ca >> 8
+            rows[...] = self.ca >> 8
             return
-        tmp = scratch[: region.size].reshape(region.shape)
-        np.multiply(region, self.inv, out=tmp, dtype=np.uint16)
+        tmp = scratch[: rows.size].reshape(rows.shape)
+        np.multiply(rows, self.inv, out=tmp, dtype=np.uint16)
         tmp += self.ca
-        np.right_shift(tmp, 8, out=region, casting="unsafe")  # one pass: shift and narrow
+        tmp >>= 8
+        np.copyto(rows, tmp, casting="unsafe")
 
 
 class OverlayPlan:
@@ -199,7 +206,7 @@ class OverlayPlan:
         if clipped is None or a <= 0:
             return
         cx0, cy0, cx1, cy1 = clipped
-        ca = np.array(color, np.uint16) * np.uint16(a)
+        ca = np.tile(np.array(color, np.uint16) * np.uint16(a), cx1 - cx0)
         self._add(_Blend(cy0, cy1, cx0, cx1, 256 - a, ca, opaque=a >= 256))
 
     def sprite(self, x: int, y: int, coverage: np.ndarray, color: Any, alpha: float) -> None:
@@ -216,8 +223,10 @@ class OverlayPlan:
         rgb = np.asarray(color, np.uint16)
         if rgb.ndim == 3:
             rgb = rgb[sub]
-        ca = (rgb * a16).astype(np.uint16)
-        self._add(_Blend(cy0, cy1, cx0, cx1, (256 - a16).astype(np.uint16), ca, opaque=False))
+        h, w = cy1 - cy0, cx1 - cx0
+        ca = (rgb * a16).astype(np.uint16).reshape(h, w * 3)
+        inv = np.repeat((256 - a16).astype(np.uint16), 3, axis=2).reshape(h, w * 3)
+        self._add(_Blend(cy0, cy1, cx0, cx1, inv, ca, opaque=False))
 
     def text(
         self, x: int, y: int, text: str, size: int, color: tuple[int, int, int], alpha: float
