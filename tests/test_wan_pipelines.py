@@ -41,6 +41,9 @@ def models(tiny_wan: Path) -> Path:
 def pipes(models: Path) -> Iterator[dict[str, Any]]:
     for pid, spec in SPECS.items():
         _loaded[pid] = spec.load(config(pid), models)
+        # Blocks on demand, so counters can be read between calls; blocks ahead (the default
+        # in the service) have their own test below and run in the end-to-end tests.
+        _loaded[pid].prefetch = False
     yield _loaded
     _loaded.clear()
 
@@ -238,3 +241,41 @@ def test_longlive_serves_its_base_with_the_built_in_lora_merged(
     assert torch.allclose(served.blocks[0].attn1.to_q.weight, expected, atol=1e-5)
     # The other two releases ship no LoRA: served as their checkpoints hold them.
     assert "streamdiffusionv2" not in ws.LORAS and "krea-realtime-video" not in ws.LORAS
+
+
+def test_blocks_ahead_give_the_same_frames_while_the_next_block_is_made(
+    pipes: dict[str, Any],
+) -> None:
+    pipe = pipes["longlive"]
+    n = 4 * pipe.block_frames
+    count = n - 3 + 2 * n
+    plain = pipe.new_session("plain", SIZE, SIZE, config("longlive"))
+    expected = text(pipe, plain, count)
+    ahead = pipe.new_session("ahead", SIZE, SIZE, config("longlive"))
+    pipe.prefetch = True
+    try:
+        (first,) = pipe([Request(ahead, None, 0)])
+        # The first block was made for this call; the second is under way before it is asked for.
+        assert first.info["block"] == 1 and ahead.ahead is not None
+        pipe.settle(ahead)
+        assert ahead.blocks == 2 and len(ahead.out) == (n - 3 - 1) + n
+        got = [first, *text(pipe, ahead, count - 1, 1)]
+        pipe.settle(ahead)
+    finally:
+        pipe.prefetch = False
+    assert [r.tag for r in got] == [r.tag for r in expected]
+    assert [r.info["block"] for r in got] == [r.info["block"] for r in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a.frame, b.frame)
+    # A parameter change waits for the block in flight, then applies from the next block.
+    dog = msgspec.structs.replace(config("longlive"), prompts=[ws.PromptItem("a dog")])
+    pipe.prefetch = True
+    try:
+        text(pipe, ahead, 1, count)
+        pipe.update(ahead, dog, {"prompts"})
+        assert ahead.ahead is None and ahead.pending_recache
+    finally:
+        pipe.prefetch = False
+        pipe.settle(ahead)
+    pipe.end_session(ahead)
+    pipe.end_session(plain)

@@ -16,10 +16,19 @@ A session generates **blocks** of ``block_frames`` latent frames. Per block:
 5. the VAE decodes only the new latents, through the session's causal cache.
 
 The contract gives one result per request, so frames queue per session: in text mode a call
-pops one frame (generating a block when the queue is empty); in video mode input frames gather
-until a block's worth is there (``4·n − 3`` for a session's first block, ``4·n`` after), and
-each output keeps the tag of the input frame it came from. Sessions of one call run one after
-the other (their caches differ in length; no cross-session batching yet).
+pops one frame; in video mode input frames gather until a block's worth is there (``4·n − 3``
+for a session's first block, ``4·n`` after), and each output keeps the tag of the input frame it
+came from. Sessions of one call run one after the other (their caches differ in length; no
+cross-session batching yet).
+
+**Blocks ahead (text mode).** The inference service asks for text frames at ``text_fps``; if a
+block were only generated once the queue ran dry, the model would sit idle while queued frames
+are paced out and a 20 fps model would serve about 12. So as soon as less than a block is
+queued, the next block is generated on a worker thread (torch releases the GIL; on CUDA on its
+own stream, frames handed over on the CPU) while the service keeps serving the queue and
+answering heartbeats. One lock serialises model work; a session's parameters, mode or end wait
+for its block in flight first (:meth:`settle`), so a new prompt applies from the next block on,
+and a failure in the block (out of memory) surfaces on the session's next call.
 
 Cache semantics: ``reset_cache`` resets once; ``manage_cache`` resets (or, for longlive,
 re-caches) when the prompts change outside a transition; the cache resets before RoPE
@@ -31,8 +40,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +124,8 @@ class WanSession:
     mode: str | None = None
     context: dict[int, torch.Tensor] = field(default_factory=dict)  # frame -> clean latent
     cross: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
-    out: deque[tuple[torch.Tensor, Any]] = field(default_factory=deque)
+    out: deque[tuple[torch.Tensor, Any, int]] = field(default_factory=deque)  # frame, tag, block
+    ahead: Future[None] | None = None  # the text block being generated ahead
     inputs: list[torch.Tensor] = field(default_factory=list)
     input_tags: list[Any] = field(default_factory=list)
     last_input: torch.Tensor | None = None
@@ -176,6 +189,11 @@ class WanPipeline(Pipeline):
         self.latent_channels = int(self.transformer.config.in_channels)
         self.rope_frames = int(self.transformer.config.rope_max_seq_len)
         self.model_calls = 0  # transformer passes (tests and benchmarks count them)
+        #: Generate the next text block while the queued frames are served (see the module doc).
+        self.prefetch = True
+        self._model_lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"{spec.id}-ahead")
+        self._worker_stream = torch.cuda.Stream() if dev.type == "cuda" else None
         logger.info("%s on %s", spec.id, self.device_description)
 
     # ------------------------------------------------------------ sessions
@@ -204,6 +222,7 @@ class WanPipeline(Pipeline):
 
     def update(self, state: WanSession, config: WanConfig, changed: set[str]) -> None:
         s = state
+        self.settle(s)
         s.config = config
         s.cache.policy = self._policy(s)
         transition = "transition" in changed and config.transition is not None
@@ -241,6 +260,10 @@ class WanPipeline(Pipeline):
         s.blocks = 0
 
     def end_session(self, state: WanSession) -> None:
+        try:
+            self.settle(state)
+        except Exception:  # the session is over: its failed block no longer matters
+            logger.debug("block ahead of ended session %s failed", state.session_id)
         self.reset_cache(state)
         state.out.clear()
         state.inputs.clear()
@@ -254,31 +277,60 @@ class WanPipeline(Pipeline):
 
     # ------------------------------------------------------------ the call
 
+    def settle(self, s: WanSession) -> None:
+        """Wait for the session's block in flight; its failure is raised here."""
+        ahead, s.ahead = s.ahead, None
+        if ahead is not None:
+            ahead.result()
+
     def __call__(self, requests: Sequence[Request]) -> list[Result]:
         results = []
         for r in requests:
             s: WanSession = r.state
             mode = "text" if r.frames is None else "video"
             if s.mode != mode:
+                self.settle(s)
                 self._init(s, mode)
             if mode == "text":
                 if not s.out:
-                    self._text_block(s)
-                frame, _ = s.out.popleft()
-                results.append(Result(s, frame, r.tag, {"block": s.blocks}))
+                    self.settle(s)
+                if not s.out:
+                    with self._model_lock:
+                        s.out.extend(self._text_block(s))
+                frame, _, block = s.out.popleft()
+                results.append(Result(s, frame, r.tag, {"block": block}))
+                if self.prefetch and s.ahead is None and len(s.out) < 4 * self.block_frames:
+                    s.ahead = self._worker.submit(self._text_block_ahead, s)
                 continue
             s.inputs.append(r.frames)
             s.input_tags.append(r.tag)
             need = 4 * self.block_frames - (3 if s.vae.encoded_frames == 0 else 0)
             if len(s.inputs) >= need:
-                self._video_block(s)
+                with self._model_lock:
+                    self._video_block(s)
             if s.out:
-                frame, tag = s.out.popleft()
-                info = {"block": s.blocks, "noise_scale": s.noise_level}
+                frame, tag, block = s.out.popleft()
+                info = {"block": block, "noise_scale": s.noise_level}
                 results.append(Result(s, frame, tag, info))
             else:
                 results.append(Result(s, None, None, {"warming_up": True}))
         return results
+
+    def _text_block_ahead(self, s: WanSession) -> None:
+        """On the worker thread: the next block, its frames on the CPU once complete."""
+        with self._model_lock, torch.inference_mode(), self._on_worker_stream():
+            frames = self._text_block(s)
+            if self._worker_stream is not None:
+                frames = [(f.cpu(), tag, block) for f, tag, block in frames]
+        s.out.extend(frames)
+
+    def _on_worker_stream(self) -> Any:
+        if self._worker_stream is None:
+            return nullcontext()
+        return torch.cuda.stream(self._worker_stream)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
     def _latent_hw(self, s: WanSession) -> tuple[int, int]:
         patch = 2 * VAE_SCALE
@@ -294,12 +346,11 @@ class WanPipeline(Pipeline):
             return list(SDV2_TEXT_STEPS)
         return steps
 
-    def _text_block(self, s: WanSession) -> None:
+    def _text_block(self, s: WanSession) -> list[tuple[torch.Tensor, Any, int]]:
         h, w = self._latent_hw(s)
         shape = (1, self.latent_channels, self.block_frames, h, w)
         latents = self._generate(s, None, shape, 1.0)
-        for frame in self._decode(s, latents):
-            s.out.append((frame, None))
+        return [(frame, None, s.blocks) for frame in self._decode(s, latents)]
 
     def _video_block(self, s: WanSession) -> None:
         frames = torch.stack(s.inputs)
@@ -315,7 +366,7 @@ class WanPipeline(Pipeline):
         z = s.vae.encode(video)
         latents = self._generate(s, z, tuple(z.shape), scale)
         for frame, tag in zip(self._decode(s, latents), tags, strict=True):
-            s.out.append((frame, tag))
+            s.out.append((frame, tag, s.blocks))
 
     def _noise_scale(self, s: WanSession, frames: torch.Tensor) -> float:
         base = float(getattr(s.config, "noise_scale", 1.0))
