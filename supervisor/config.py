@@ -56,8 +56,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     #: A process whose loop does not answer for this long is restarted (10 s: a loaded
     #: 2-core box can stall a healthy loop for a few seconds).
     heartbeat_timeout_s: float = 10.0
-    #: Model processes answer heartbeats between calls; one call may take this long.
+    #: Model processes answer heartbeats between calls; one call may take this long (the
+    #: heartbeat and the stall limit of inference and overlay processes).
     model_heartbeat_timeout_s: float = 30.0
+    #: A stage with frames waiting that finishes none for this long is restarted.
     stall_timeout_s: float = 5.0
     ready_timeout_s: float = 60.0
     #: Loading a pipeline (weights, compilation) may take long on a real GPU box.

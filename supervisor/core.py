@@ -364,18 +364,23 @@ class Supervisor:
 
     def _check_liveness(self, child: Child, now: float) -> None:
         """A live process is not a live loop: restart stages that stop answering or progressing."""
+        if child.kill_reason:
+            return  # killed already, its exit not yet seen
         timeout_s = self.config.heartbeat_timeout_s
+        stall_s = self.config.stall_timeout_s
         if child.is_pipeline:
-            # Heartbeats are answered between model calls, and one call may be long.
+            # Heartbeats are answered between model calls, and one call may be long (a block of
+            # a causal video model on a small GPU, a session's first call).
             timeout_s = max(timeout_s, self.config.model_heartbeat_timeout_s)
+            stall_s = max(stall_s, self.config.model_heartbeat_timeout_s)
         if now - child.last_ack > timeout_s:
             child.kill_reason = f"no heartbeat for {now - child.last_ack:.1f} s"
-            logger.error("%s: %s; killing it", child.name, child.kill_reason)
-            child.kill()
-        elif now - child.progress_at > self.config.stall_timeout_s:
+        elif now - child.progress_at > stall_s:
             child.kill_reason = f"frames waiting but none done for {now - child.progress_at:.1f} s"
-            logger.error("%s: %s; killing it", child.name, child.kill_reason)
-            child.kill()
+        else:
+            return
+        logger.error("%s: %s; killing it", child.name, child.kill_reason)
+        child.kill()
 
     # ------------------------------------------------------------------ control socket
 

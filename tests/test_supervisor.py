@@ -235,3 +235,22 @@ def test_a_frozen_stage_is_restarted(start_supervisor: Start) -> None:
     assert not pid_alive(frozen)
     wait_frames_flow(run)
     assert run.stop() == 0
+
+
+def test_a_long_model_call_is_not_taken_for_a_stall(
+    start_supervisor: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every call of this model takes 2 s with frames waiting: longer than the stall limit of a
+    # plain stage (1 s here), shorter than the model processes' limit.
+    monkeypatch.setenv("DREAMWIRE_PIPELINES", "slowpass=slow_pipeline:SLOWPASS")
+    run = start_supervisor(
+        "stall_timeout_s = 1.0\nmodel_heartbeat_timeout_s = 8.0\n"
+        + CHAIN.replace('pipelines = ["passthrough"]', 'pipelines = ["slowpass"]')
+    )
+    stages = ["testsrc", "inference/slowpass", "testsink"]
+    reply = run.request(p.OpenSession(session_id="s1", stages=stages, width=128, height=96))
+    assert isinstance(reply, p.SessionOpened), reply
+    wait_until(lambda: sink_frames(run) >= 3, 30, "three slow calls' frames at the sink")
+    slow = run.service("inference/slowpass")
+    assert slow.restarts == 0 and slow.state == "ready", run.log()
+    assert "killing it" not in run.log() and "corrupt" not in run.log()

@@ -279,3 +279,17 @@ def test_blocks_ahead_give_the_same_frames_while_the_next_block_is_made(
         pipe.settle(ahead)
     pipe.end_session(ahead)
     pipe.end_session(plain)
+
+
+@pytest.mark.parametrize("pipeline_id", ["streamdiffusionv2", "longlive"])
+def test_warm_up_generates_blocks_in_the_default_mode(
+    pipes: dict[str, Any], pipeline_id: str
+) -> None:
+    from services.inference.core import warm_up
+
+    pipe = pipes[pipeline_id]
+    before = pipe.model_calls
+    warm_up(pipe, SPECS[pipeline_id], config(pipeline_id))
+    steps = len(config(pipeline_id).denoising_step_list)
+    # At least two blocks, each its denoising passes plus the pass that writes the cache.
+    assert pipe.model_calls - before >= 2 * (steps + 1)

@@ -31,6 +31,7 @@ that hears per-frame results and errors as ``StageOutput``, default ``signalling
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ import numpy as np
 
 from services import protocol as p
 from services.inference import registry
-from services.inference.pipeline import Pipeline, Request, Result
+from services.inference.pipeline import COMPILE_ENV, Pipeline, PipelineSpec, Request, Result
 from services.models.store import resolve_models_dir
 from services.runtime import Outbox, ServiceSpec
 from services.stage import RingStage, StageSession
@@ -62,6 +63,29 @@ def copy_frame(dst: np.ndarray, src: Any) -> None:
     import torch
 
     torch.from_numpy(dst).copy_(src)
+
+
+def warm_up(pipeline: Pipeline, spec: PipelineSpec, load_config: Any) -> None:
+    """A few calls of one throwaway session at the load size, in the pipeline's default mode.
+
+    ``torch.compile`` compiles on a model's first calls, which takes a minute or more: made here
+    (before the service is Ready, under the load timeout) rather than in a user's first frames,
+    where the supervisor would take the silent process for a stuck one.
+    """
+    width = int(getattr(load_config, "width", spec.default_width))
+    height = int(getattr(load_config, "height", spec.default_height))
+    state = pipeline.new_session("warm-up", width, height, load_config)
+    rng = np.random.default_rng(0)
+    try:
+        # Two blocks' worth and one more: calls with and without a cache, and a block ahead.
+        for i in range(2 * 4 * spec.frames_per_call + 1):
+            frames = None
+            if spec.default_mode == "video":
+                rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                frames = pipeline.prepare(state, rgb)
+            pipeline([Request(state, frames, i)])
+    finally:
+        pipeline.end_session(state)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -105,6 +129,12 @@ class InferenceCore(RingStage):
             time.monotonic() - started,
             self.pipeline.device_description,
         )
+        if os.environ.get(COMPILE_ENV) == "1":
+            started = time.monotonic()
+            warm_up(self.pipeline, self.pipeline_spec, load_config)
+            logger.info(
+                "%s compiled and warmed up in %.1f s", pipeline_id, time.monotonic() - started
+            )
         self.failures = 0
         self._pending: set[str] = set()
 

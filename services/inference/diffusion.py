@@ -26,14 +26,19 @@ from typing import Any
 
 import torch
 
-from services.inference.pipeline import Pipeline, PipelineSpec, PromptItem, Transition
+from services.inference.pipeline import (
+    COMPILE_ENV,
+    Pipeline,
+    PipelineSpec,
+    PromptItem,
+    Transition,
+)
 from services.inference.specs import SD_TURBO, TAESD
 from services.models.downloads import require_models
 from services.models.store import repo_dir
 
 logger = logging.getLogger(__name__)
 
-COMPILE_ENV = "DREAMWIRE_TORCH_COMPILE"
 PROMPT_CACHE_SIZE = 256
 
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from services.inference import diffusion as d
-from services.inference.pipeline import Pipeline, PipelineSpec, Request, Result
+from services.inference.pipeline import COMPILE_ENV, Pipeline, PipelineSpec, Request, Result
 from services.inference.wan.convert import load_transformer
 from services.inference.wan.model import AttentionPolicy, CausalWanTransformer, KVCache
 from services.inference.wan.specs import (
@@ -170,7 +170,7 @@ class WanPipeline(Pipeline):
             lora=lora_path,
             lora_alpha=lora_alpha,
         )
-        if os.environ.get(d.COMPILE_ENV) == "1":
+        if os.environ.get(COMPILE_ENV) == "1":
             self.transformer.compile_blocks()
         if quantization is not None:
             from services.inference.wan.fp8 import quantize_linears
