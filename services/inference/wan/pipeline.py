@@ -170,12 +170,12 @@ class WanPipeline(Pipeline):
             lora=lora_path,
             lora_alpha=lora_alpha,
         )
-        if os.environ.get(COMPILE_ENV) == "1":
-            self.transformer.compile_blocks()
         if quantization is not None:
             from services.inference.wan.fp8 import quantize_linears
 
             quantize_linears(self.transformer.blocks, dtype)
+        if os.environ.get(COMPILE_ENV) == "1":  # after quantizing: the graph has the fp8 layers
+            self.transformer.compile_blocks()
         base = repo_dir(models_dir, WAN_BASE.repo_id)
         text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
