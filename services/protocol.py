@@ -246,6 +246,16 @@ class KeyframeNeeded(msgspec.Struct, tag=True, array_like=True, gc=False):
     session_id: str
 
 
+class FramesDropped(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """A stage lost frames of a session that no ring counter sees (a stage → signalling, which
+    keeps the metrics): decode's payloads that gave no picture (decoder errors, deltas before
+    the first keyframe), encode's frames the encoder dropped. ``stage`` is the metrics stage."""
+
+    session_id: str
+    stage: str
+    count: int
+
+
 class BitrateChanged(msgspec.Struct, tag=True, array_like=True, gc=False):
     session_id: str
     bitrate_bps: int
@@ -277,6 +287,7 @@ InboxMessage = (
     | EncodedFrame
     | EncodedPacket
     | KeyframeNeeded
+    | FramesDropped
     | BitrateChanged
     | UpdateParameters
     | StageOutput

@@ -29,6 +29,8 @@ backend_key = web.AppKey("backend", SignallingBackend)
 
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: Stages report drops one at a time; a larger count is a bad message, not a metric.
+MAX_DROP_REPORT = 1000
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -70,6 +72,10 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
                 await sessions.on_keyframe_needed(session_id)
             case p.StageOutput():
                 sessions.on_stage_output(msg)
+            case p.FramesDropped(session_id=session_id, stage=stage, count=count):
+                if stage not in ("decode", "encode") or not 0 < count <= MAX_DROP_REPORT:
+                    raise ValueError(f"drops: {count} at {stage!r} is not a drop report")
+                sessions.metrics.dropped(session_id, stage, count)
             case _:
                 raise ValueError(f"signalling does not take {type(msg).__name__}")
 

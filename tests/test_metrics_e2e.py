@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import urllib.request
 
 import aiohttp
 import msgspec
 import pytest
+import zmq
 from client import DreamwireClient, PatternTrack
-from conftest import SupervisorRun
+from conftest import SupervisorRun, async_wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+from services import protocol as p
+from services.runtime import inbox_endpoint
 from shm.ring import Stage
 from signalling.metrics import STAMP_ORDER
 from signalling.metrics_schema import MetricsReport, TraceFeed
@@ -38,6 +42,25 @@ async def test_traces_survive_every_hop_and_metrics_are_served(start_supervisor:
         client.pattern = PatternTrack(512, 512, 30)
         session_id = await client.connect(client.pattern)
         await client.wait_frames(30, timeout_s=30)
+
+        # Frames lost in decode are counted at decode: a payload that decodes to nothing (a garbage
+        # frame pushed into decode's inbox for the live session) shows up in the session's drops.
+        assert server.run_dir is not None
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(inbox_endpoint(server.run_dir, "decode"))
+        garbage = p.EncodedFrame(session_id, "VP8", b"\x00not vp8", 0, False, 0, 0)
+        push.send(p.inbox_codec().encode(garbage))
+        push.close()
+        ctx.term()
+
+        def decode_drops() -> int:
+            with urllib.request.urlopen(f"{base}/api/v1/metrics?session={session_id}") as resp:
+                (live,) = msgspec.json.decode(resp.read(), type=MetricsReport).sessions
+            return live.drops.get("decode", 0)
+
+        await async_wait_until(lambda: decode_drops() >= 1, 10, "the decode drop in the metrics")
 
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/api/v1/metrics/traces?after=0") as resp:

@@ -170,6 +170,7 @@ def test_garbage_is_rejected_and_services_keep_answering(start_supervisor: Start
         b"",
         codec.encode(p.FrameReady(session_id="nope", ring="x", seq=1)),  # unknown session
         codec.encode(p.BitrateChanged(session_id="s1", bitrate_bps=5)),  # wrong kind for stage
+        codec.encode(p.FramesDropped(session_id="s1", stage="nope", count=-5)),  # not a report
     ]
     try:
         for name in [

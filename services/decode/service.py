@@ -64,6 +64,12 @@ class DecodeStage(RingStage):
         if self.core.needs_keyframe(session.session_id):
             self._ask_keyframe(session)
         if not decoded:
+            # A decoder error, or a delta before the first keyframe: lost here, so counted here
+            # (signalling, which sent the frame, keeps the metrics).
+            self.outbox.send(
+                self.keyframe_target,
+                p.FramesDropped(session_id=session.session_id, stage="decode", count=1),
+            )
             return
         number = session.state["frame_number"]
         session.state["frame_number"] = number + 1

@@ -61,6 +61,11 @@ class EncodeStage(RingStage):
         target = session.downstream
         if target is None:
             return
+        if not packets:  # the encoder dropped the frame (rate control): lost here
+            self.outbox.send(
+                target, p.FramesDropped(session_id=session.session_id, stage="encode", count=1)
+            )
+            return
         stamp_list = stamps.tolist()
         for packet in packets:
             self.outbox.send(
