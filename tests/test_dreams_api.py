@@ -209,3 +209,40 @@ async def test_viewer_messages_other_than_ping_are_ignored() -> None:
         assert json.loads(reply.data) == {"type": "pong"}
         assert not ws.closed
         await ws.close()
+
+
+async def test_limits_count_the_forwarded_client_behind_a_trusted_proxy() -> None:
+    async def statuses(client: Any, forwarded_for: str, n: int) -> list[int]:
+        codes = []
+        for _ in range(n):
+            headers = {"X-Forwarded-For": forwarded_for}
+            async with client.get("/api/dreams/status", headers=headers) as resp:
+                codes.append(resp.status)
+        return codes
+
+    # The test client connects from 127.0.0.1: as a trusted proxy, each forwarded client has
+    # its own 60 requests; a spoofed left-most hop changes nothing.
+    trusting = dreams_config(trusted_proxies=["127.0.0.0/8"])
+    async with serve_dreams(trusting, RecordingLauncher()) as (client, _hub):
+        assert await statuses(client, "203.0.113.7", 60) == [200] * 60
+        assert await statuses(client, "198.51.100.1, 203.0.113.7", 1) == [429]
+        assert await statuses(client, "198.51.100.9", 60) == [200] * 60
+    # Without trusted proxies the header is anyone's to send: ignored.
+    async with serve_dreams(dreams_config(), RecordingLauncher()) as (client, _hub):
+        assert await statuses(client, "203.0.113.7", 60) == [200] * 60
+        assert await statuses(client, "198.51.100.9", 1) == [429]
+
+
+def test_client_ip_rules() -> None:
+    from signalling.dreams.client_ip import client_ip, parse_networks
+
+    proxies = parse_networks(["10.0.0.0/8", "::1"])
+    assert client_ip("10.1.2.3", "203.0.113.7", proxies) == "203.0.113.7"
+    assert client_ip("10.1.2.3", "1.1.1.1, 203.0.113.7, 10.9.9.9", proxies) == "203.0.113.7"
+    assert client_ip("::1", "2001:db8::5", proxies) == "2001:db8::5"
+    assert client_ip("192.0.2.1", "203.0.113.7", proxies) == "192.0.2.1"  # not a proxy
+    assert client_ip("10.1.2.3", "garbage", proxies) == "10.1.2.3"
+    assert client_ip("10.1.2.3", None, proxies) == "10.1.2.3"
+    assert client_ip(None, "203.0.113.7", proxies) == "unknown"
+    with pytest.raises(ValueError, match="trusted_proxies: 'nope'"):
+        parse_networks(["nope"])

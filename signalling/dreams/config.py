@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from signalling.dreams.client_ip import parse_networks
+
 __all__ = ["AUTH_TOKEN_ENV", "DreamsConfig", "LauncherConfig", "resolve_auth_token"]
 
 #: Shared secret of the GPU worker link, on the hub and on the worker (as the Dreams API says).
@@ -83,9 +85,15 @@ class DreamsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     auth_token: str | None = None
     #: Base URL used by ``/api/dreams/embed``; "" = the request's own scheme and host.
     public_url: str = ""
+    #: Reverse proxies (addresses or networks) whose ``X-Forwarded-For`` names the client for
+    #: the per-IP limits; empty: the peer's own address, and the header is ignored.
+    trusted_proxies: list[str] = []
     #: File keeping the last state snapshot across restarts of the server; "" = memory only.
     state_path: str = ""
     launcher: LauncherConfig = msgspec.field(default_factory=LauncherConfig)
+
+    def __post_init__(self) -> None:
+        parse_networks(self.trusted_proxies)  # a bad entry fails at start-up, named
 
 
 def resolve_auth_token(config: DreamsConfig) -> str:

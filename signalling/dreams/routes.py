@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from signalling.dreams.client_ip import Network, client_ip, parse_networks
 from signalling.dreams.config import DreamsConfig, resolve_auth_token
 from signalling.dreams.frames import Frame
 from signalling.dreams.hub import DreamsHub
@@ -60,6 +61,7 @@ class DreamsRoutes:
     token: str
     limiter: RateLimiter
     last_prune: float = 0.0
+    proxies: tuple[Network, ...] = ()
 
 
 DREAMS: web.AppKey[DreamsRoutes] = web.AppKey("dreamwire_dreams", DreamsRoutes)
@@ -80,7 +82,9 @@ def _state(request: web.Request) -> DreamsRoutes:
 
 
 def _client_ip(request: web.Request) -> str:
-    return request.remote or "unknown"
+    """The address the per-IP limits count (see :mod:`signalling.dreams.client_ip`)."""
+    proxies = _state(request).proxies
+    return client_ip(request.remote, request.headers.get("X-Forwarded-For"), proxies)
 
 
 def _note_origin(request: web.Request, hub: DreamsHub) -> None:
@@ -460,6 +464,7 @@ def add_dreams_routes(
         config=config,
         token=token,
         limiter=RateLimiter(config.rate_limit_requests, config.rate_limit_window_s),
+        proxies=parse_networks(config.trusted_proxies),
     )
     if not token:
         logger.warning(
