@@ -441,7 +441,7 @@ GLOW = {
     "default_width": 256,
     "default_height": 256,
     "requires_models": True,
-    "load_params": ["width", "seed"],
+    "load_params": ["width", "seed", "quantization"],
     "config_schema": {
         "type": "object",
         "properties": {
@@ -488,6 +488,12 @@ GLOW = {
                 "ui": {"order": 5, "category": "configuration"},
             },
             "internal": {"type": "boolean", "default": False},
+            # An optional load setting that is off by default (Krea's fp8 weights).
+            "quantization": {
+                "anyOf": [{"enum": ["fp8_e4m3fn"]}, {"type": "null"}],
+                "default": None,
+                "ui": {"order": 10, "category": "configuration", "is_load_param": True},
+            },
         },
         "$defs": {"Style": {"enum": ["neon", "ink", "film"]}},
     },
@@ -531,6 +537,9 @@ def test_settings_render_from_any_schema(offline_page: Page) -> None:
         "step", "64"
     )
     expect(page.locator('#load-fields [data-param="seed"] input[type="number"]')).to_have_value("7")
+    quantization = page.locator('#load-fields [data-param="quantization"] select')
+    expect(quantization.locator("option")).to_have_text(["None", "fp8_e4m3fn"])
+    expect(quantization).to_have_value("null")
     # Video and no-input modes: all three sources offered.
     expect(page.locator('input[name="source"]:disabled')).to_have_count(0)
 
@@ -558,7 +567,7 @@ def test_download_progress_and_load_error(offline_page: Page, fake_api: FakeApi)
         page.click("#load")
     assert load.value.post_data_json == {
         "pipeline_id": "glow",
-        "load_params": {"width": 256, "seed": 99},
+        "load_params": {"width": 256, "seed": 99, "quantization": None},
     }
     expect(page.locator("#load")).to_have_text("Loading…")
     fake_api.status = {"status": "error", "pipeline_id": "glow", "error": "CUDA out of memory"}

@@ -183,9 +183,15 @@ function renderToggle(field, value, onChange) {
 
 function renderSelect(field, value, onChange) {
   const select = el("select", { name: field.key });
-  for (const option of field.schema.enum) {
+  // A nullable enum (`X | None`) offers "None" first; it sends null.
+  const options = field.schema.nullable ? [null, ...field.schema.enum] : field.schema.enum;
+  for (const option of options) {
     select.append(
-      el("option", { value: JSON.stringify(option), text: String(option), selected: option === value }),
+      el("option", {
+        value: JSON.stringify(option),
+        text: option === null ? "None" : String(option),
+        selected: option === value,
+      }),
     );
   }
   const { wrap } = fieldShell(field, select);

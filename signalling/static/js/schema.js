@@ -128,6 +128,8 @@ export function fieldsOf(pipeline) {
 
 function defaultOf(s, widget, root) {
   if (s.default !== undefined && s.default !== null) return structuredClone(s.default);
+  // An optional setting that is off by default (Krea's fp8 `quantization`) stays off.
+  if (s.default === null && s.nullable) return null;
   switch (widget) {
     case "toggle":
       return false;
