@@ -119,18 +119,24 @@ async def test_viewers_wake_the_worker_grace_stops_it_next_viewer_resumes(
         # The next viewer: the cached last frame at once, then a new worker drawing on from the
         # saved state.
         async with http.ws_connect(f"{base}/ws/dreams") as ws:
-            status = json.loads((await ws.receive(timeout=10)).data)
             # The hub may still be finishing the stop (the worker has exited; the launcher is
-            # winding down): then "stopping" comes first, and "starting" follows.
-            while status.get("status") == "stopping" or status.get("type") != "status":
-                status = json.loads((await ws.receive(timeout=10)).data)
+            # winding down): then "stopping" comes first, the cached frame may come before
+            # "starting", and "starting" follows.
+            early: list[int] = []
+            status: dict[str, object] = {}
+            while status.get("type") != "status" or status.get("status") == "stopping":
+                message = await ws.receive(timeout=10)
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    early += [n for n in [decode_number(message.data[1:])] if n is not None]
+                else:
+                    status = json.loads(message.data)
             assert status == {
                 "type": "status",
                 "status": "starting",
                 "message": "Waking the dream machine...",
                 "viewer_count": 1,
             }
-            resumed = await drawn_numbers(ws, 5)
+            resumed = early + await drawn_numbers(ws, 5 - len(early))
             workers = worker_pids(server)
         # The last frame before the stop (the snapshot names the frame after it; a frame in
         # flight at the shutdown may make it that one), then the saved frame and on.
