@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def model() -> CausalWanTransformer:
+def small_model() -> CausalWanTransformer:
+    """A fresh 2-layer model with random weights (seeded)."""
     torch.manual_seed(0)
     m = CausalWanTransformer(
         patch_size=(1, 2, 2),
@@ -46,6 +46,11 @@ def model() -> CausalWanTransformer:
     with torch.no_grad():
         m.proj_out.weight.normal_(0.0, 0.2)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> CausalWanTransformer:
+    return small_model()
 
 
 def inputs(frames: int, seed: int = 1) -> tuple[Any, Any, Any]:
@@ -262,19 +267,7 @@ def test_a_lora_that_does_not_fit_is_refused(tiny: Any, tmp_path: Path) -> None:
 def test_compiled_blocks_equal_eager_and_compile_once_for_all_layers() -> None:
     from torch._dynamo.testing import CompileCounter
 
-    torch.manual_seed(0)
-    m = CausalWanTransformer(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        text_dim=8,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=64,
-    ).eval()
+    m = small_model()  # its own: compiling must not touch the shared fixture
     policy = POLICIES["window+sink"]
     x, t, ctx = inputs(15)
 
