@@ -62,6 +62,10 @@ class Child:
         self.failure_reason = ""  # what the process said (ServiceFailed) before it died
         self.kill_reason = ""  # why the supervisor killed it (no heartbeat, no progress)
         self.last_ack = 0.0
+        #: When the oldest heartbeat the process has not answered yet was sent (None: all
+        #: answered). Liveness is judged from it, so a supervisor that was itself held up
+        #: (a loaded box) never blames its children for heartbeats it did not send.
+        self.unanswered_since: float | None = None
         self.frames_done = 0
         self.progress_at = 0.0
         self.rejected = 0
@@ -89,6 +93,7 @@ class Child:
         self.state = State.STARTING
         self.started_at = now
         self.last_ack = now
+        self.unanswered_since = None
         self.progress_at = now
         logger.info("started %s (pid %d)", self.name, self.proc.pid)
 

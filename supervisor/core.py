@@ -359,6 +359,8 @@ class Supervisor:
             self._heartbeat_seq += 1
             for child in self.children.values():
                 if child.state is State.READY:
+                    if child.unanswered_since is None:
+                        child.unanswered_since = now
                     self._send(child.name, p.Heartbeat(seq=self._heartbeat_seq))
             self._next_heartbeat = now + self.config.heartbeat_interval_s
 
@@ -373,10 +375,14 @@ class Supervisor:
             # a causal video model on a small GPU, a session's first call).
             timeout_s = max(timeout_s, self.config.model_heartbeat_timeout_s)
             stall_s = max(stall_s, self.config.model_heartbeat_timeout_s)
-        if now - child.last_ack > timeout_s:
-            child.kill_reason = f"no heartbeat for {now - child.last_ack:.1f} s"
-        elif now - child.progress_at > stall_s:
-            child.kill_reason = f"frames waiting but none done for {now - child.progress_at:.1f} s"
+        unanswered_s = 0.0 if child.unanswered_since is None else now - child.unanswered_since
+        # Stalls are judged on the process's own latest report (frames waiting, none done
+        # since progress_at), not on the clock now: a late report is the heartbeat's business.
+        stalled_s = child.last_ack - child.progress_at
+        if unanswered_s > timeout_s:
+            child.kill_reason = f"no heartbeat answered for {unanswered_s:.1f} s"
+        elif stalled_s > stall_s:
+            child.kill_reason = f"frames waiting but none done for {stalled_s:.1f} s"
         else:
             return
         logger.error("%s: %s; killing it", child.name, child.kill_reason)
@@ -424,12 +430,14 @@ class Supervisor:
             case p.Ready():
                 child.state = State.READY
                 child.ready_at = child.last_ack = child.progress_at = now
+                child.unanswered_since = None
                 logger.info("%s ready in %.2f s", child.name, now - child.started_at)
                 for session in self.sessions.values():
                     if child.name in session.stages:
                         self._send(child.name, session.start_message(child.name))
             case p.HeartbeatAck(frames_done=done, frames_waiting=waiting):
                 child.last_ack = now
+                child.unanswered_since = None
                 if done != child.frames_done or waiting == 0:
                     child.progress_at = now
                 child.frames_done = done

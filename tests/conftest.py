@@ -201,9 +201,29 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+LOG_TAIL_CHARS = 12_000
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test shows the end of each supervisor log it started: the server's side of the
+    story (a stage that crashed or was restarted) is what explains most failures."""
+    report = yield
+    runs: list[SupervisorRun] = getattr(item, "supervisor_runs", [])
+    if report.failed:
+        for run in runs:
+            if run.log_path.exists():
+                tail = run.log()[-LOG_TAIL_CHARS:]
+                report.sections.append((f"supervisor log ({run.log_path})", tail))
+    return report
+
+
 @pytest.fixture
-def start_supervisor(short_tmp: Path) -> Iterator[Callable[..., SupervisorRun]]:
+def start_supervisor(
+    short_tmp: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., SupervisorRun]]:
     runs: list[SupervisorRun] = []
+    request.node.supervisor_runs = runs
 
     def start(config: str = "", extra_args: list[str] | None = None) -> SupervisorRun:
         run = SupervisorRun(short_tmp, config, extra_args)

@@ -232,9 +232,31 @@ def test_a_frozen_stage_is_restarted(start_supervisor: Start) -> None:
         return s.state == "ready" and s.pid not in (None, frozen)
 
     wait_until(replaced, 15, "the frozen stage to be replaced")
-    assert "no heartbeat for" in run.service("testsink").last_error
+    assert "no heartbeat answered for" in run.service("testsink").last_error
     assert not pid_alive(frozen)
     wait_frames_flow(run)
+    assert run.stop() == 0
+
+
+def test_a_held_up_supervisor_keeps_its_healthy_stages(start_supervisor: Start) -> None:
+    """A supervisor that was itself held up (a loaded box, a debugger) for longer than the
+    heartbeat and stall limits does not kill stages that were working all along."""
+    run = start_supervisor("heartbeat_timeout_s = 1.0\nstall_timeout_s = 0.5\n" + CHAIN)
+    open_chain(run)
+    wait_frames_flow(run)
+    before = {s.name: (s.pid, s.restarts) for s in run.status().services}
+    assert run.proc is not None
+    os.kill(run.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # the stimulus: a pause past both limits, not a wait for anything
+    finally:
+        os.kill(run.proc.pid, signal.SIGCONT)
+    # Two status replies: the second comes after a full loop (timers included) since resuming.
+    run.status()
+    wait_frames_flow(run)
+    after = {s.name: (s.pid, s.restarts) for s in run.status().services}
+    assert after == before, run.log()
+    assert "killing it" not in run.log()
     assert run.stop() == 0
 
 
