@@ -15,7 +15,7 @@ Commands are imperative (``StartSession``), events past tense (``ServiceFailed``
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -178,6 +178,9 @@ class PipelineState(msgspec.Struct, forbid_unknown_fields=True):
     error: str | None = None
 
 
+SupervisorPhase = Literal["starting", "running", "stopping"]
+
+
 class StatusReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     run_id: str
     pid: int
@@ -185,9 +188,10 @@ class StatusReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     services: list[ServiceStatus]
     sessions: list[str]
     rejected: int
+    #: starting (services still coming up in order: ``services`` lists those started so far)
+    #: | running | stopping
+    phase: SupervisorPhase
     pipelines: list[PipelineState] = []
-    #: starting (services still coming up in order) | running | stopping
-    phase: str = "running"
     rings: list[RingStatus] = []
 
 

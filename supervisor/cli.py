@@ -69,8 +69,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(exc, file=sys.stderr)
                 return 1
         print(
-            f"run {report.run_id}  supervisor pid {report.pid}  up {report.uptime_s:.0f} s  "
-            f"sessions {len(report.sessions)}"
+            f"run {report.run_id}  {report.phase}  supervisor pid {report.pid}  "
+            f"up {report.uptime_s:.0f} s  sessions {len(report.sessions)}"
         )
         print(f"  {'SERVICE':<28} {'STATE':<11} {'PID':>7} {'UPTIME':>8} {'RESTARTS':>8}  ERROR")
         for s in report.services:

@@ -94,7 +94,7 @@ class Supervisor:
         self.rejected = 0
         self.sampler = ProcessSampler()  # per-process CPU/memory for status (issue 5)
         self._stop_reason: str | None = None
-        self.phase = "starting"
+        self.phase: p.SupervisorPhase = "starting"
         self._heartbeat_seq = 0
         self._next_heartbeat = 0.0
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -608,6 +608,7 @@ class Supervisor:
             ],
             sessions=sorted(self.sessions),
             rejected=self.rejected,
+            phase=self.phase,
             pipelines=self.pipeline_states(),
             rings=self.ring_states(),
         )

@@ -111,29 +111,38 @@ class SupervisorRun:
         self.run_dir: Path | None = None
         self._log: BinaryIO | None = None
 
-    def start(self, timeout_s: float = 60) -> SupervisorRun:
+    def launch(self) -> None:
+        """``supervisor start``, without waiting for anything."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=self._log)
         self.run_dir = None
 
+    def answering(self) -> p.StatusReport | None:
+        """The status, once the supervisor has a run directory and answers on it."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"supervisor exited early:\n{self.log()}")
         pid = self.proc.pid
+        runs = find_run_dirs(self.base / "run")
+        mine = [r for r in runs if json.loads((r / "supervisor.json").read_text())["pid"] == pid]
+        if not mine:
+            return None
+        self.run_dir = mine[0]
+        try:
+            return self.status()
+        except SupervisorUnreachable:
+            return None
+
+    def start(self, timeout_s: float = 60) -> SupervisorRun:
+        self.launch()
 
         def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"supervisor exited early:\n{self.log()}")
-            runs = find_run_dirs(self.base / "run")
-            mine = [
-                r for r in runs if json.loads((r / "supervisor.json").read_text())["pid"] == pid
-            ]
-            if not mine:
-                return False
-            self.run_dir = mine[0]
-            try:
-                report = self.status()
-            except SupervisorUnreachable:
-                return False
-            return report.phase == "running" and all(s.state == "ready" for s in report.services)
+            report = self.answering()
+            return (
+                report is not None
+                and report.phase == "running"
+                and all(s.state == "ready" for s in report.services)
+            )
 
         wait_until(up, timeout_s, "supervisor to be ready")
         if any(s.name == "signalling" for s in self.status().services):
@@ -225,9 +234,14 @@ def start_supervisor(
     runs: list[SupervisorRun] = []
     request.node.supervisor_runs = runs
 
-    def start(config: str = "", extra_args: list[str] | None = None) -> SupervisorRun:
+    def start(
+        config: str = "", extra_args: list[str] | None = None, wait: bool = True
+    ) -> SupervisorRun:
         run = SupervisorRun(short_tmp, config, extra_args)
         runs.append(run)
+        if not wait:
+            run.launch()
+            return run
         return run.start()
 
     yield start

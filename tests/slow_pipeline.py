@@ -1,9 +1,14 @@
-"""A test pipeline plugin (``DREAMWIRE_PIPELINES="slowpass=slow_pipeline:SLOWPASS"``): the
-passthrough, except that every call takes ``SLOW_CALL_S`` (2 s), as one block of a causal video
-model may on a small GPU. Like every spec module it imports no torch."""
+"""Test pipeline plugins, the passthrough made slow. Like every spec module they import no torch.
+
+* ``slowpass=slow_pipeline:SLOWPASS``: every call takes ``SLOW_CALL_S`` (2 s), as one block of
+  a causal video model may on a small GPU.
+* ``gatedpass=slow_pipeline:GATEDPASS``: loading waits until the file named by
+  ``DREAMWIRE_TEST_LOAD_GATE`` exists, so a test holds the server in its start-up.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,4 +38,28 @@ SLOWPASS = PipelineSpec(
     config=PassthroughConfig,
     modes=("video",),
     loader="slow_pipeline:load",
+)
+
+
+LOAD_GATE_ENV = "DREAMWIRE_TEST_LOAD_GATE"
+GATE_LIMIT_S = 60.0
+
+
+def load_gated(spec: PipelineSpec, load_params: Any, models_dir: Path) -> PassthroughPipeline:
+    gate = Path(os.environ[LOAD_GATE_ENV])
+    deadline = time.monotonic() + GATE_LIMIT_S
+    while not gate.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{gate} did not appear within {GATE_LIMIT_S:.0f} s")
+        time.sleep(0.02)
+    return PassthroughPipeline(spec)
+
+
+GATEDPASS = PipelineSpec(
+    id="gatedpass",
+    name="Gated passthrough",
+    description="Loads once the test opens the gate.",
+    config=PassthroughConfig,
+    modes=("video",),
+    loader="slow_pipeline:load_gated",
 )

@@ -127,6 +127,7 @@ def status_report() -> p.StatusReport:
         ],
         sessions=["s1"],
         rejected=0,
+        phase="running",
         rings=[
             p.RingStatus(
                 session_id="s1",

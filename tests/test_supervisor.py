@@ -83,6 +83,39 @@ def test_ctrl_c_and_cli_status_stop(start_supervisor: Start) -> None:
     assert not any(pid_alive(pid) for pid in pids)
 
 
+def test_status_says_starting_until_every_service_is_up(
+    start_supervisor: Start, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tools (and these tests) wait for ``running``: while services still come up in order,
+    status must say ``starting``, or a client would talk to a server without its API."""
+    gate = short_tmp / "gate"
+    monkeypatch.setenv("DREAMWIRE_PIPELINES", "gatedpass=slow_pipeline:GATEDPASS")
+    monkeypatch.setenv("DREAMWIRE_TEST_LOAD_GATE", str(gate))
+    run = start_supervisor(CHAIN.replace('["passthrough"]', '["gatedpass"]'), wait=False)
+
+    def loading() -> p.StatusReport | None:
+        report = run.answering()
+        return report if report is not None and report.services else None
+
+    report = wait_until(loading, 30, "the supervisor to start the gated pipeline")
+    assert report.phase == "starting"
+    assert [s.name for s in report.services] == ["inference/gatedpass"]
+    cli = [sys.executable, "-m", "supervisor.cli", "status"]
+    out = subprocess.run(cli, env=run.env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert " starting " in out.stdout.splitlines()[0]
+    gate.touch()
+
+    def running() -> p.StatusReport | None:
+        report = run.status()
+        return report if report.phase == "running" else None
+
+    report = wait_until(running, 30, "every service to be up")
+    assert {s.name for s in report.services} >= {"inference/gatedpass", "signalling"}
+    assert all(s.state == "ready" for s in report.services)
+    assert run.stop() == 0
+
+
 @pytest.mark.parametrize(
     "victim", ["testsrc", "inference/passthrough", "testsink", "decode", "encode", "signalling"]
 )
