@@ -490,7 +490,7 @@ class Supervisor:
             case p.GetStatus():
                 return self.status()
             case p.Shutdown(reason=reason):
-                self.request_stop(f"supervisor stop ({reason})")
+                self.request_stop(reason or "supervisor stop")
                 return p.Ack()
             case p.OpenSession():
                 try:
