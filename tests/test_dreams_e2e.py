@@ -121,7 +121,7 @@ async def test_viewers_wake_the_worker_grace_stops_it_next_viewer_resumes(
         async with http.ws_connect(f"{base}/ws/dreams") as ws:
             # The hub may still be finishing the stop (the worker has exited; the launcher is
             # winding down): then "stopping" comes first, the cached frame may come before
-            # "starting", and "starting" follows.
+            # "starting", and "starting" follows (never "idle": someone is waiting).
             early: list[int] = []
             status: dict[str, object] = {}
             while status.get("type") != "status" or status.get("status") == "stopping":

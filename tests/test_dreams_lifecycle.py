@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,3 +110,33 @@ async def test_killed_worker_leaves_cached_frames_then_recovers() -> None:
         assert resumed == list(range(resumed[0], resumed[0] + len(resumed))), after
         assert resumed[0] > before[-1] - 2 * KEYFRAME_INTERVAL, after
         assert await current_number(client) > cached  # the hub's numbers only grow
+
+
+async def test_a_viewer_arriving_during_the_stop_sees_it_start_again_not_sleep() -> None:
+    async with serve_dreams(dreams_config(grace_period_s=0.2)) as (client, hub):
+        launcher = hub.launcher
+        assert isinstance(launcher, LocalWorkerLauncher)
+        async with client.ws_connect("/ws/dreams") as ws:
+            await drawn_numbers(ws, 3)
+        pid = launcher.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # holds the stop: the worker cannot send its state yet
+        try:
+            await hub.wait_state("stopping", timeout_s=10)
+            async with client.ws_connect("/ws/dreams") as ws:
+                statuses: list[str] = []
+                while statuses[-1:] != ["ready"]:
+                    message = await ws.receive(timeout=20)
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    data = json.loads(message.data)
+                    if data["type"] != "status" or statuses[-1:] == [data["status"]]:
+                        continue
+                    statuses.append(data["status"])
+                    if data["status"] == "stopping":
+                        os.kill(pid, signal.SIGCONT)  # the newcomer is in: let the stop finish
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # gone already when all went well
+                os.kill(pid, signal.SIGCONT)
+        assert statuses == ["stopping", "starting", "ready"]
+        assert launcher.starts == 2

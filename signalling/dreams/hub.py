@@ -432,11 +432,12 @@ class DreamsHub:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: str, *, tell_viewers: bool = True) -> None:
         if state != self.state:
             logger.info("dreams: %s → %s", self.state, state)
             self.state = state
-            self._broadcast(self.status_message())
+            if tell_viewers:
+                self._broadcast(self.status_message())
             changed, self._state_changed = self._state_changed, asyncio.Event()
             changed.set()
 
@@ -564,7 +565,12 @@ class DreamsHub:
             self._session_started = None
             for frame in self.playback.drain():  # nobody is left to pace them for
                 self._release(frame)
-            self._set_state("idle")
+            # A viewer who came while it stopped sees "stopping" then "starting", never
+            # "Dreams are sleeping" in between.
+            wanted_again = self.wanted()
+            self._set_state("idle", tell_viewers=not wanted_again)
+            if wanted_again:
+                self._demand(self._clock())
 
     # ------------------------------------------------------------------ reporting
 
