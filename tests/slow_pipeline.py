@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -55,11 +56,10 @@ def load_gated(spec: PipelineSpec, load_params: Any, models_dir: Path) -> Passth
     return PassthroughPipeline(spec)
 
 
-GATEDPASS = PipelineSpec(
+GATEDPASS = dataclasses.replace(
+    SLOWPASS,
     id="gatedpass",
     name="Gated passthrough",
     description="Loads once the test opens the gate.",
-    config=PassthroughConfig,
-    modes=("video",),
     loader="slow_pipeline:load_gated",
 )
