@@ -24,6 +24,7 @@ from signalling.api.types import (
     WebRtcOfferRequest,
     WebRtcOfferResponse,
 )
+from signalling.intent import offer_mode, read_intent
 from signalling.links import AdminLink
 from signalling.models import ModelsLink
 from signalling.pipelines import ParameterError, PipelineCatalog
@@ -59,9 +60,21 @@ class SignallingBackend:
     async def load_pipelines(self, items: list[PipelineLoadItem]) -> None:
         loads = []
         for item in items:
-            if not self.catalog.known(item.pipeline_id):
-                raise UnknownPipeline(item.pipeline_id)
-            loads.append(p.PipelineLoad(item.pipeline_id, dict(item.load_params or {})))
+            pid = item.pipeline_id
+            if not self.catalog.known(pid):
+                raise UnknownPipeline(pid)
+            sorted_params = self.catalog.sort((pid,), dict(item.load_params or {}), load=True)
+            if sorted_params.errors:
+                raise InvalidParameters(
+                    "load_params." + "; load_params.".join(sorted_params.errors)
+                )
+            if sorted_params.unknown:
+                logger.warning(
+                    "load %s: ignoring load_params it does not have: %s",
+                    pid,
+                    ", ".join(sorted_params.unknown),
+                )
+            loads.append(p.PipelineLoad(pid, sorted_params.valid))
         reply = await self.admin.request(p.LoadPipelines(pipelines=loads))
         if isinstance(reply, p.Rejected):
             raise InvalidParameters(reply.reason)
@@ -86,9 +99,10 @@ class SignallingBackend:
     async def pipeline_schemas(self) -> dict[str, dict[str, Any]]:
         return self.catalog.schemas()
 
-    async def _session_plan(self) -> SessionPlan:
-        """The chain the loaded pipelines make: the first non-overlay pipeline runs in its
-        inference process; an overlay (Moondream) comes after it, or alone on the camera."""
+    async def _session_plan(self, asked: tuple[str, ...] | None) -> SessionPlan:
+        """The chain the loaded pipelines make (or those of them the client asked for): the
+        first non-overlay pipeline runs in its inference process; an overlay (Moondream) comes
+        after it, or alone on the camera."""
         states = (await self.admin.status()).pipelines
         if errors := [s for s in states if s.status == "error"]:
             raise NoPipelineLoaded(
@@ -99,8 +113,21 @@ class SignallingBackend:
         loaded = [s for s in states if s.status == "loaded"]
         if not loaded:
             raise NoPipelineLoaded()
+        if asked is not None:
+            by_id = {s.pipeline_id: s for s in loaded}
+            if missing := [pid for pid in asked if pid not in by_id]:
+                raise InvalidParameters(
+                    f"initialParameters.pipeline_ids: {', '.join(missing)} not loaded "
+                    f"(loaded: {', '.join(by_id)})"
+                )
+            loaded = [by_id[pid] for pid in dict.fromkeys(asked)]
         models = [s for s in loaded if not self.catalog.is_overlay(s.pipeline_id)]
         overlays = [s for s in loaded if self.catalog.is_overlay(s.pipeline_id)]
+        if asked is not None and (len(models) > 1 or len(overlays) > 1):
+            raise InvalidParameters(
+                "initialParameters.pipeline_ids: a session runs one model pipeline and at most "
+                f"one overlay, got {', '.join(asked)}"
+            )
         chain = [*models[:1], *overlays[:1]]
         first = chain[0]
         info = self.catalog.info(first.pipeline_id, first.load_params)
@@ -117,17 +144,24 @@ class SignallingBackend:
     # ------------------------------------------------------------------ sessions
 
     async def create_session(self, offer: WebRtcOfferRequest) -> WebRtcOfferResponse:
-        plan = await self._session_plan()
-        if len(self.sessions) >= self.max_sessions:
-            raise ConcurrencyLimitReached(self.max_sessions)
+        params = dict(offer.initialParameters or {})
         try:
-            initial = self.catalog.validate_for(
-                plan.pipeline_ids, dict(offer.initialParameters or {})
-            )
+            intent = read_intent(params)
         except ParameterError as exc:
             raise InvalidParameters(f"initialParameters.{exc}") from None
+        plan = await self._session_plan(intent.pipeline_ids)
+        if len(self.sessions) >= self.max_sessions:
+            raise ConcurrencyLimitReached(self.max_sessions)
+        checked = self.catalog.sort(plan.pipeline_ids, params)
+        if checked.errors:
+            raise InvalidParameters(
+                "initialParameters." + "; initialParameters.".join(checked.errors)
+            )
+        mode = offer_mode(offer.sdp, plan.modes, intent.mode)
         try:
-            session_id, answer = await self.sessions.create(offer.sdp, plan, initial)
+            session_id, answer = await self.sessions.create(
+                offer.sdp, plan, mode, checked.valid, nodes=intent.nodes, unknown=checked.unknown
+            )
         except ParameterError as exc:
             raise InvalidParameters(str(exc)) from None
         except SessionRefused as exc:

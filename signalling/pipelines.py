@@ -17,6 +17,38 @@ class ParameterError(ValueError):
     """A parameter does not fit the pipeline's schema; the message is ``"<field>: <what>"``."""
 
 
+#: Scope's session-level keys: no pipeline's parameter. dreamwire acts on ``input_mode``,
+#: ``pipeline_ids``, ``graph`` and ``node_id`` (``signalling.intent``); the others name Scope
+#: features dreamwire does not have (recording, audio, tempo sync) and are ignored quietly, since
+#: Scope's frontends send them on every start.
+SESSION_KEYS = frozenset(
+    {
+        "input_mode",
+        "pipeline_ids",
+        "graph",
+        "node_id",
+        "recording",
+        "produces_video",
+        "produces_audio",
+        "quantize_mode",
+        "lookahead_ms",
+        "beat_cache_reset_rate",
+    }
+)
+
+
+@dataclass(frozen=True)
+class SortedParameters:
+    """What :meth:`PipelineCatalog.sort` made of a set of parameters."""
+
+    #: Known keys, converted to the pipelines' types (plain JSON values).
+    valid: dict[str, Any]
+    #: Keys no pipeline of the chain has: ignored.
+    unknown: tuple[str, ...]
+    #: ``"<field>: <what is wrong>"`` for each known key with a bad value.
+    errors: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class PipelineInfo:
     pipeline_id: str
@@ -50,26 +82,35 @@ class PipelineCatalog:
     def fields(self, pipeline_id: str) -> set[str]:
         return {f.name for f in msgspec.structs.fields(_registry().get(pipeline_id).config)}
 
-    def validate_for(self, pipeline_ids: tuple[str, ...], params: dict[str, Any]) -> dict[str, Any]:
-        """Validate against a chain of pipelines: each key by the pipeline that has it."""
-        if len(pipeline_ids) == 1:
-            return self.validate(pipeline_ids[0], params)
-        owners = {pid: self.fields(pid) for pid in pipeline_ids}
-        out: dict[str, Any] = {}
-        for pid, fields in owners.items():
-            mine = {k: v for k, v in params.items() if k in fields}
-            if mine:
-                out.update(self.validate(pid, mine))
-        for key in params:
-            if not any(key in fields for fields in owners.values()):
-                raise ParameterError(
-                    f"{key}: unknown parameter for pipelines {', '.join(pipeline_ids)}"
-                )
-        return out
+    def sort(
+        self, pipeline_ids: tuple[str, ...], params: dict[str, Any], *, load: bool = False
+    ) -> SortedParameters:
+        """Scope's parameter policy for a chain of pipelines, key by key.
 
-    def validate(self, pipeline_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        """The params converted to the pipeline's types; raises :class:`ParameterError`."""
-        try:
-            return dict(_registry().validate_parameters(pipeline_id, params))
-        except ValueError as exc:
-            raise ParameterError(str(exc)) from None
+        A key no pipeline of the chain has is ignored (``unknown``), as Scope does: its clients
+        send every setting to every pipeline. A key the chain has is converted by each pipeline
+        that has it; a wrong type or value is an error naming the key, and the other keys still
+        apply. Session-level keys (:data:`SESSION_KEYS`) are the caller's business.
+        """
+        owners: dict[str, list[str]] = {}
+        for pid in pipeline_ids:
+            for name in self.fields(pid):
+                owners.setdefault(name, []).append(pid)
+        valid: dict[str, Any] = {}
+        unknown: list[str] = []
+        errors: list[str] = []
+        registry = _registry()
+        for key, value in params.items():
+            if key in SESSION_KEYS:
+                continue
+            if key not in owners:
+                unknown.append(key)
+                continue
+            try:
+                for pid in owners[key]:
+                    converted = registry.validate_parameters(pid, {key: value}, load=load)[key]
+            except ValueError as exc:
+                errors.append(str(exc))
+            else:
+                valid[key] = converted
+        return SortedParameters(valid, tuple(unknown), tuple(errors))

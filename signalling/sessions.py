@@ -51,26 +51,14 @@ PARAMETERS_CHANNEL = "parameters"
 STOPPED_LINGER_S = 2.0
 
 
-def offer_sends_video(sdp: str) -> bool:
-    """Does the offer's video m-section send (camera in) or only receive (text to video)?"""
-    in_video = False
-    direction = "sendrecv"
-    for line in sdp.splitlines():
-        if line.startswith("m="):
-            if in_video:
-                break
-            in_video = line.startswith("m=video")
-        elif in_video and line.strip() in ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive"):
-            direction = line.strip()[2:]
-    return direction in ("sendrecv", "sendonly")
-
-
 def parse_parameters_message(raw: str | bytes) -> dict[str, Any]:
     """Decode a data-channel message into a dict, or raise ParameterError naming the problem."""
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ParameterError(f"message: not JSON ({exc})") from None
+    except RecursionError:
+        raise ParameterError("message: nested too deeply") from None
     if not isinstance(value, dict):
         raise ParameterError(f"message: expected a JSON object, got {type(value).__name__}")
     return value
@@ -109,6 +97,10 @@ class Session:
     #: The processes that take this session's runtime parameters.
     parameter_targets: tuple[str, ...] = ()
     pipeline_ids: tuple[str, ...] = ()
+    #: Scope 0.2's graph node ids -> pipeline ids (per-node ``node_id`` messages).
+    nodes: dict[str, str] = field(default_factory=dict)
+    #: Unknown parameter names already reported to the client (once each).
+    reported_unknown: set[str] = field(default_factory=set)
     codec: str = "VP8"
     channel: RTCDataChannel | None = None
     drain: FrameDrain | None = None
@@ -169,11 +161,20 @@ class SessionManager:
     # ------------------------------------------------------------------ create
 
     async def create(
-        self, sdp: str, plan: SessionPlan, initial_params: dict[str, Any]
+        self,
+        sdp: str,
+        plan: SessionPlan,
+        mode: str,
+        initial_params: dict[str, Any],
+        *,
+        nodes: dict[str, str] | None = None,
+        unknown: tuple[str, ...] = (),
     ) -> tuple[str, RTCSessionDescription]:
-        """Negotiate, allocate the chain and answer. Raises ValueError for a bad offer."""
+        """Negotiate, allocate the chain and answer. Raises ValueError for a bad offer.
+
+        ``mode`` is the one :func:`signalling.intent.offer_mode` chose; ``unknown`` names the
+        ``initialParameters`` keys no pipeline of the chain has (reported once to the client)."""
         pipeline_id, width, height = plan.pipeline_id, plan.width, plan.height
-        mode = "video" if offer_sends_video(sdp) else "text"
         if mode not in plan.modes:
             raise ParameterError(
                 f"mode: {pipeline_id} does not support "
@@ -199,8 +200,10 @@ class SessionManager:
             stages,
             parameter_targets=plan.processing,
             pipeline_ids=plan.pipeline_ids,
+            nodes=dict(nodes or {}),
         )
         session.params = dict(initial_params)
+        self._report_unknown(session, unknown)
         try:
             prefer_video_codecs(transceiver, sdp)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -328,21 +331,54 @@ class SessionManager:
     # ------------------------------------------------------------------ parameters
 
     def on_parameters_message(self, session: Session, raw: str | bytes) -> None:
+        """Scope's parameter policy: known keys apply, a bad value is an error naming it (the
+        others still apply), unknown keys are ignored and reported once. ``node_id`` (Scope
+        0.2) sends the message to that node's pipeline alone."""
         try:
             params = parse_parameters_message(raw)
             if params.get("type") == "ping":
                 session.send_message({"type": "pong", "data": params.get("data")})
                 return
-            params = self.catalog.validate_for(session.pipeline_ids, params)
+            pipeline_ids, targets = self._addressed(session, params.get("node_id"))
         except ParameterError as exc:
             session.send_message({"type": "error", "data": str(exc)})
             return
-        if not params:
+        checked = self.catalog.sort(pipeline_ids, params)
+        for error in checked.errors:
+            session.send_message({"type": "error", "data": error})
+        self._report_unknown(session, checked.unknown)
+        if not checked.valid:
             return
-        session.params.update(params)
-        update = p.UpdateParameters(session_id=session.session_id, params=params)
-        for target in session.parameter_targets:
+        session.params.update(checked.valid)
+        update = p.UpdateParameters(session_id=session.session_id, params=checked.valid)
+        for target in targets:
             self.outbox.send(target, update)
+
+    def _addressed(self, session: Session, node_id: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(pipelines, processes) a message is for: the whole chain, or one graph node."""
+        if node_id is None:
+            return session.pipeline_ids, session.parameter_targets
+        pipeline_id = session.nodes.get(node_id) if isinstance(node_id, str) else None
+        if pipeline_id is None and node_id in session.pipeline_ids:
+            pipeline_id = node_id  # Scope names a pipeline's node after it
+        if pipeline_id is None:
+            known = sorted({*session.nodes, *session.pipeline_ids})
+            raise ParameterError(
+                f"node_id: no node {node_id!r} in this session (nodes: {', '.join(known)})"
+            )
+        index = session.pipeline_ids.index(pipeline_id)
+        return (pipeline_id,), (session.parameter_targets[index],)
+
+    def _report_unknown(self, session: Session, keys: tuple[str, ...]) -> None:
+        """Log and tell the client once per key, as a FastRTC ``warning``."""
+        new = [k for k in keys if k not in session.reported_unknown]
+        if not new:
+            return
+        session.reported_unknown.update(new)
+        chain = ", ".join(session.pipeline_ids)
+        text = f"ignored parameters no pipeline of this session has ({chain}): {', '.join(new)}"
+        logger.info("session %s: %s", session.session_id, text)
+        session.send_message({"type": "warning", "data": text})
 
     # ------------------------------------------------------------------ teardown
 

@@ -102,6 +102,8 @@ class SessionInfo:
     next_due: float = 0.0
     generated: int = 0
     failed: str | None = None
+    #: The last result sent to the client: a result is sent only when it changes.
+    last_info: dict[str, Any] | None = None
 
 
 class InferenceCore(RingStage):
@@ -399,8 +401,10 @@ class InferenceCore(RingStage):
             return  # the input was torn while we used it: drop the output
         stamp(stamps, Stage.INFERENCE_END)
         self.publish(session, slot, FrameMeta(meta.frame_number, meta.pts, stamps))
-        self._info(session).generated += 1
-        if res.info:
+        info = self._info(session)
+        info.generated += 1
+        if res.info and res.info != info.last_info:
+            info.last_info = res.info
             self._tell(session, "fetch_output", {"frame_number": meta.frame_number, **res.info})
 
     def _fail(self, session: StageSession, reason: str) -> None:

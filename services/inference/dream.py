@@ -11,7 +11,8 @@ The next keyframe is generated ahead, when the previous one is reached. A prompt
 step of a transition) makes the next frame start a new interval from the latent on screen
 towards a keyframe generated with the new embedding, so the change shows on the next frame.
 
-Each frame reports ``keyframe_number`` and ``generation_time_ms``.
+Each keyframe is reported (``keyframe_number`` and the ``generation_time_ms`` of the call that
+made it) with the first frame heading to it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class DreamSession:
     key_b: torch.Tensor | None = None
     emb_b: torch.Tensor | None = None
     shown: torch.Tensor | None = None  # latent of the last frame
+    keyframe_ms: float = 0.0  # time of the call that made the latest keyframe
 
 
 class DreamPipeline(d.SDTurboPipeline):
@@ -179,16 +181,16 @@ class DreamPipeline(d.SDTurboPipeline):
             for row, i in enumerate(refine):
                 latents[i] = x0[row : row + 1]
         images = d.decode_latents(c, torch.cat(latents))
-        elapsed_ms = (time.perf_counter() - started) * 1000
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+        for s in {id(job[0]): job[0] for job in jobs}.values():
+            s.keyframe_ms = elapsed_ms
         results = []
         for r, s, lat, img in zip(requests, sessions, latents, images, strict=True):
             s.shown = lat
             s.position += 1
             s.frames += 1
-            info = {
-                "keyframe_number": s.keyframe_number,
-                "generation_time_ms": round(elapsed_ms, 2),
-            }
+            # The same for every frame of an interval: the client hears of each keyframe once.
+            info = {"keyframe_number": s.keyframe_number, "generation_time_ms": s.keyframe_ms}
             results.append(Result(s, img, r.tag, info))
         return results
 

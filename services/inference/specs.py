@@ -122,6 +122,7 @@ class TestcardConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     height: Height = 96
     width: Width = 128
     prompts: Prompts = msgspec.field(default_factory=_default_prompts)
+    transition: MaybeTransition = None
     paused: Paused = False
 
 
