@@ -52,7 +52,12 @@ def test_schema_has_scope_shape_defaults_bounds_and_ui_hints() -> None:
     props = schema["properties"]
     assert props["noise_scale"]["minimum"] == 0.0 and props["noise_scale"]["maximum"] == 1.0
     assert props["noise_scale"]["ui"]["category"] == "configuration"
-    assert props["prompts"]["ui"] == {"order": 1, "category": "input", "label": "Prompts"}
+    assert props["prompts"]["ui"] == {
+        "order": 1,
+        "category": "input",
+        "label": "Prompts",
+        "is_load_param": False,  # live while streaming, in Scope's UI
+    }
     assert props["prompts"]["default"][0]["weight"] == 1.0
     assert props["prompts"]["items"]["$ref"] == "#/$defs/PromptItem"
     assert "PromptItem" in schema["$defs"] and "Transition" in schema["$defs"]

@@ -46,16 +46,15 @@ def ui(
     """The ``ui`` hint of a config field (``extra_json_schema`` of its ``msgspec.Meta``).
 
     ``category`` is ``configuration`` (settings panel) or ``input`` (the input panel);
-    ``load`` marks a load-time field (``is_load_param``: set when the pipeline loads).
-    A field without a ``ui`` hint is not rendered by Scope-style frontends.
+    ``is_load_param`` is always written: Scope's UI takes a field without it for a load-time
+    one and greys it out while streaming. A field without a ``ui`` hint is not rendered by
+    Scope-style frontends.
     """
-    hint: dict[str, Any] = {"order": order, "category": category}
+    hint: dict[str, Any] = {"order": order, "category": category, "is_load_param": load}
     if label is not None:
         hint["label"] = label
     if component is not None:
         hint["component"] = component
-    if load:
-        hint["is_load_param"] = True
     return {"ui": hint}
 
 
@@ -75,7 +74,8 @@ class Transition(msgspec.Struct, forbid_unknown_fields=True):
     temporal_interpolation_method: Interpolation = "linear"
 
 
-Dimension = Annotated[int, msgspec.Meta(ge=16, le=2048, multiple_of=8)]
+MIN_DIMENSION = 16
+Dimension = Annotated[int, msgspec.Meta(ge=MIN_DIMENSION, le=2048, multiple_of=8)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 Timestep = Annotated[int, msgspec.Meta(ge=1, le=999)]
 
@@ -111,6 +111,13 @@ class PipelineSpec:
     #: Extra cross-field checks: raise ``ValueError("<field>: <what>")``.
     check: Callable[[msgspec.Struct], None] | None = None
     version: str = "1"
+    #: Scope's ``usage``: ``"postprocessor"`` puts an overlay in its UI's post-processing list.
+    usage: tuple[str, ...] = ()
+    #: What a user should budget (Scope's ``estimated_vram_gb``); None: no GPU needed.
+    estimated_vram_gb: float | None = None
+    #: Below this much VRAM, Scope's UI picks fp8 quantization by default.
+    recommended_quantization_vram_threshold: float | None = None
+    docs_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

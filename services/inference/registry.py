@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from services.inference.pipeline import PipelineSpec
+from services.inference.pipeline import MIN_DIMENSION, PipelineSpec, PromptItem, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,66 @@ def config_schema(spec: PipelineSpec) -> dict[str, Any]:
     return top
 
 
+def _mode_defaults(spec: PipelineSpec, defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Scope's ``mode_defaults``: the settings its UI starts each mode with. Its UI shows the
+    noise controls only where ``video`` has a ``noise_scale``, and reads the step list as
+    ``denoising_steps`` (it sends it back as ``denoising_step_list``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for mode in spec.modes:
+        entry: dict[str, Any] = {}
+        if "denoising_step_list" in defaults:
+            entry["denoising_steps"] = defaults["denoising_step_list"]
+        if mode == "video":
+            for name in ("noise_scale", "noise_controller"):
+                if name in defaults:
+                    entry[name] = defaults[name]
+        if entry:
+            out[mode] = entry
+    return out
+
+
+def plugin_names() -> dict[str, str]:
+    """Pipeline id -> the distribution that registers it, for plugins (not dreamwire's own)."""
+    out: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else None
+        if dist and dist != "dreamwire":
+            out[ep.name] = dist
+    return out
+
+
 def schema(spec: PipelineSpec) -> dict[str, Any]:
+    """One pipeline's entry of ``/api/v1/pipelines/schemas``, with every field Scope's UI reads
+    (``supports_*`` flags, ``mode_defaults``, ``usage``, …) and dreamwire's own beside them."""
+    defaults = msgspec.to_builtins(spec.config())
+    fields = set(defaults)
+    transition = Transition(target_prompts=[PromptItem("")])
+    meta: dict[str, Any] = {
+        "supports_prompts": "prompts" in fields,
+        "default_temporal_interpolation_method": transition.temporal_interpolation_method,
+        "default_temporal_interpolation_steps": 0,
+        "default_spatial_interpolation_method": defaults.get(
+            "prompt_interpolation_method", "linear"
+        ),
+        "docs_url": spec.docs_url,
+        "estimated_vram_gb": spec.estimated_vram_gb,
+        "supports_lora": False,
+        "supports_vace": False,
+        "supports_cache_management": "manage_cache" in fields,
+        "supports_kv_cache_bias": "kv_cache_attention_bias" in fields,
+        "supports_quantization": "quantization" in fields,
+        "min_dimension": MIN_DIMENSION,
+        "recommended_quantization_vram_threshold": spec.recommended_quantization_vram_threshold,
+        "modified": False,
+        "produces_video": True,
+        "produces_audio": False,
+        "usage": list(spec.usage),
+        "inputs": ["video"] if "video" in spec.modes else [],
+        "outputs": ["video"],
+        "plugin_name": plugin_names().get(spec.id),
+    }
+    if mode_defaults := _mode_defaults(spec, defaults):
+        meta["mode_defaults"] = mode_defaults
     return {
         "id": spec.id,
         "name": spec.name,
@@ -145,6 +204,7 @@ def schema(spec: PipelineSpec) -> dict[str, Any]:
         "version": spec.version,
         "supported_modes": list(spec.modes),
         "default_mode": spec.default_mode,
+        **meta,
         "default_width": spec.default_width,
         "default_height": spec.default_height,
         "frames_per_call": spec.frames_per_call,

@@ -38,6 +38,10 @@ SD_TURBO = Artifact(
     ),
 )
 TAESD = Artifact("madebyollin/taesd", ("config.json", "diffusion_pytorch_model.safetensors"))
+#: dreamwire's estimate for SD-Turbo in float16 with TAESD and a stream batch (Scope's UI shows
+#: it); Moondream 2 in float16 needs about 4 GB.
+SD_TURBO_VRAM_GB = 3.0
+MOONDREAM_VRAM_GB = 4.0
 
 
 def _default_prompts() -> list[PromptItem]:
@@ -193,6 +197,7 @@ STREAMDIFFUSION = PipelineSpec(
     loader="services.inference.streamdiffusion:load",
     artifacts=(SD_TURBO, TAESD),
     check=check_descending,
+    estimated_vram_gb=SD_TURBO_VRAM_GB,
 )
 
 
@@ -249,6 +254,7 @@ DREAM = PipelineSpec(
     artifacts=(SD_TURBO, TAESD),
     frames_per_call=0,
     check=check_descending,
+    estimated_vram_gb=SD_TURBO_VRAM_GB,
 )
 
 
@@ -270,6 +276,9 @@ def _moondream_spec() -> PipelineSpec:
         loader="services.overlay.core:OverlayCore",
         artifacts=tuple(Artifact(a.repo_id, tuple(a.patterns), a.revision) for a in ARTIFACTS),
         load_only=frozenset(),
+        # Scope's UI lists a postprocessor after the main pipeline: the chain dreamwire runs.
+        usage=("postprocessor",),
+        estimated_vram_gb=MOONDREAM_VRAM_GB,
         extra={"stage": "overlay"},
     )
 

@@ -193,7 +193,11 @@ def _spec(
     width: int,
     height: int,
     load_only: frozenset[str] = frozenset({"height", "width"}),
+    *,
+    estimated_vram_gb: float = 20.0,
+    recommended_quantization_vram_threshold: float | None = None,
 ) -> PipelineSpec:
+    """Scope's VRAM figures: 20 GB for the 1.3B models, 32 GB for Krea 14B (fp8 below 40)."""
     geometry = GEOMETRY[pipeline_id]
     return PipelineSpec(
         id=pipeline_id,
@@ -208,6 +212,8 @@ def _spec(
         frames_per_call=4 * geometry["block_frames"],
         load_only=load_only,
         check=check_descending,
+        estimated_vram_gb=estimated_vram_gb,
+        recommended_quantization_vram_threshold=recommended_quantization_vram_threshold,
         extra={"geometry": dict(geometry)},
     )
 
@@ -245,4 +251,6 @@ KREA_REALTIME_VIDEO = _spec(
     576,
     320,
     frozenset({"height", "width", "quantization"}),
+    estimated_vram_gb=32.0,
+    recommended_quantization_vram_threshold=40.0,
 )
