@@ -70,13 +70,34 @@ def admin_endpoint(run_dir: str | Path) -> str:
     return endpoint(run_dir, "admin.sock")
 
 
-def configure_logging(process_name: str, level: str = "INFO") -> None:
+#: The run's log, in its run directory: every process appends to it (``/api/v1/logs/tail``).
+LOG_FILE = "server.log"
+
+
+def log_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / LOG_FILE
+
+
+def _log_format(process_name: str) -> str:
+    return f"%(asctime)s %(levelname)s [{process_name}] %(name)s: %(message)s"
+
+
+def configure_logging(process_name: str, level: str = "INFO", run_dir: str | None = None) -> None:
+    """Log to stderr and, given the run directory, to the run's log as well."""
     logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s [{process_name}] %(name)s: %(message)s",
-        force=True,
+        level=level, stream=sys.stderr, format=_log_format(process_name), force=True
     )
+    if run_dir is not None:
+        add_log_file(run_dir, process_name)
+
+
+def add_log_file(run_dir: str | Path, process_name: str) -> logging.Handler:
+    """Append this process's log lines to the run's log (one write a line, so the lines of
+    the run's processes interleave whole)."""
+    handler = logging.FileHandler(log_file(run_dir), encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_log_format(process_name)))
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -340,7 +361,7 @@ class ServiceProc:
 
 def run_service(spec: ServiceSpec, core_factory: Any) -> int:
     """Entry function of a service process."""
-    configure_logging(spec.name, spec.log_level)
+    configure_logging(spec.name, spec.log_level, spec.run_dir)
     die_with_parent(spec.supervisor_pid)
     # SIGINT goes to the whole foreground process group on Ctrl-C: the supervisor stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

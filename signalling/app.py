@@ -10,8 +10,8 @@ import msgspec
 from aiohttp import web
 
 from services import protocol as p
-from services.runtime import ServiceSpec
-from signalling.api import ApiConfig, add_api_routes
+from services.runtime import ServiceSpec, log_file
+from signalling.api import ApiConfig, StudioState, add_api_routes
 from signalling.backend import SignallingBackend
 from signalling.control import ControlLink
 from signalling.dreams.config import DreamsConfig
@@ -85,7 +85,12 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
 
     app = web.Application(client_max_size=api_config.max_body_bytes)
     app[backend_key] = backend
-    add_api_routes(app, backend, api_config)
+    studio = StudioState(
+        home=Path(str(options["home"])) if options.get("home") else None,
+        models_dir=models.models_dir,
+        log_file=log_file(spec.run_dir),
+    )
+    add_api_routes(app, backend, api_config, studio=studio)
     add_page_routes(app)
     add_output_routes(app, sessions)
     dreams_config = msgspec.convert(options.get("dreams", {}), DreamsConfig)

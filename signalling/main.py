@@ -63,7 +63,7 @@ def main() -> int:
         )
         return 2
     spec = msgspec.json.decode(raw, type=ServiceSpec)
-    configure_logging(spec.name, spec.log_level)
+    configure_logging(spec.name, spec.log_level, spec.run_dir)
     # aioice logs every ICE candidate pair at INFO.
     logging.getLogger("aioice").setLevel(logging.WARNING)
     die_with_parent(spec.supervisor_pid)

@@ -19,6 +19,8 @@ ENVIRONMENT: dict[str, str] = {
     "DREAMWIRE_RUN_DIR": "where run directories (sockets, locks) live; default "
     "$XDG_RUNTIME_DIR/dreamwire or ~/.dreamwire/run",
     "DREAMWIRE_LOG_LEVEL": "log level of every process (default INFO)",
+    "DREAMWIRE_HOME": "the user's dreamwire directory: the web UI's stored answers "
+    "(default ~/.dreamwire)",
     "DREAMWIRE_MODELS_DIR": "where model files live (default ~/.dreamwire/models)",
     "DREAMWIRE_PIPELINES": "extra pipeline plugins without an installed distribution: "
     "id=module:attr,… (each attr a PipelineSpec)",
@@ -72,6 +74,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     pipelines: list[str] = []
     #: Where pipelines' model files live (``download_models`` fills it).
     models_dir: str | None = None
+    #: The user's dreamwire directory (Scope's UI keeps its onboarding answers there).
+    home: str | None = None
     #: decode and encode, the WebRTC media stages.
     media: bool = True
     #: The overlay's model: None is Moondream 2 from ``models_dir``; ``module:callable`` builds
@@ -97,6 +101,12 @@ def default_run_base() -> Path:
     if xdg := os.environ.get("XDG_RUNTIME_DIR"):
         return Path(xdg) / "dreamwire"
     return Path.home() / ".dreamwire" / "run"
+
+
+def default_home() -> Path:
+    if env := os.environ.get("DREAMWIRE_HOME"):
+        return Path(env).expanduser()
+    return Path.home() / ".dreamwire"
 
 
 def default_models_dir() -> Path:

@@ -20,10 +20,16 @@ import msgspec
 import zmq
 
 from services import protocol as p
-from services.runtime import ServiceSpec, admin_endpoint, control_endpoint
+from services.runtime import ServiceSpec, add_log_file, admin_endpoint, control_endpoint
 from shm.ring import FrameRing, ring_bytes
 from supervisor.children import Child, State
-from supervisor.config import Config, ServiceConfig, default_models_dir, default_run_base
+from supervisor.config import (
+    Config,
+    ServiceConfig,
+    default_home,
+    default_models_dir,
+    default_run_base,
+)
 from supervisor.procstats import ProcessSampler
 from supervisor.rundir import Run, create_run, reclaim_stale, shm_free_bytes
 
@@ -88,6 +94,7 @@ class Supervisor:
         #: The pipelines last asked for, in order (the first is the one status reports).
         self.pipeline_order: list[str] = list(config.pipelines)
         self.run: Run | None = None
+        self._log_handler: logging.Handler | None = None
         self.children: dict[str, Child] = {}
         self.sessions: dict[str, Session] = {}
         self.started = time.monotonic()
@@ -128,6 +135,7 @@ class Supervisor:
                 "started": time.time(),
             }
         )
+        self._log_handler = add_log_file(run.path, "supervisor")
         logger.info("run %s in %s", run.run_id, run.path)
         for svc in self._service_plan():
             child = Child(self._spec(svc), svc.restart)
@@ -150,6 +158,7 @@ class Supervisor:
                 "port": cfg.port,
                 "max_sessions": cfg.max_sessions,
                 "models_dir": str(self.models_dir),
+                "home": str(Path(cfg.home).expanduser() if cfg.home else default_home()),
                 "api": msgspec.to_builtins(cfg.api),
                 "dreams": msgspec.to_builtins(cfg.dreams),
             }
@@ -258,6 +267,10 @@ class Supervisor:
             if sock is not None:
                 sock.close(linger=0)
         self.ctx.term()
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
         if self.run is not None:
             self.run.close()
         self._wake_r.close()

@@ -28,6 +28,7 @@ from signalling.api.ice import (
     TwilioConfig,
 )
 from signalling.api.routes import api_operations
+from signalling.api.studio import studio_operations
 from signalling.api.types import (
     HardwareInfoResponse,
     IceCandidate,
@@ -202,6 +203,10 @@ async def test_load_then_status_shape(client, backend) -> None:
         "load_params": {},
         "loaded_lora_adapters": [],
         "error": None,
+        # Scope 0.2's additions: its UI copies produces_* into the offer.
+        "loading_stage": None,
+        "produces_video": True,
+        "produces_audio": False,
     }
 
 
@@ -410,7 +415,15 @@ async def test_models_status_and_download(client, backend) -> None:
 async def test_hardware_info(client) -> None:
     resp = await client.get("/api/v1/hardware/info")
     assert resp.status == 200
-    assert await resp.json() == {"vram_gb": None, "spout_available": False, "ndi_available": False}
+    body = await resp.json()
+    assert {k: body[k] for k in ("vram_gb", "spout_available", "ndi_available")} == {
+        "vram_gb": None,
+        "spout_available": False,
+        "ndi_available": False,
+    }
+    # Scope 0.2 reads each integration's `available` and shows its reason.
+    for name in ("spout", "ndi", "syphon"):
+        assert body[name]["available"] is False and "WebRTC" in body[name]["reason"]
 
 
 async def test_health_200_then_503_when_stale(client, backend) -> None:
@@ -522,7 +535,7 @@ async def test_openapi_lists_every_route_with_components(client) -> None:
     doc = await resp.json()
     assert doc["openapi"].startswith("3.1")
     listed = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
-    expected = {(op.method, op.path) for op in api_operations()}
+    expected = {(op.method, op.path) for op in [*api_operations(), *studio_operations()]}
     assert listed == expected
     assert ("PATCH", "/api/v1/webrtc/offer/{sessionId}") in listed
 

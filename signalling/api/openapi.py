@@ -56,6 +56,8 @@ class Operation:
     responses: Mapping[int, Resp] = field(default_factory=dict)
     query: tuple[QueryParam, ...] = ()
     description: str = ""
+    #: An endless response (server-sent events): no HEAD route.
+    streams: bool = False
 
     @property
     def operation_id(self) -> str:

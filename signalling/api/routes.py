@@ -19,14 +19,11 @@ over the session limit answers 429 with FastRTC's body
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -34,7 +31,7 @@ from aiohttp import web
 from signalling.api.backend import ApiBackend
 from signalling.api.config import ApiConfig
 from signalling.api.cors import cors_middleware
-from signalling.api.errors import ApiError, ConcurrencyLimitReached, InvalidSdp
+from signalling.api.errors import InvalidSdp
 from signalling.api.ice import IceServerProvider
 from signalling.api.openapi import (
     HTML,
@@ -44,8 +41,20 @@ from signalling.api.openapi import (
     build_openapi,
     render_docs_html,
 )
+from signalling.api.state import (
+    API_STATE,
+    ApiState,
+    BadRequest,
+    Handler,
+    StudioState,
+    api_state,
+    decode_body,
+    error_response,
+    guarded,
+    json_response,
+)
+from signalling.api.studio import studio_operations
 from signalling.api.types import (
-    ConcurrencyLimitMeta,
     ConcurrencyLimitResponse,
     DownloadModelsRequest,
     ErrorResponse,
@@ -65,6 +74,7 @@ from signalling.api.types import (
 __all__ = [
     "API_STATE",
     "ApiState",
+    "StudioState",
     "add_api_routes",
     "api_operations",
     "create_api_app",
@@ -75,96 +85,6 @@ logger = logging.getLogger(__name__)
 
 API_TITLE = "dreamwire (Daydream Scope API)"
 JSON_ERROR_PREFIXES = ("/api/", "/health", "/openapi.json", "/docs")
-
-T = TypeVar("T")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(slots=True)
-class ApiState:
-    backend: ApiBackend
-    ice: IceServerProvider
-    max_body_bytes: int
-    started_at: float
-    version: str
-    openapi_json: bytes = b""
-    docs_html: str = ""
-
-
-API_STATE: web.AppKey[ApiState] = web.AppKey("dreamwire_api_state")
-
-_ENCODER = msgspec.json.Encoder()
-
-
-class _BadRequest(ApiError):
-    status = 400
-    code = "invalid_request"
-
-
-class _MalformedJson(ApiError):
-    status = 400
-    code = "invalid_json"
-
-
-class _PayloadTooLarge(ApiError):
-    status = 413
-    code = "payload_too_large"
-
-
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=_ENCODER.encode(obj), content_type="application/json")
-
-
-def _error(status: int, code: str, detail: str) -> web.Response:
-    return _json(ErrorResponse(error=code, detail=detail), status)
-
-
-def _state(request: web.Request) -> ApiState:
-    return request.config_dict[API_STATE]
-
-
-async def _decode(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
-    limit = _state(request).max_body_bytes
-    too_large = _PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
-    if len(body) > limit:
-        raise too_large
-    if not body.strip():
-        raise _MalformedJson("Request body is empty; expected a JSON object")
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise _BadRequest(str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise _MalformedJson(str(exc)) from None
-
-
-def _guarded(handler: Handler) -> Handler:
-    """Turn the backend's refusals into JSON answers; log and answer 500 for the rest."""
-
-    @functools.wraps(handler)
-    async def wrapper(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ConcurrencyLimitReached as exc:
-            return _json(
-                ConcurrencyLimitResponse(meta=ConcurrencyLimitMeta(limit=exc.limit)), exc.status
-            )
-        except ApiError as exc:
-            return _error(exc.status, exc.code, str(exc))
-        except web.HTTPException:
-            raise
-        except Exception as exc:
-            logger.exception("%s %s failed", request.method, request.path)
-            return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
-
-    return wrapper
-
 
 # --- decoders (immutable, one per request type) ----------------------------------------------
 
@@ -177,9 +97,9 @@ _DOWNLOAD = msgspec.json.Decoder(DownloadModelsRequest)
 # --- handlers --------------------------------------------------------------------------------
 
 
-@_guarded
+@guarded
 async def health(request: web.Request) -> web.StreamResponse:
-    state = _state(request)
+    state = api_state(request)
     ok, detail = await state.backend.health()
     body = HealthResponse(
         status="healthy" if ok else "unhealthy",
@@ -188,86 +108,86 @@ async def health(request: web.Request) -> web.StreamResponse:
         version=state.version,
         detail=detail,
     )
-    return _json(body, 200 if ok else 503)
+    return json_response(body, 200 if ok else 503)
 
 
-@_guarded
+@guarded
 async def load_pipeline(request: web.Request) -> web.StreamResponse:
-    body = await _decode(request, _LOAD)
+    body = await decode_body(request, _LOAD)
     try:
         items = body.items()
     except ValueError as exc:
-        raise _BadRequest(str(exc)) from None
-    await _state(request).backend.load_pipelines(items)
-    return _json(MessageResponse(message="Pipeline loading initiated successfully"))
+        raise BadRequest(str(exc)) from None
+    await api_state(request).backend.load_pipelines(items)
+    return json_response(MessageResponse(message="Pipeline loading initiated successfully"))
 
 
-@_guarded
+@guarded
 async def pipeline_status(request: web.Request) -> web.StreamResponse:
-    return _json(await _state(request).backend.pipeline_status())
+    return json_response(await api_state(request).backend.pipeline_status())
 
 
-@_guarded
+@guarded
 async def pipeline_schemas(request: web.Request) -> web.StreamResponse:
-    schemas = await _state(request).backend.pipeline_schemas()
-    return _json(PipelineSchemasResponse(pipelines=schemas))
+    schemas = await api_state(request).backend.pipeline_schemas()
+    return json_response(PipelineSchemasResponse(pipelines=schemas))
 
 
-@_guarded
+@guarded
 async def ice_servers(request: web.Request) -> web.StreamResponse:
-    return _json(IceServersResponse(iceServers=await _state(request).ice.ice_servers()))
+    return json_response(IceServersResponse(iceServers=await api_state(request).ice.ice_servers()))
 
 
-@_guarded
+@guarded
 async def webrtc_offer(request: web.Request) -> web.StreamResponse:
-    offer = await _decode(request, _OFFER)
+    offer = await decode_body(request, _OFFER)
     if offer.type != "offer":
         raise InvalidSdp(f'Expected `type` "offer", got {offer.type!r} - at `$.type`')
     if not offer.sdp.strip():
         raise InvalidSdp("SDP is empty - at `$.sdp`")
-    return _json(await _state(request).backend.create_session(offer))
+    return json_response(await api_state(request).backend.create_session(offer))
 
 
-@_guarded
+@guarded
 async def add_ice_candidates(request: web.Request) -> web.StreamResponse:
     session_id = request.match_info["sessionId"]
-    body = await _decode(request, _CANDIDATES)
-    await _state(request).backend.add_ice_candidates(session_id, body.candidates)
+    body = await decode_body(request, _CANDIDATES)
+    await api_state(request).backend.add_ice_candidates(session_id, body.candidates)
     return web.Response(status=204)
 
 
-@_guarded
+@guarded
 async def close_session(request: web.Request) -> web.StreamResponse:
-    await _state(request).backend.close_session(request.match_info["sessionId"])
+    await api_state(request).backend.close_session(request.match_info["sessionId"])
     return web.Response(status=204)
 
 
-@_guarded
+@guarded
 async def models_status(request: web.Request) -> web.StreamResponse:
     pipeline_id = request.query.get("pipeline_id", "")
     if not pipeline_id:
-        raise _BadRequest("Missing required query parameter `pipeline_id`")
-    return _json(await _state(request).backend.models_status(pipeline_id))
+        raise BadRequest("Missing required query parameter `pipeline_id`")
+    return json_response(await api_state(request).backend.models_status(pipeline_id))
 
 
-@_guarded
+@guarded
 async def download_models(request: web.Request) -> web.StreamResponse:
-    body = await _decode(request, _DOWNLOAD)
-    await _state(request).backend.download_models(body.pipeline_id)
-    return _json(MessageResponse(message=f"Model download started for {body.pipeline_id}"))
+    body = await decode_body(request, _DOWNLOAD)
+    await api_state(request).backend.download_models(body.pipeline_id)
+    return json_response(MessageResponse(message=f"Model download started for {body.pipeline_id}"))
 
 
-@_guarded
+@guarded
 async def hardware_info(request: web.Request) -> web.StreamResponse:
-    return _json(await _state(request).backend.hardware_info())
+    return json_response(await api_state(request).backend.hardware_info())
 
 
 async def openapi_json(request: web.Request) -> web.StreamResponse:
-    return web.Response(body=_state(request).openapi_json, content_type="application/json")
+    return web.Response(body=api_state(request).openapi_json, content_type="application/json")
 
 
 async def docs(request: web.Request) -> web.StreamResponse:
-    return web.Response(text=_state(request).docs_html, content_type="text/html")
+    return web.Response(text=api_state(request).docs_html, content_type="text/html")
 
 
 # --- the route table -------------------------------------------------------------------------
@@ -424,7 +344,7 @@ async def json_errors_middleware(request: web.Request, handler: Handler) -> web.
         if exc.status < 400 or not request.path.startswith(JSON_ERROR_PREFIXES):
             raise
         code = exc.reason.lower().replace(" ", "_")
-        response = _error(exc.status, code, exc.text or exc.reason)
+        response = error_response(exc.status, code, exc.text or exc.reason)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
@@ -444,6 +364,7 @@ def add_api_routes(
     *,
     ice: IceServerProvider | None = None,
     install_middlewares: bool = True,
+    studio: StudioState | None = None,
 ) -> ApiState:
     """Register every API route on ``app`` (not yet started) and keep the state in
     ``app[API_STATE]``. With ``install_middlewares`` also adds CORS and JSON error answers.
@@ -451,7 +372,8 @@ def add_api_routes(
     app's cleanup either way.
 
     The body limit is ``config.max_body_bytes``; the app's own ``client_max_size`` must not be
-    smaller (``create_api_app`` sets it)."""
+    smaller (``create_api_app`` sets it). ``studio`` says where the routes of Scope's UI find
+    the dreamwire home, the models and the log (nothing on disk without it)."""
     config = config or ApiConfig()
     provider = ice if ice is not None else IceServerProvider(config.ice)
     state = ApiState(
@@ -460,15 +382,16 @@ def add_api_routes(
         max_body_bytes=config.max_body_bytes,
         started_at=time.time(),
         version=_package_version(),
+        studio=studio or StudioState(),
     )
-    operations = api_operations()
+    operations = [*api_operations(), *studio_operations()]
     document = build_openapi(operations, title=API_TITLE, version=state.version)
     state.openapi_json = msgspec.json.encode(document)
     state.docs_html = render_docs_html(document)
     app[API_STATE] = state
     for op in operations:
         app.router.add_route(op.method, op.path, op.handler, name=op.operation_id)
-        if op.method == "GET":
+        if op.method == "GET" and not op.streams:
             app.router.add_route("HEAD", op.path, op.handler)
     if install_middlewares:
         app.middlewares.append(cors_middleware(config.cors))

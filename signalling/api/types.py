@@ -125,6 +125,10 @@ class PipelineStatusResponse(msgspec.Struct, kw_only=True):
     load_params: JsonObject | None = None
     loaded_lora_adapters: list[JsonObject] | None = None
     error: Annotated[str | None, msgspec.Meta(description="Error text when status is error")] = None
+    #: Scope 0.2's spinner text; dreamwire's loads have no named stages.
+    loading_stage: str | None = None
+    produces_video: bool = True
+    produces_audio: bool = False
 
 
 class PipelineSchemasResponse(msgspec.Struct, kw_only=True):
@@ -220,14 +224,31 @@ class DownloadModelsRequest(msgspec.Struct, kw_only=True):
     pipeline_id: Annotated[str, msgspec.Meta(min_length=1)]
 
 
+class Integration(msgspec.Struct, kw_only=True):
+    """A video-sharing integration of Scope 0.2 (Spout, NDI, Syphon): none in dreamwire."""
+
+    available: bool = False
+    reason: str | None = None
+    install_hint: str | None = None
+
+
+def _missing(name: str) -> Integration:
+    return Integration(
+        reason=f"dreamwire has no {name} input or output; video comes and goes over WebRTC"
+    )
+
+
 class HardwareInfoResponse(msgspec.Struct, kw_only=True):
-    """Body of ``GET /api/v1/hardware/info``."""
+    """Body of ``GET /api/v1/hardware/info``: Scope 0.1's flags and 0.2's integrations."""
 
     vram_gb: Annotated[float | None, msgspec.Meta(description="Total VRAM; null without CUDA")] = (
         None
     )
     spout_available: bool = False
     ndi_available: bool = False
+    spout: Integration = msgspec.field(default_factory=lambda: _missing("Spout"))
+    ndi: Integration = msgspec.field(default_factory=lambda: _missing("NDI"))
+    syphon: Integration = msgspec.field(default_factory=lambda: _missing("Syphon"))
 
 
 class HealthResponse(msgspec.Struct, kw_only=True):
@@ -237,6 +258,7 @@ class HealthResponse(msgspec.Struct, kw_only=True):
     timestamp: Annotated[str, msgspec.Meta(description="ISO 8601, local time")]
     server_start_time: Annotated[float, msgspec.Meta(description="Unix time the server started")]
     version: str
+    git_commit: Annotated[str, msgspec.Meta(description="Build commit, when known")] = "unknown"
     detail: Annotated[JsonObject, msgspec.Meta(description="Per-stage health from the backend")]
 
 
