@@ -184,13 +184,16 @@ class DreamwireClient:
         source: MediaStreamTrack | None,
         initial_parameters: dict[str, Any] | None = None,
         codec: str | None = None,
+        trackless: str = "recvonly",
     ) -> str:
-        """Offer (sending ``source``, or receive-only when None) and wait for the answer."""
+        """Offer (sending ``source``, or receive-only when None) and wait for the answer.
+        ``trackless="sendrecv"`` offers a bare ``addTransceiver("video")`` instead, as Scope's
+        web UI does in text mode."""
         self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=await self.ice_servers()))
         if source is not None:
             transceiver = pc.addTransceiver(source, direction="sendrecv")
         else:
-            transceiver = pc.addTransceiver("video", direction="recvonly")
+            transceiver = pc.addTransceiver("video", direction=trackless)
         if codec is not None:
             from aiortc import RTCRtpSender
 

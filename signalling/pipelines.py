@@ -18,9 +18,10 @@ class ParameterError(ValueError):
 
 
 #: Scope's session-level keys: no pipeline's parameter. dreamwire acts on ``input_mode``,
-#: ``pipeline_ids``, ``graph`` and ``node_id`` (``signalling.intent``); the others name Scope
-#: features dreamwire does not have (recording, audio, tempo sync) and are ignored quietly, since
-#: Scope's frontends send them on every start.
+#: ``pipeline_ids``, ``graph`` and ``node_id`` (``signalling.intent``); the others steer Scope
+#: features dreamwire does not have (recording, audio, tempo sync and beat quantising, output
+#: sinks, server-side sources) and are ignored quietly, since Scope's frontends send them on
+#: every start. A mid-stream ``input_mode`` is ignored too: a session's chain is fixed.
 SESSION_KEYS = frozenset(
     {
         "input_mode",
@@ -33,6 +34,12 @@ SESSION_KEYS = frozenset(
         "quantize_mode",
         "lookahead_ms",
         "beat_cache_reset_rate",
+        "modulations",
+        "_quantized",
+        "input_source",
+        "output_sinks",
+        "spout_sender",
+        "spout_receiver",
     }
 )
 

@@ -96,6 +96,8 @@ class SupervisorRun:
         self.env = {
             **os.environ,
             "DREAMWIRE_RUN_DIR": str(base / "run"),
+            # The web UI's stored answers stay out of the real home.
+            "DREAMWIRE_HOME": str(base / "home"),
             "PYTHONPATH": python_path,
         }
         self.args = [
@@ -289,9 +291,12 @@ def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models
 
 
+BROWSER_TESTS = ("test_web_page.py", "test_scope_clients.py")
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Browser tests need Debian's chromium: install it before any test's timeout starts."""
-    if any(item.path.name == "test_web_page.py" for item in session.items):
+    if any(item.path.name in BROWSER_TESTS for item in session.items):
         from browser import ensure_chromium
 
         ensure_chromium()
