@@ -196,7 +196,7 @@ def test_graphs_dreamwire_cannot_run_are_named(graph: Any, message: str) -> None
 
 
 def test_input_mode_must_be_video_or_text() -> None:
-    with pytest.raises(ParameterError, match="^input_mode: "):
+    with pytest.raises(ParameterError, match=r"^input_mode: "):
         read_intent({"input_mode": "audio"})
 
 
