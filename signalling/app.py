@@ -37,9 +37,15 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def favicon(request: web.Request) -> web.FileResponse:
+    # Browsers ask every page of the origin for it: a 404 is an error in their console.
+    return web.FileResponse(STATIC_DIR / "favicon.svg", headers={"Content-Type": "image/svg+xml"})
+
+
 def add_page_routes(app: web.Application) -> None:
     """The web page at ``/``: plain HTML, CSS and JavaScript modules, no build step."""
     app.router.add_get("/", index)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_static("/static/", STATIC_DIR, append_version=True)
 
 
