@@ -219,6 +219,9 @@ async def test_status_error_carries_text(client, backend) -> None:
     assert body["error"] == "CUDA out of memory"
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 async def test_malformed_json_is_400_naming_the_problem(client, backend) -> None:
     resp = await client.post(
         "/api/v1/pipeline/load",
@@ -233,7 +236,7 @@ async def test_malformed_json_is_400_naming_the_problem(client, backend) -> None
 
 
 async def test_empty_body_is_400(client) -> None:
-    resp = await client.post("/api/v1/pipeline/load", data=b"")
+    resp = await client.post("/api/v1/pipeline/load", data=b"", headers=JSON)
     assert resp.status == 400
     assert "empty" in (await resp.json())["detail"]
 
@@ -288,7 +291,7 @@ async def test_oversized_body_is_413(client, backend) -> None:
             yield b"x" * 1000
         yield b'"}}'
 
-    resp = await client.post("/api/v1/pipeline/load", data=chunks())
+    resp = await client.post("/api/v1/pipeline/load", data=chunks(), headers=JSON)
     assert resp.status == 413
     assert (await resp.json())["error"] == "payload_too_large"
     assert backend.load_calls == []
@@ -739,3 +742,49 @@ async def test_ice_servers_twilio_unreachable_falls_back(backend, caplog) -> Non
         await provider.close()  # idempotent
     assert [s.urls for s in servers] == [[DEFAULT_STUN_URL]]
     assert "Twilio" in caplog.text
+
+
+# --- writes from pages of other origins ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "data"),
+    [
+        ({"Content-Type": "text/plain"}, b'{"pipeline_id": "passthrough"}'),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, b"pipeline_id=passthrough"),
+        ({}, b'{"pipeline_id": "passthrough"}'),  # aiohttp says application/octet-stream
+    ],
+)
+async def test_a_write_that_is_not_json_is_refused(client, backend, headers, data) -> None:
+    resp = await client.post("/api/v1/pipeline/load", data=data, headers=headers)
+    assert resp.status == 415
+    assert (await resp.json())["error"] == "unsupported_media_type"
+    assert backend.load_calls == []
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+async def test_a_write_from_another_origin_is_refused(client, backend, method: str) -> None:
+    resp = await client.request(
+        method,
+        "/api/v1/pipeline/load",
+        json={"pipeline_id": "passthrough"},
+        headers={"Origin": "https://evil.example"},
+    )
+    assert resp.status == 403
+    body = await resp.json()
+    assert body["error"] == "cross_origin_write_refused" and "evil.example" in body["detail"]
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    assert backend.load_calls == []
+    # Reads stay open (without CORS headers the browser keeps the answer from the page).
+    read = await client.get("/api/v1/pipeline/status", headers={"Origin": "https://evil.example"})
+    assert read.status == 200
+
+
+async def test_a_write_from_an_allowed_origin_goes_through(client, backend) -> None:
+    resp = await client.post(
+        "/api/v1/pipeline/load",
+        json={"pipeline_id": "passthrough"},
+        headers={"Origin": "http://localhost:5173"},
+    )
+    assert resp.status == 200
+    assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"

@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import re
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -425,3 +427,67 @@ def test_reference_page_streams_streamdiffusion(
         "streamdiffusion",
         "inference/streamdiffusion",
     )
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # http.server's name
+        body = b"<!doctype html><p>another site</p>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_page_of_another_origin_cannot_drive_the_server(
+    browser: Browser, server: SupervisorRun
+) -> None:
+    """The simple requests a browser sends across origins without asking (text/plain, forms,
+    no-cors) reach the server and are refused there; nothing is loaded or started."""
+    base = f"http://127.0.0.1:{server.port}"
+    context = browser.new_context()
+    page = context.new_page()
+    # A page served from another loopback address: Chromium lets it reach 127.0.0.1 (it would
+    # stop a public page itself), and dreamwire allows only localhost and 127.0.0.1 by default.
+    evil_server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Page)
+    threading.Thread(target=evil_server.serve_forever, name="evil-page", daemon=True).start()
+    evil = f"http://127.0.0.2:{evil_server.server_address[1]}"
+    try:
+        page.goto(evil + "/")
+        page.evaluate(
+            """async (base) => {
+              const body = JSON.stringify({pipeline_id: "testcard"});
+              await fetch(base + "/api/v1/pipeline/load", {method: "POST", mode: "no-cors", body});
+              await fetch(base + "/api/v1/pipeline/load", {
+                method: "POST", mode: "no-cors", body,
+                headers: {"Content-Type": "application/x-www-form-urlencoded"}});
+              await fetch(base + "/api/v1/models/download", {
+                method: "POST", mode: "no-cors", body: JSON.stringify({pipeline_id: "dream"})});
+              const form = document.createElement("form");
+              form.method = "POST";
+              form.action = base + "/api/v1/pipeline/load";
+              form.enctype = "text/plain";
+              const field = document.createElement("input");
+              field.name = '{"pipeline_id": "testcard", "x": "';
+              field.value = '"}';
+              form.appendChild(field);
+              document.body.appendChild(form);
+              form.submit();
+            }""",
+            base,
+        )
+        page.wait_for_url(f"{base}/api/v1/pipeline/load")
+        assert "cross_origin_write_refused" in page.content()
+    finally:
+        context.close()
+        evil_server.shutdown()
+        evil_server.server_close()
+    assert server.status().pipelines == []
+    assert server.run_dir is not None
+    log = (server.run_dir / "server.log").read_text()
+    assert log.count(f"refused POST /api/v1/pipeline/load from origin {evil}") == 3
+    assert "refused POST /api/v1/models/download" in log
+    assert "inference/testcard" not in log

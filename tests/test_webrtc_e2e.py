@@ -111,7 +111,10 @@ async def test_bad_http_requests_get_clear_answers(
             "POST", "/api/v1/webrtc/offer", {"sdp": "v=0", "type": "offer"}
         )
         assert status == 400 and "not loaded" in body["detail"].lower()
-        async with http.post(f"{base}/api/v1/pipeline/load", data=b"{nope") as resp:
+        json_type = {"Content-Type": "application/json"}
+        async with http.post(
+            f"{base}/api/v1/pipeline/load", data=b"{nope", headers=json_type
+        ) as resp:
             assert resp.status == 400
             assert "json" in (await resp.json())["detail"].lower()
         async with http.post(f"{base}/api/v1/pipeline/load", json={"pipeline_id": 5}) as resp:
@@ -119,7 +122,7 @@ async def test_bad_http_requests_get_clear_answers(
         async with http.patch(f"{base}/api/v1/webrtc/offer/nope", json={"candidates": []}) as resp:
             assert resp.status == 404
         async with http.post(
-            f"{base}/api/v1/pipeline/load", data=io.BytesIO(b"x" * (2 << 20))
+            f"{base}/api/v1/pipeline/load", data=io.BytesIO(b"x" * (2 << 20)), headers=json_type
         ) as resp:
             assert resp.status == 413
     await client.load_pipeline("passthrough")

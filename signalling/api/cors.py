@@ -7,11 +7,17 @@ Origins are matched exactly on scheme and host; a pattern ending in ``:*`` accep
 origin gets 403 without CORS headers, so the browser blocks the call. Credentials are not
 allowed: Scope's clients call the API without cookies.
 
+Writes (``POST``, ``PUT``, ``PATCH``, ``DELETE``) are guarded on the server too, since a
+browser sends a "simple" cross-origin request (``text/plain`` or a form) without asking first:
+one from an origin not allowed is refused with 403 before any handler runs, and a body that is
+not ``application/json`` gets 415. Reads stay open to every client.
+
 aiohttp-cors was considered and not used: unmaintained, and this is ~100 lines.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -23,10 +29,13 @@ from signalling.api.types import ErrorResponse
 
 __all__ = ["CorsConfig", "cors_middleware", "origin_allowed"]
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*")
 ALLOWED_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 DEFAULT_ALLOWED_HEADERS = "Content-Type, Authorization"
 PREFLIGHT_MAX_AGE_S = 600
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,6 +74,34 @@ def origin_allowed(origin: str, patterns: list[str]) -> bool:
     return False
 
 
+def _refusal(status: int, code: str, detail: str) -> web.Response:
+    body = msgspec.json.encode(ErrorResponse(error=code, detail=detail))
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _refuse_write(request: web.Request, patterns: list[str]) -> web.Response | None:
+    """The answer to a write no page of another origin may make, or None to go ahead."""
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(origin, patterns):
+        logger.warning("refused %s %s from origin %s", request.method, request.path, origin)
+        return _refusal(
+            403,
+            "cross_origin_write_refused",
+            f"Origin {origin} may not change this server (allowed: {', '.join(patterns)}; "
+            "add it to [api.cors] allow_origins)",
+        )
+    has_body = bool(request.content_length) or request.headers.get("Transfer-Encoding")
+    if (has_body or "Content-Type" in request.headers) and request.content_type not in (
+        "application/json",
+    ):
+        return _refusal(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json, got {request.content_type or 'none'}",
+        )
+    return None
+
+
 def cors_middleware(config: CorsConfig) -> Middleware:
     patterns = list(config.allow_origins)
 
@@ -75,6 +112,8 @@ def cors_middleware(config: CorsConfig) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
+        if request.method in WRITE_METHODS and (refused := _refuse_write(request, patterns)):
+            return refused
         if origin is None:
             return await handler(request)
         allowed = origin_allowed(origin, patterns)
