@@ -165,7 +165,8 @@ async def test_ui_0_2_graph_session_and_node_messages(
     await client.wait_frames(10)
 
 
-def _background(rgb: np.ndarray) -> np.ndarray:
+def _background(rgb: np.ndarray | None) -> np.ndarray:
+    assert rgb is not None, "no frame yet"
     h, w = rgb.shape[:2]
     return rgb[h - 8 :, w // 4 : 3 * w // 4].reshape(-1, 3).mean(axis=0)
 
