@@ -29,6 +29,7 @@ from signalling.links import AdminLink
 from signalling.models import ModelsLink
 from signalling.pipelines import ParameterError, PipelineCatalog
 from signalling.sessions import Session, SessionManager, SessionPlan
+from signalling.webrtc.offer_limits import check_offer
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ class SignallingBackend:
     # ------------------------------------------------------------------ sessions
 
     async def create_session(self, offer: WebRtcOfferRequest) -> WebRtcOfferResponse:
+        try:
+            check_offer(offer.sdp)  # before aiortc: its parsing blocks the event loop
+        except ParameterError as exc:
+            raise InvalidSdp(str(exc)) from None
         params = dict(offer.initialParameters or {})
         try:
             intent = read_intent(params)

@@ -1,0 +1,105 @@
+"""Hostile and unlucky inputs against ``supervisor start``: each is refused clearly while a live
+stream keeps flowing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from client import DreamwireClient, PatternTrack
+from conftest import SupervisorRun
+
+pytestmark = pytest.mark.timeout(120)
+
+CONFIG = """
+[api.ice]
+stun_urls = []
+"""
+Start = Callable[..., SupervisorRun]
+HEADER = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+SECTION = (
+    "m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\nc=IN IP4 0.0.0.0\r\na=sendrecv\r\n"
+    "a=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n"
+    + "a=rtcp-fb:96 nack\r\n"
+    * 60
+)
+
+
+@pytest.fixture
+def server(start_supervisor: Start) -> SupervisorRun:
+    return start_supervisor(CONFIG)
+
+
+@pytest.fixture
+async def client(server: SupervisorRun) -> AsyncIterator[DreamwireClient]:
+    async with DreamwireClient(f"http://127.0.0.1:{server.port}", ice_servers=[]) as c:
+        await c.load_pipeline("passthrough")
+        c.pattern = PatternTrack(256, 256, 30)
+        await c.connect(c.pattern)
+        await c.wait_frames(10, timeout_s=30)
+        yield c
+
+
+async def test_huge_offers_are_refused_while_a_stream_keeps_its_frames(
+    client: DreamwireClient,
+) -> None:
+    hostile = {
+        "1000 m-lines": (HEADER + SECTION * 1000)[: 1 << 20],
+        "many m-lines, few bytes": HEADER + "m=video 9 UDP/TLS/RTP/SAVPF 96\r\n" * 40,
+        "a long line": HEADER + "a=" + "x" * 60_000 + "\r\n",
+    }
+    async with aiohttp.ClientSession() as http:
+
+        async def offer(sdp: str) -> tuple[int, dict[str, str]]:
+            body = io.BytesIO(json.dumps({"sdp": sdp, "type": "offer"}).encode())
+            async with http.post(
+                client.base_url + "/api/v1/webrtc/offer",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            ) as resp:
+                return resp.status, await resp.json()
+
+        async def barrage() -> list[tuple[int, dict[str, str]]]:
+            rounds = [offer(sdp) for sdp in hostile.values() for _ in range(4)]
+            return list(await asyncio.gather(*rounds))
+
+        answers, _ = await asyncio.gather(barrage(), client.wait_frames(20, timeout_s=10))
+    for status, body in answers:
+        assert status in (400, 413), body
+        if status == 400:
+            assert body["error"] == "invalid_sdp" and body["detail"].startswith("sdp: "), body
+
+
+@pytest.mark.parametrize(
+    ("sdp", "detail"),
+    [
+        (
+            HEADER + SECTION.replace("SAVPF 96 97", "SAVPF 96 abc"),
+            "sdp: line 5 (m=): payload type 'abc' is not a number from 0 to 127",
+        ),
+        (
+            HEADER + SECTION.replace("rtpmap:96 VP8", "rtpmap:abc VP8"),
+            "sdp: line 8 (a=rtpmap): payload type 'abc' is not a number from 0 to 127",
+        ),
+    ],
+)
+async def test_a_malformed_offer_names_the_line(
+    client: DreamwireClient, sdp: str, detail: str
+) -> None:
+    status, body = await client.request(
+        "POST", "/api/v1/webrtc/offer", {"sdp": sdp, "type": "offer"}
+    )
+    assert (status, body) == (400, {"error": "invalid_sdp", "detail": detail})
+
+
+async def test_deeply_nested_json_on_the_data_channel_is_an_error_reply(
+    client: DreamwireClient,
+) -> None:
+    client._channel.send("[" * 100_000)
+    assert (await client.wait_message("error"))["data"] == "message: nested too deeply"
+    await client.send_parameters({"paused": False})
+    await client.wait_frames(15)
