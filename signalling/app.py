@@ -21,7 +21,7 @@ from signalling.metrics_routes import add_metrics_routes
 from signalling.models import ModelsLink
 from signalling.outputs import add_output_routes
 from signalling.pipelines import PipelineCatalog
-from signalling.sessions import SessionManager
+from signalling.sessions import DEFAULT_CONNECT_TIMEOUT_S, SessionManager
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,13 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
     async def close_chain(session_id: str) -> None:
         await backend.close_chain(session_id)
 
-    sessions = SessionManager(outbox, catalog, open_chain, close_chain)
+    sessions = SessionManager(
+        outbox,
+        catalog,
+        open_chain,
+        close_chain,
+        connect_timeout_s=float(options.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)),
+    )
     backend = SignallingBackend(
         admin, sessions, catalog, models, max_sessions=int(options.get("max_sessions", 8))
     )

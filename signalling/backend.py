@@ -24,7 +24,7 @@ from signalling.api.types import (
     WebRtcOfferRequest,
     WebRtcOfferResponse,
 )
-from signalling.intent import offer_mode, read_intent
+from signalling.intent import Intent, offer_mode, read_intent
 from signalling.links import AdminLink
 from signalling.models import ModelsLink
 from signalling.pipelines import ParameterError, PipelineCatalog
@@ -154,9 +154,17 @@ class SignallingBackend:
             intent = read_intent(params)
         except ParameterError as exc:
             raise InvalidParameters(f"initialParameters.{exc}") from None
-        plan = await self._session_plan(intent.pipeline_ids)
-        if len(self.sessions) >= self.max_sessions:
+        if not self.sessions.reserve(self.max_sessions):
             raise ConcurrencyLimitReached(self.max_sessions)
+        try:
+            return await self._create_session(offer, intent, params)
+        finally:
+            self.sessions.release()
+
+    async def _create_session(
+        self, offer: WebRtcOfferRequest, intent: Intent, params: dict[str, Any]
+    ) -> WebRtcOfferResponse:
+        plan = await self._session_plan(intent.pipeline_ids)
         checked = self.catalog.sort(plan.pipeline_ids, params)
         if checked.errors:
             raise InvalidParameters(

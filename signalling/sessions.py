@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ DECODE = "decode"
 ENCODE = "encode"
 PARAMETERS_CHANNEL = "parameters"
 STOPPED_LINGER_S = 2.0
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
 def parse_parameters_message(raw: str | bytes) -> dict[str, Any]:
@@ -145,6 +146,7 @@ class SessionManager:
         close_chain: CloseChain,
         ice_servers: list[RTCIceServer] | None = None,
         metrics: MetricsAggregator | None = None,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
         self.outbox = outbox
         self.metrics = metrics or MetricsAggregator()  # per-stage latency (issue 5)
@@ -153,10 +155,39 @@ class SessionManager:
         self._close_chain = close_chain
         self._ice_servers = ice_servers or []
         self.sessions: dict[str, Session] = {}
+        self.connect_timeout_s = connect_timeout_s
+        #: Offers being negotiated: they hold a slot before they are sessions.
+        self.reserved = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self.sessions)
+
+    def reserve(self, limit: int) -> bool:
+        """Take a slot for an offer, atomically (no await between the check and the take);
+        :meth:`release` gives it back once the offer is a session or refused."""
+        if len(self.sessions) + self.reserved >= limit:
+            return False
+        self.reserved += 1
+        return True
+
+    def release(self) -> None:
+        self.reserved -= 1
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close_unconnected(self, session: Session) -> None:
+        await asyncio.sleep(self.connect_timeout_s)
+        if not session.closed and session.pc.connectionState != "connected":
+            logger.warning(
+                "session %s: not connected %.0f s after its answer; closed",
+                session.session_id,
+                self.connect_timeout_s,
+            )
+            await self.close(session.session_id)
 
     # ------------------------------------------------------------------ create
 
@@ -228,6 +259,7 @@ class SessionManager:
             self.metrics.session_closed(session_id)
             await pc.close()
             raise
+        self._spawn(self._close_unconnected(session), f"session-{session_id[:6]}.connect")
         if mode == "video":
             session.drain = start_drain(
                 transceiver.receiver.track,
@@ -419,11 +451,7 @@ class SessionManager:
         except Exception as exc:
             logger.warning("session %s: closing its chain: %s", session_id, exc)
         if linger_s > 0:
-            task = asyncio.create_task(
-                self._close_pc_later(session, linger_s), name=f"session-{session_id[:6]}.linger"
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._close_pc_later(session, linger_s), f"session-{session_id[:6]}.linger")
         else:
             await session.pc.close()
         logger.info("session %s closed", session_id)

@@ -84,6 +84,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     overlay_model_options: dict[str, Any] = {}
     #: Concurrent WebRTC sessions; the next offer gets 429.
     max_sessions: int = 8
+    #: A session whose peer has not connected this long after its answer is closed, freeing
+    #: its slot (an offer that never connects must not hold one).
+    connect_timeout_s: float = 10.0
     #: Extra services, started in order before signalling (e.g. testsrc/testsink).
     services: list[ServiceConfig] = []
     #: Start the HTTP server (signalling).

@@ -157,6 +157,7 @@ class Supervisor:
                 "host": cfg.host,
                 "port": cfg.port,
                 "max_sessions": cfg.max_sessions,
+                "connect_timeout_s": cfg.connect_timeout_s,
                 "models_dir": str(self.models_dir),
                 "home": str(Path(cfg.home).expanduser() if cfg.home else default_home()),
                 "api": msgspec.to_builtins(cfg.api),

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
+from aiortc import RTCPeerConnection
 from client import DreamwireClient, PatternTrack
 from conftest import SupervisorRun
 
@@ -103,3 +104,38 @@ async def test_deeply_nested_json_on_the_data_channel_is_an_error_reply(
     assert (await client.wait_message("error"))["data"] == "message: nested too deeply"
     await client.send_parameters({"paused": False})
     await client.wait_frames(15)
+
+
+async def test_session_slots_are_taken_atomically_and_freed_by_offers_that_never_connect(
+    start_supervisor: Start,
+) -> None:
+    server = start_supervisor("max_sessions = 2\nconnect_timeout_s = 2.0\n" + CONFIG)
+    async with DreamwireClient(f"http://127.0.0.1:{server.port}", ice_servers=[]) as c:
+        await c.load_pipeline("passthrough")
+        # One real offer whose peer never answers back: its sessions can never connect.
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="sendrecv")
+        pc.createDataChannel("parameters")
+        await pc.setLocalDescription(await pc.createOffer())
+        body = {"sdp": pc.localDescription.sdp, "type": "offer"}
+        answers = await asyncio.gather(
+            *(c.request("POST", "/api/v1/webrtc/offer", body) for _ in range(40))
+        )
+        await pc.close()
+        statuses = sorted(status for status, _ in answers)
+        assert statuses.count(200) == 2 and statuses.count(429) == 38, statuses
+
+        async def sessions() -> int:
+            _, health = await c.request("GET", "/health")
+            return int(health["detail"]["sessions"])
+
+        assert await sessions() == 2
+        for _ in range(150):  # freed by the connect timeout (2 s), not by us; 15 s at most
+            if not await sessions():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("unconnected sessions still hold their slots after 15 s")
+        c.pattern = PatternTrack(256, 256, 30)
+        await c.connect(c.pattern)
+        await c.wait_frames(10, timeout_s=30)
