@@ -7,6 +7,8 @@ import json
 import logging
 import subprocess
 import sys
+from types import SimpleNamespace
+from typing import Any
 from unittest import mock
 
 import aiohttp
@@ -17,6 +19,7 @@ from aiohttp.test_utils import make_mocked_request
 from dreams_helpers import decode_number, dreams_config, numbered_webp, serve_dreams
 
 from signalling.dreams import AUTH_TOKEN_ENV, ExternalWorker
+from signalling.dreams.config import DreamsConfig, resolve_auth_token
 from signalling.dreams.routes import _authorize_worker
 from signalling.dreams.wire import MsgType
 
@@ -56,25 +59,55 @@ async def test_token_missing_or_wrong_is_refused_right_one_accepted() -> None:
         assert await asyncio.wait_for(proc.wait(), 30) == 2
 
 
-def test_without_a_token_only_loopback_workers_are_accepted() -> None:
-    def request_from(host: str) -> web.Request:
-        transport = mock.Mock()
-        transport.get_extra_info.side_effect = lambda name, default=None: (
-            (host, 40000) if name == "peername" else default
-        )
-        return make_mocked_request("GET", "/ws/gpu", transport=transport)
-
-    assert _authorize_worker(request_from("127.0.0.1"), "") is None
-    assert _authorize_worker(request_from("::1"), "") is None
-    refused = _authorize_worker(request_from("10.1.2.3"), "")
-    assert refused is not None and refused.status == 403
-    right = make_mocked_request(
-        "GET",
-        "/ws/gpu",
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        transport=request_from("10.1.2.3").transport,
+def _request_from(host: str, headers: dict[str, str] | None = None) -> web.Request:
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        (host, 40000) if name == "peername" else default
     )
-    assert _authorize_worker(right, TOKEN) is None
+    return make_mocked_request("GET", "/ws/gpu", headers=headers, transport=transport)
+
+
+def test_without_a_token_only_loopback_workers_are_accepted() -> None:
+    idle: Any = SimpleNamespace(worker=None)
+    assert _authorize_worker(_request_from("127.0.0.1"), "", idle) is None
+    assert _authorize_worker(_request_from("::1"), "", idle) is None
+    refused = _authorize_worker(_request_from("10.1.2.3"), "", idle)
+    assert refused is not None and refused.status == 403
+    right = _request_from("10.1.2.3", {"Authorization": f"Bearer {TOKEN}"})
+    assert _authorize_worker(right, TOKEN, idle) is None
+
+
+def test_a_browser_page_or_a_second_unauthenticated_worker_is_refused() -> None:
+    idle: Any = SimpleNamespace(worker=None)
+    busy: Any = SimpleNamespace(worker=object())
+    page = _request_from("127.0.0.1", {"Origin": "http://127.0.0.1:8000"})
+    for token in ("", TOKEN):
+        refused = _authorize_worker(page, token, idle)
+        assert refused is not None and refused.status == 403
+    # Without a token nothing proves who a loopback worker is: it never displaces a live one.
+    second = _authorize_worker(_request_from("127.0.0.1"), "", busy)
+    assert second is not None and second.status == 409
+    # With the token, a new worker may take over (a restarted worker reconnecting).
+    again = _request_from("127.0.0.1", {"Authorization": f"Bearer {TOKEN}"})
+    assert _authorize_worker(again, TOKEN, busy) is None
+
+
+def test_the_local_worker_gets_a_token_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DREAM_GEN_AUTH_TOKEN", raising=False)
+    first, second = resolve_auth_token(DreamsConfig()), resolve_auth_token(DreamsConfig())
+    assert len(first) >= 32 and first != second
+    assert resolve_auth_token(DreamsConfig(auth_token="")) == ""
+
+
+async def test_frames_larger_than_the_resolution_allows_close_the_worker() -> None:
+    config = dreams_config(width=16, height=16)  # 768 bytes of pixels
+    async with serve_dreams(config, ExternalWorker()) as (client, hub):
+        async with client.ws_connect("/ws/gpu") as ws:
+            await ws.receive(timeout=5)
+            await ws.send_bytes(b"\x01" + b"x" * 5000)
+            closing = await ws.receive(timeout=5)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert hub.cache.recent(30) == []
 
 
 BAD_MESSAGES: list[tuple[str, str | bytes]] = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Annotated, Literal
 
 import msgspec
@@ -80,8 +81,8 @@ class DreamsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     worker_timeout_s: Positive = 30.0
     max_worker_message_bytes: Count = 8 * 1024 * 1024
     max_state_bytes: Count = 1024 * 1024
-    #: Bearer token of ``/ws/gpu``; None reads ``DREAM_GEN_AUTH_TOKEN``; "" = no token
-    #: (loopback workers only).
+    #: Bearer token of ``/ws/gpu``; None reads ``DREAM_GEN_AUTH_TOKEN``, or makes a random one
+    #: for the local worker; "" = no token (loopback workers only, never replacing a live one).
     auth_token: str | None = None
     #: Base URL used by ``/api/dreams/embed``; "" = the request's own scheme and host.
     public_url: str = ""
@@ -97,7 +98,12 @@ class DreamsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
 
 
 def resolve_auth_token(config: DreamsConfig) -> str:
-    """The token ``/ws/gpu`` requires, "" for none."""
+    """The token ``/ws/gpu`` requires: the configured one, else ``DREAM_GEN_AUTH_TOKEN``, else
+    for a local launcher a new random one (handed to its worker), so the local worker always
+    proves itself. "" (``auth_token = ""``, or an external launcher with no token set): loopback
+    workers without a token, which never replace a connected one."""
     if config.auth_token is not None:
         return config.auth_token
-    return os.environ.get(AUTH_TOKEN_ENV, "")
+    if token := os.environ.get(AUTH_TOKEN_ENV):
+        return token
+    return secrets.token_urlsafe(32) if config.launcher.kind == "local" else ""

@@ -82,6 +82,9 @@ class DreamsHub:
         self.state = "idle"
         self.error_message: str | None = None
         self.worker: WorkerLink | None = None
+        #: An encoded frame is never larger than the raw pixels of the configured size: the
+        #: bound on each frame and so on the frame cache (cache_frames of them).
+        self.max_frame_bytes = config.width * config.height * 3
         self.cache = FrameCache(config.cache_frames)
         self.playback = Playback(config.target_fps, config.buffer_seconds)
         self.resolution: tuple[int, int] = (config.width, config.height)
@@ -370,6 +373,11 @@ class DreamsHub:
             raise ProtocolError("empty message")
         kind, payload = data[0], memoryview(data)[1:]
         if kind == MsgType.FRAME:
+            if len(payload) > self.max_frame_bytes:
+                raise ProtocolError(
+                    f"frame of {len(payload)} bytes, more than the {self.max_frame_bytes} a "
+                    f"{self.config.width}x{self.config.height} frame may take"
+                )
             try:
                 self.publish_frame(
                     payload.tobytes(),

@@ -354,10 +354,21 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def _authorize_worker(request: web.Request, token: str) -> web.Response | None:
-    """None when the worker may connect, else the refusal (logged)."""
+def _authorize_worker(request: web.Request, token: str, hub: DreamsHub) -> web.Response | None:
+    """None when the worker may connect, else the refusal (logged). A browser page (it always
+    sends ``Origin`` on a WebSocket) is never a worker, whatever its address."""
     peer = request.remote
+    if "Origin" in request.headers:
+        logger.warning(
+            "refused GPU worker from %s: a browser page (Origin %s)",
+            peer,
+            request.headers["Origin"],
+        )
+        return _detail(403, "GPU workers are programs, not web pages (the request has an Origin)")
     if not token:
+        if _is_loopback(peer) and hub.worker is not None:
+            logger.warning("refused GPU worker from %s: no token, and a worker is live", peer)
+            return _detail(409, "A worker is connected; without a token none may replace it")
         if _is_loopback(peer):
             return None
         logger.warning("refused GPU worker from %s: no token configured, loopback only", peer)
@@ -374,13 +385,18 @@ def _authorize_worker(request: web.Request, token: str) -> web.Response | None:
 
 async def gpu_ws(request: web.Request) -> web.StreamResponse:
     state = _state(request)
-    refused = _authorize_worker(request, state.token)
+    refused = _authorize_worker(request, state.token, state.hub)
     if refused is not None:
         return refused
     hub = state.hub
     ws = web.WebSocketResponse(
         compress=False,
-        max_msg_size=state.config.max_worker_message_bytes,
+        # One type byte and a frame, or a state snapshot: nothing larger is worth reading.
+        max_msg_size=1
+        + min(
+            state.config.max_worker_message_bytes,
+            max(hub.max_frame_bytes, state.config.max_state_bytes),
+        ),
         receive_timeout=state.config.worker_timeout_s,
     )
     await ws.prepare(request)
