@@ -44,6 +44,8 @@ class Child:
         #: Processes started by a pipeline load (inference, overlay): a failed load is final
         #: (status ``error``) until the next load request.
         self.is_pipeline = spec.kind in ("inference", "overlay")
+        #: The WebRTC media stages: they answer between frames of a few milliseconds.
+        self.is_media = spec.kind in ("decode", "encode")
         #: A crash of an inference process ends its sessions (their model state is gone);
         #: decode, encode and overlay carry their sessions on after a restart.
         self.fatal_to_sessions = spec.kind == "inference"

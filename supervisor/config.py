@@ -61,6 +61,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     #: Model processes answer heartbeats between calls; one call may take this long (the
     #: heartbeat and the stall limit of inference and overlay processes).
     model_heartbeat_timeout_s: float = 30.0
+    #: decode and encode answer between frames (a few ms each): a frozen one is restarted
+    #: after this long, so a viewer loses well under 3 s of video (restart and keyframe
+    #: included). Media stages must not wait as long as a stage that runs a model.
+    media_heartbeat_timeout_s: float = 1.5
     #: A stage with frames waiting that finishes none for this long is restarted.
     stall_timeout_s: float = 5.0
     ready_timeout_s: float = 60.0

@@ -345,6 +345,11 @@ class Supervisor:
 
     def _on_child_down(self, child: Child, reason: str) -> None:
         child.schedule_restart(reason)
+        # The process that owned sessions (signalling: their peer connections) took them with
+        # it: close them everywhere and free their rings; its restart starts with none.
+        for session_id in [sid for sid, s in self.sessions.items() if s.owner == child.name]:
+            logger.warning("session %s closed: its owner %s died", session_id, child.name)
+            self.close_session(session_id)
         if not child.fatal_to_sessions:
             # decode / encode / overlay carry their sessions on after a restart (a keyframe).
             return
@@ -389,6 +394,8 @@ class Supervisor:
             # a causal video model on a small GPU, a session's first call).
             timeout_s = max(timeout_s, self.config.model_heartbeat_timeout_s)
             stall_s = max(stall_s, self.config.model_heartbeat_timeout_s)
+        elif child.is_media:
+            timeout_s = min(timeout_s, self.config.media_heartbeat_timeout_s)
         unanswered_s = 0.0 if child.unanswered_since is None else now - child.unanswered_since
         # Stalls are judged on the process's own latest report (frames waiting, none done
         # since progress_at), not on the clock now: a late report is the heartbeat's business.

@@ -4,15 +4,21 @@ stream keeps flowing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import os
+import signal
+import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
 from client import DreamwireClient, PatternTrack
-from conftest import SupervisorRun
+from conftest import SupervisorRun, async_wait_until
+
+from shm.ring import segments_of_run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,3 +145,44 @@ async def test_session_slots_are_taken_atomically_and_freed_by_offers_that_never
         c.pattern = PatternTrack(256, 256, 30)
         await c.connect(c.pattern)
         await c.wait_frames(10, timeout_s=30)
+
+
+async def test_a_frozen_media_stage_costs_little_video(
+    server: SupervisorRun, client: DreamwireClient
+) -> None:
+    for stage in ("decode", "encode"):
+        pid = server.service(stage).pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            # The heartbeat limit of a media stage (1.5 s) restarts it; video flows again on the
+            # same peer connection.
+            await client.wait_frames(5, timeout_s=6)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        gap = time.monotonic() - stopped
+        assert server.service(stage).pid != pid, f"{stage} was not restarted"
+        print(f"{stage} frozen: video back after {gap:.2f} s")
+
+
+async def test_signalling_killed_closes_its_sessions_and_frees_their_rings(
+    server: SupervisorRun, client: DreamwireClient
+) -> None:
+    run_id = server.status().run_id
+    assert len(segments_of_run(run_id)) > 1  # the session's rings and the run's lock
+    os.kill(server.service("signalling").pid, signal.SIGKILL)
+
+    def cleaned_up() -> bool:
+        status = server.status()
+        return not status.sessions and len(segments_of_run(run_id)) == 1
+
+    await async_wait_until(cleaned_up, 15, "the dead owner's sessions closed, rings freed")
+    assert [s.name for s in segments_of_run(run_id)] == [f"dreamwire.{run_id}.lock"]
+    assert "closed: its owner signalling died" in server.log()
+    # The restarted signalling serves a new session.
+    await async_wait_until(lambda: server.service("signalling").state == "ready", 15, "restart")
+    async with DreamwireClient(client.base_url, ice_servers=[]) as again:
+        again.pattern = PatternTrack(256, 256, 30)
+        await again.connect(again.pattern)
+        await again.wait_frames(10, timeout_s=30)
