@@ -92,7 +92,10 @@ class RingStage(ServiceCore):
     def handle(self, msg: p.InboxMessage) -> None:
         match msg:
             case p.FrameReady(session_id=session_id):
-                self.drain(self._session(session_id))
+                session = self._session(session_id)
+                if session.input is None:  # a source stage, or a session of text mode
+                    raise ValueError(f"session {session_id!r} has no input ring here")
+                self.drain(session)
             case p.UpdateParameters(session_id=session_id, params=params):
                 session = self._session(session_id)
                 session.params.update(params)

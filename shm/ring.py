@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import mmap
 import os
 import re
@@ -206,11 +207,15 @@ class FrameRing:
         size = RING_HEADER_BYTES + n_slots * stride
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Allocated now, not on first touch: a full /dev/shm is this clear error here, not
+            # a SIGBUS in whichever process writes the slot first.
+            os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size)
         except OSError as exc:
             os.close(fd)
             path.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise RingError(f"no room in {SHM_DIR} for ring {ring}: size {size} bytes") from exc
             raise RingError(f"cannot create {path} ({size} bytes): {exc}") from exc
         os.close(fd)
         header = np.frombuffer(mm, dtype=np.int64, count=RING_HEADER_BYTES // 8)

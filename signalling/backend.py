@@ -235,8 +235,14 @@ class SignallingBackend:
     async def health(self) -> tuple[bool, dict[str, Any]]:
         report = await self.admin.status()
         services = {s.name: s.state for s in report.services}
-        # A pipeline that failed to load is reported by its status, not as ill health.
-        ok = all(
+        # A pipeline still loading is not ill health; one that failed to load is.
+        errors = {
+            s.pipeline_id: s.error or "failed" for s in report.pipelines if s.status == "error"
+        }
+        ok = not errors and all(
             state in ("ready",) or name.startswith("inference/") for name, state in services.items()
         )
-        return ok, {"services": services, "sessions": len(self.sessions)}
+        detail: dict[str, Any] = {"services": services, "sessions": len(self.sessions)}
+        if errors:
+            detail["pipeline_errors"] = errors
+        return ok, detail

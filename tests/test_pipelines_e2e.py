@@ -142,6 +142,10 @@ async def test_out_of_memory_stops_sessions_and_a_smaller_load_works(
         _, state = await client.request("GET", "/api/v1/pipeline/status")
         assert state["status"] == "error"
         assert "CUDA out of memory" in state["error"]
+        # /health tells the operator too.
+        status, health = await client.request("GET", "/health")
+        assert status == 503 and health["status"] == "unhealthy"
+        assert "CUDA out of memory" in health["detail"]["pipeline_errors"]["oomcard"]
         await client.disconnect()
         # Loading it again at a size that fits works.
         await client.load_pipeline("oomcard", {"height": 96, "width": 128})

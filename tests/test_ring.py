@@ -159,3 +159,40 @@ def test_two_processes_hammer_10000_frames(run_id: str) -> None:
     assert stats.published == stats.consumed + stats.skipped + stats.torn + stats.pending
     assert result["intact"] > 0
     ring.unlink()
+
+
+def test_a_full_dev_shm_is_a_clear_error_at_creation() -> None:
+    """In a mount namespace of its own with a 1 MiB tmpfs on /dev/shm (root only)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from shm.ring import FrameRing, RingError\n"
+        "try:\n"
+        "    FrameRing.create('full', 'r', 4, 1 << 20)\n"
+        "except RingError as exc:\n"
+        "    print(exc)\n"
+    )
+    try:
+        out = subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "{sys.executable}" -c "$0"',
+                script,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if out.returncode != 0 and ("Operation not permitted" in out.stderr or "mount" in out.stderr):
+        pytest.skip(f"no mount namespace here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("no room in /dev/shm for ring r: size "), out.stdout
