@@ -17,6 +17,7 @@ from services.runtime import ServiceSpec, configure_logging, die_with_parent
 from signalling.app import create_app
 from signalling.control import ControlLink
 from signalling.dreams.routes import close_dreams
+from signalling.webrtc.forwarding import check_marker_completion
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ SPEC_ENV = "DREAMWIRE_SERVICE_SPEC"
 
 
 async def serve(spec: ServiceSpec) -> None:
+    check_marker_completion()  # before saying hello: a start-up failure names the cause
     link = ControlLink(spec)
     await link.hello()
     host = str(spec.options.get("host", "127.0.0.1"))

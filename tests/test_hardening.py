@@ -152,6 +152,7 @@ async def test_a_frozen_media_stage_costs_little_video(
 ) -> None:
     for stage in ("decode", "encode"):
         pid = server.service(stage).pid
+        assert pid is not None
         os.kill(pid, signal.SIGSTOP)
         stopped = time.monotonic()
         try:
@@ -171,7 +172,9 @@ async def test_signalling_killed_closes_its_sessions_and_frees_their_rings(
 ) -> None:
     run_id = server.status().run_id
     assert len(segments_of_run(run_id)) > 1  # the session's rings and the run's lock
-    os.kill(server.service("signalling").pid, signal.SIGKILL)
+    pid = server.service("signalling").pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
 
     def cleaned_up() -> bool:
         status = server.status()

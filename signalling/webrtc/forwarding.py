@@ -103,11 +103,12 @@ def complete_on_marker(jitter_buffer: Any, packet: Any) -> JitterFrame | None:
     (RFC 7741 for VP8, RFC 6184 for H.264) says a frame is complete: when the packets from the
     buffer's origin are contiguous, of one timestamp, and end with a marker packet, take them out
     and hand the frame over at once (after ``packet`` filled a gap, too). Anything else is left
-    to aiortc's own logic. Uses the buffer's private state; without it, does nothing.
+    to aiortc's own logic. Uses the buffer's private state: :func:`check_marker_completion`
+    proves at start-up that this aiortc has it.
     """
-    origin = getattr(jitter_buffer, "_origin", None)
-    slots = getattr(jitter_buffer, "_packets", None)
-    if origin is None or slots is None or packet.timestamp is None:
+    origin = jitter_buffer._origin
+    slots = jitter_buffer._packets
+    if origin is None or packet.timestamp is None:
         return None
     capacity = len(slots)
     run: list[Any] = []
@@ -120,6 +121,21 @@ def complete_on_marker(jitter_buffer: Any, packet: Any) -> JitterFrame | None:
             jitter_buffer.remove(count + 1)
             return JitterFrame(data=b"".join(p._data for p in run), timestamp=queued.timestamp)
     return None
+
+
+def check_marker_completion() -> None:
+    """Fail loudly when this aiortc's jitter buffer lacks what :func:`complete_on_marker`
+    reads: without it every frame would silently wait a frame interval longer."""
+    import aiortc
+    from aiortc.jitterbuffer import JitterBuffer
+
+    buffer = JitterBuffer(capacity=16, is_video=True)
+    missing = [name for name in ("_origin", "_packets", "remove") if not hasattr(buffer, name)]
+    if missing or not isinstance(getattr(buffer, "_packets", None), list):
+        raise RuntimeError(
+            f"aiortc {aiortc.__version__}: JitterBuffer lacks {missing or ['a list of _packets']}"
+            ", which frame completion on the RTP marker bit needs (tested with 1.9-1.16)"
+        )
 
 
 class _ForwardingQueue(queue.Queue[Any]):
