@@ -51,6 +51,8 @@ class ModelsLink:
             stdin=subprocess.DEVNULL,
         )
         logger.info("downloading models for %s", pipeline_id)
+        # Reaped the moment it exits (a thread waits on it), so no zombie is left behind.
+        asyncio.get_running_loop().run_in_executor(None, self._downloads[pipeline_id].wait)
 
     def hardware_info(self) -> HardwareInfoResponse:
         if not self._probed:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
@@ -70,7 +72,7 @@ async def test_a_live_receiver_hands_a_frame_over_on_its_marker_packet() -> None
     from signalling.webrtc import forward_encoded, receive_encoded
 
     class Silent(VideoStreamTrack):
-        async def recv(self) -> object:
+        async def recv(self) -> Any:
             await asyncio.Event().wait()  # never sends: the test sends the packets
             raise AssertionError
 

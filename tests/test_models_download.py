@@ -277,3 +277,19 @@ def test_unknown_pipeline_and_models_not_downloaded_message(tmp_path: Path) -> N
     # Pipelines without artifacts are always "downloaded".
     assert downloads.is_downloaded("passthrough", tmp_path)
     json.dumps(downloads.models_status("passthrough", tmp_path))
+
+
+async def test_a_finished_download_process_is_reaped(tmp_path: Path) -> None:
+    from signalling.models import ModelsLink
+
+    link = ModelsLink(tmp_path)
+    link.start_download("passthrough")  # nothing to fetch: the process exits at once
+    pid = link._downloads["passthrough"].pid
+    for _ in range(300):  # 30 s at most; no zombie left once it exited
+        if not Path(f"/proc/{pid}").exists():
+            break
+        await asyncio.sleep(0.1)
+    else:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+        raise AssertionError(f"download process {pid} still there (state {state})")
+    await link.close()
