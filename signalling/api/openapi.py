@@ -43,6 +43,8 @@ class QueryParam:
     name: str
     description: str
     required: bool = True
+    #: The JSON Schema of the value, as the handler checks it.
+    schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "string", "minLength": 1})
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +107,7 @@ def build_openapi(operations: list[Operation], *, title: str, version: str) -> d
                 "in": "query",
                 "required": q.required,
                 "description": q.description,
-                "schema": {"type": "string"},
+                "schema": dict(q.schema),
             }
             for q in op.query
         ]

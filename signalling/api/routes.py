@@ -141,8 +141,6 @@ async def ice_servers(request: web.Request) -> web.StreamResponse:
 @guarded
 async def webrtc_offer(request: web.Request) -> web.StreamResponse:
     offer = await decode_body(request, _OFFER)
-    if offer.type != "offer":
-        raise InvalidSdp(f'Expected `type` "offer", got {offer.type!r} - at `$.type`')
     if not offer.sdp.strip():
         raise InvalidSdp("SDP is empty - at `$.sdp`")
     return json_response(await api_state(request).backend.create_session(offer))

@@ -69,8 +69,11 @@ SSE_KEEPALIVE_S = 15.0
 
 
 class NotInDreamwire(ApiError):
-    status = 501
-    code = "not_implemented"
+    """A Scope feature dreamwire does not have: the client's request is fine, this server
+    cannot do it (4xx, so clients show the reason instead of reporting a server fault)."""
+
+    status = 400
+    code = "not_supported"
 
 
 def _json(obj: Any) -> web.Response:
@@ -171,7 +174,9 @@ def tail_log(path: Path | None, lines: int, since: int | None) -> LogsTailRespon
 
 async def logs_tail(request: web.Request) -> web.StreamResponse:
     lines = _int_query(request, "lines", 200, 1, LOG_TAIL_MAX_LINES)
-    since = _int_query(request, "since_offset", -1, -1, 2**62)
+    since = (
+        _int_query(request, "since_offset", -1, 0, 2**62) if "since_offset" in request.query else -1
+    )
     path = _studio(request).log_file
     result = await asyncio.to_thread(tail_log, path, lines, None if since < 0 else since)
     return _json(result)
@@ -468,7 +473,7 @@ def _ok(description: str, body: Any) -> dict[int, Resp]:
     return {200: Resp(description, body)}
 
 
-NOT_HERE = {501: Resp("Not something dreamwire does (the detail says why)", ErrorResponse)}
+NOT_HERE = {400: Resp("Not something dreamwire does (the detail says why)", ErrorResponse)}
 
 
 def studio_operations() -> list[Operation]:
@@ -523,8 +528,18 @@ def studio_operations() -> list[Operation]:
             "The server log's lines after a byte offset (every process of the run)",
             ui,
             query=(
-                QueryParam("lines", "At most this many lines (1-1000, default 200)", False),
-                QueryParam("since_offset", "Byte offset the last answer gave", False),
+                QueryParam(
+                    "lines",
+                    "At most this many lines (default 200)",
+                    False,
+                    {"type": "integer", "minimum": 1, "maximum": LOG_TAIL_MAX_LINES},
+                ),
+                QueryParam(
+                    "since_offset",
+                    "Byte offset the last answer gave",
+                    False,
+                    {"type": "integer", "minimum": 0},
+                ),
             ),
             responses=_ok("Lines and the next offset", LogsTailResponse),
         ),
@@ -657,7 +672,11 @@ def studio_operations() -> list[Operation]:
             assets,
             "Media library: none (inputs come over WebRTC)",
             ui,
-            query=(QueryParam("type", "image | video | audio", False),),
+            query=(
+                QueryParam(
+                    "type", "image | video | audio", False, {"enum": ["image", "video", "audio"]}
+                ),
+            ),
             responses=_ok("Assets", AssetsResponse),
         ),
     ]

@@ -73,8 +73,11 @@ class PipelineLoadRequest(msgspec.Struct, kw_only=True):
 
     pipeline_id: Annotated[str, msgspec.Meta(min_length=1)] | None = None
     load_params: JsonObject | None = None
-    pipelines: list[PipelineLoadItem] | None = None
-    pipeline_ids: list[Annotated[str, msgspec.Meta(min_length=1)]] | None = None
+    pipelines: Annotated[list[PipelineLoadItem], msgspec.Meta(min_length=1)] | None = None
+    pipeline_ids: (
+        Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]], msgspec.Meta(min_length=1)]
+        | None
+    ) = None
 
     def items(self) -> list[PipelineLoadItem]:
         """The pipelines to load, whatever shape was sent. Raises ``ValueError`` naming the
@@ -164,8 +167,8 @@ class IceServersResponse(msgspec.Struct, kw_only=True):
 class WebRtcOfferRequest(msgspec.Struct, kw_only=True):
     """Body of ``POST /api/v1/webrtc/offer``."""
 
-    sdp: Annotated[str, msgspec.Meta(description="SDP offer")]
-    type: Annotated[str, msgspec.Meta(description='SDP type; must be "offer"')]
+    sdp: Annotated[str, msgspec.Meta(min_length=1, description="SDP offer")]
+    type: Annotated[Literal["offer"], msgspec.Meta(description='SDP type: "offer"')]
     initialParameters: Annotated[
         JsonObject | None,
         msgspec.Meta(description="Parameters applied before the first frame (prompts, ...)"),
