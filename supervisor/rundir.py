@@ -61,6 +61,27 @@ def run_is_alive(run_id: str) -> bool:
     return False
 
 
+def _supervisor_alive(run_dir: Path) -> bool:
+    """Whether the run's recorded supervisor still runs; True when that cannot be told (no
+    record yet: a run being created writes it just after its directory)."""
+    try:
+        pid = int(json.loads((run_dir / RUN_INFO).read_text())["pid"])
+    except FileNotFoundError:
+        return run_dir.is_dir() and any(run_dir.iterdir())
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def reclaim_stale(base: Path) -> list[str]:
     """Remove segments and run directories of runs that are no longer alive."""
     reclaimed = []
@@ -69,6 +90,15 @@ def reclaim_stale(base: Path) -> list[str]:
         ids.update(p.name for p in base.iterdir() if p.is_dir())
     for run_id in sorted(ids):
         path = lock_path(run_id)
+        if not path.exists():
+            # Its lock is not in this /dev/shm: a run of another mount namespace sharing this
+            # run base, or one whose /dev/shm was wiped. Only a dead supervisor pid proves it gone.
+            if _supervisor_alive(base / run_id):
+                logger.info("leaving run %s: its supervisor lives, its lock is elsewhere", run_id)
+                continue
+            shutil.rmtree(base / run_id, ignore_errors=True)
+            reclaimed.append(run_id)
+            continue
         fd = _try_lock(path)
         if fd is None:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -316,3 +317,23 @@ def test_a_long_model_call_is_not_taken_for_a_stall(
     slow = run.service("inference/slowpass")
     assert slow.restarts == 0 and slow.state == "ready", run.log()
     assert "killing it" not in run.log() and "corrupt" not in run.log()
+
+
+def test_a_run_whose_lock_is_in_another_dev_shm_is_left_alone(tmp_path: Path) -> None:
+    """A second ``supervisor start`` in another mount namespace sees the same run base but not
+    the other run's lock: it reclaims a run only when its supervisor is provably dead."""
+    from supervisor.rundir import RUN_INFO, reclaim_stale
+
+    live = tmp_path / "0live000"
+    live.mkdir()
+    (live / RUN_INFO).write_text(json.dumps({"pid": os.getpid()}))
+    (live / "control.sock").write_text("")
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    dead = tmp_path / "0dead000"
+    dead.mkdir()
+    (dead / RUN_INFO).write_text(json.dumps({"pid": dead_pid.pid}))
+    reclaimed = reclaim_stale(tmp_path)  # (dead runs' leftovers in /dev/shm go too)
+    assert "0dead000" in reclaimed and "0live000" not in reclaimed
+    assert live.is_dir() and (live / "control.sock").exists()
+    assert not dead.exists()
