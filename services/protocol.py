@@ -23,8 +23,12 @@ import msgspec
 
 
 class Hello(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """A service's first message: who it is, proved by its pid (the supervisor spawned it) and
+    the run's secret (from its spec). Only then does the supervisor route to its connection."""
+
     service: str
     pid: int
+    secret: str = ""
 
 
 class Ready(msgspec.Struct, tag=True, forbid_unknown_fields=True):

@@ -52,6 +52,14 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
     supervisor_pid: int
     log_level: str = "INFO"
     options: dict[str, Any] = {}
+    #: The run's secret: a service's Hello proves it (see ``control_identity``).
+    secret: str = ""
+
+
+def control_identity(spec: ServiceSpec) -> str:
+    """A service's identity on ``control.sock``: its name and pid, so a restarted process (or
+    an impostor) never takes over a live process's route."""
+    return f"{spec.name}#{os.getpid()}"
 
 
 def endpoint(run_dir: str | Path, name: str) -> str:
@@ -207,7 +215,7 @@ class ServiceProc:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt_string(zmq.IDENTITY, spec.name)
+        self.control.setsockopt_string(zmq.IDENTITY, control_identity(spec))
         self.control.connect(control_endpoint(spec.run_dir))
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
@@ -229,7 +237,7 @@ class ServiceProc:
     def run(self, core_factory: Any) -> int:
         """Hello → build the core → Ready → loop until Stop. Returns the exit code."""
         spec = self.spec
-        self.send_control(p.Hello(service=spec.name, pid=os.getpid()))
+        self.send_control(p.Hello(service=spec.name, pid=os.getpid(), secret=spec.secret))
         core: ServiceCore | None = None
         try:
             core = core_factory(spec, self.outbox)

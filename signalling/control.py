@@ -16,7 +16,7 @@ import zmq
 import zmq.asyncio
 
 from services import protocol as p
-from services.runtime import ServiceSpec, control_endpoint, inbox_endpoint
+from services.runtime import ServiceSpec, control_endpoint, control_identity, inbox_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class ControlLink:
         self.ctx = zmq.asyncio.Context()
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt_string(zmq.IDENTITY, spec.name)
+        self.control.setsockopt_string(zmq.IDENTITY, control_identity(spec))
         self.control.connect(control_endpoint(spec.run_dir))
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
@@ -50,7 +50,7 @@ class ControlLink:
         await self.control.send(self.control_codec.encode(message))
 
     async def hello(self) -> None:
-        await self.send(p.Hello(service=self.spec.name, pid=os.getpid()))
+        await self.send(p.Hello(service=self.spec.name, pid=os.getpid(), secret=self.spec.secret))
 
     async def ready(self) -> None:
         await self.send(p.Ready(service=self.spec.name))

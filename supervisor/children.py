@@ -46,6 +46,8 @@ class Child:
         self.is_pipeline = spec.kind in ("inference", "overlay")
         #: The WebRTC media stages: they answer between frames of a few milliseconds.
         self.is_media = spec.kind in ("decode", "encode")
+        #: Its connection on control.sock, once its Hello proved it (None before).
+        self.route: bytes | None = None
         #: A crash of an inference process ends its sessions (their model state is gone);
         #: decode, encode and overlay carry their sessions on after a restart.
         self.fatal_to_sessions = spec.kind == "inference"
@@ -80,6 +82,7 @@ class Child:
     def spawn(self) -> None:
         env = dict(os.environ)
         env[SPEC_ENV] = msgspec.json.encode(self.spec).decode()
+        self.route = None  # the new process proves itself anew
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module_for(self.spec.kind)],
             env=env,

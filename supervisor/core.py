@@ -8,8 +8,10 @@ the SIGINT/SIGTERM handler writes to. Timers (heartbeats, restarts, deadlines) b
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -103,6 +105,8 @@ class Supervisor:
         self._stop_reason: str | None = None
         self.phase: p.SupervisorPhase = "starting"
         self._heartbeat_seq = 0
+        #: Handed to every child in its spec; a Hello must carry it.
+        self.secret = secrets.token_hex(16)
         self._next_heartbeat = 0.0
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.control_codec = p.supervisor_control_codec()
@@ -120,7 +124,8 @@ class Supervisor:
         run = self.run
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No ROUTER_HANDOVER: each process connects under its own name#pid identity, and the
+        # route to a service moves only when its Hello proves it (pid and the run's secret).
         self.control.bind(control_endpoint(run.path))
         self.admin = self.ctx.socket(zmq.ROUTER)
         self.admin.setsockopt(zmq.LINGER, 0)
@@ -189,6 +194,7 @@ class Supervisor:
             supervisor_pid=os.getpid(),
             log_level=self.config.log_level,
             options=svc.options,
+            secret=self.secret,
         )
 
     def _check_shm(self) -> None:
@@ -412,9 +418,12 @@ class Supervisor:
     # ------------------------------------------------------------------ control socket
 
     def _send(self, service: str, message: p.SupervisorToService) -> None:
+        child = self.children.get(service)
+        if child is None or child.route is None:
+            return  # not (yet) proven: nothing is routed to it
         try:
             self.control.send_multipart(
-                [service.encode(), self.control_codec.encode(message)], zmq.NOBLOCK
+                [child.route, self.control_codec.encode(message)], zmq.NOBLOCK
             )
         except zmq.ZMQError as exc:
             logger.warning("could not send %s to %s: %s", type(message).__name__, service, exc)
@@ -430,18 +439,36 @@ class Supervisor:
                 logger.warning("rejected control message with %d frames", len(frames))
                 continue
             identity, raw = frames
-            child = self.children.get(identity.decode(errors="replace"))
             try:
                 msg = self.control_codec.decode(raw)
             except p.MessageRejected as exc:
                 self.rejected += 1
                 logger.warning("rejected control message from %r: %s", identity, exc)
                 continue
+            if isinstance(msg, p.Hello):
+                child = self._proven(identity, msg)
+            else:
+                child = next((c for c in self.children.values() if c.route == identity), None)
             if child is None:
                 self.rejected += 1
                 logger.warning("rejected %s from unknown peer %r", type(msg).__name__, identity)
                 continue
             self._on_control(child, msg)
+
+    def _proven(self, identity: bytes, hello: p.Hello) -> Child | None:
+        """The child this Hello comes from, if it proves it: the pid the supervisor spawned
+        under that name, and the run's secret. Its connection then becomes the child's route."""
+        child = self.children.get(hello.service)
+        if (
+            child is None
+            or child.proc is None
+            or child.proc.pid != hello.pid
+            or not hmac.compare_digest(hello.secret.encode(), self.secret.encode())
+        ):
+            logger.warning("rejected Hello from %r claiming %s", identity, hello.service)
+            return None
+        child.route = identity
+        return child
 
     def _on_control(self, child: Child, msg: p.ServiceToSupervisor) -> None:
         now = time.monotonic()

@@ -337,3 +337,33 @@ def test_a_run_whose_lock_is_in_another_dev_shm_is_left_alone(tmp_path: Path) ->
     assert "0dead000" in reclaimed and "0live000" not in reclaimed
     assert live.is_dir() and (live / "control.sock").exists()
     assert not dead.exists()
+
+
+def test_a_forged_service_identity_takes_over_nothing(start_supervisor: Start) -> None:
+    run = start_supervisor(CHAIN)
+    open_chain(run)
+    wait_frames_flow(run)
+    assert run.run_dir is not None
+    sink = run.service("testsink")
+    assert sink.pid is not None
+    codec = p.service_control_codec()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        for identity in (b"testsink", f"testsink#{sink.pid}".encode(), b"testsink#1"):
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 1000)
+            dealer.setsockopt(zmq.IDENTITY, identity)
+            dealer.connect(control_endpoint(run.run_dir))
+            # The right name and pid, but not the run's secret; then a forged failure.
+            dealer.send(codec.encode(p.Hello(service="testsink", pid=sink.pid, secret="guess")))
+            dealer.send(codec.encode(p.ServiceFailed(service="testsink", reason="forged")))
+            dealer.close()
+    finally:
+        ctx.term()
+    # (ZeroMQ never lets the second "testsink#<pid>" connect: 4 messages arrive, all refused.)
+    wait_until(lambda: run.status().rejected >= 4, 10, "the forged messages to be rejected")
+    wait_frames_flow(run)  # the supervisor still talks to the real testsink
+    after = run.service("testsink")
+    assert (after.pid, after.restarts, after.state) == (sink.pid, 0, "ready")
+    assert "testsink failed: forged" not in run.log()
+    assert "rejected Hello" in run.log()
