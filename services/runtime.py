@@ -108,6 +108,21 @@ def add_log_file(run_dir: str | Path, process_name: str) -> logging.Handler:
     return handler
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs under this pid (a zombie has exited; one we may not signal is
+    taken as alive: nothing proves it gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Ask the kernel to SIGKILL us when the supervisor dies (Linux), then close the race."""
     if sys.platform.startswith("linux"):

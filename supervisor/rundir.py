@@ -23,6 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.runtime import pid_alive
 from shm.ring import SEGMENT_PREFIX, SHM_DIR, run_ids_in_shm, segments_of_run
 
 logger = logging.getLogger(__name__)
@@ -70,16 +71,7 @@ def _supervisor_alive(run_dir: Path) -> bool:
         return run_dir.is_dir() and any(run_dir.iterdir())
     except (OSError, ValueError, KeyError, TypeError):
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return pid_alive(pid)
 
 
 def reclaim_stale(base: Path) -> list[str]:

@@ -291,6 +291,22 @@ def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models
 
 
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium through Playwright, one launch per test module (``tests/browser.py``
+    says where it is and how it starts)."""
+    from browser import CHROMIUM_ARGS, ensure_chromium
+    from playwright.sync_api import sync_playwright
+
+    executable = ensure_chromium()
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(
+            executable_path=str(executable), args=CHROMIUM_ARGS, headless=True
+        )
+        yield launched
+        launched.close()
+
+
 BROWSER_TESTS = ("test_web_page.py", "test_scope_clients.py")
 
 

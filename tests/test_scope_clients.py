@@ -15,17 +15,16 @@ import http.server
 import json
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
-from browser import CHROMIUM_ARGS, ensure_chromium
 from client import DreamwireClient, PatternTrack
 from conftest import SupervisorRun, async_wait_until, wait_until
-from playwright.sync_api import Browser, ConsoleMessage, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage
 from test_scope_params import CAMERA_PREVIEW_GRAPH, CAMERA_PREVIEW_WORKFLOW, UI_0_1_VIDEO
 
 pytestmark = pytest.mark.timeout(120)
@@ -319,17 +318,6 @@ def reference_blocks(name: str) -> list[str]:
 def as_written(code: str, port: int) -> str:
     """The documents' code with only the host and port changed."""
     return code.replace("http://localhost:8000", f"http://127.0.0.1:{port}")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = ensure_chromium()
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(executable), args=CHROMIUM_ARGS, headless=True
-        )
-        yield browser
-        browser.close()
 
 
 def run_reference(

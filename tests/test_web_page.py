@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from browser import CHROMIUM_ARGS, ensure_chromium
 from conftest import SupervisorRun, wait_until
 from playwright.sync_api import (
     Browser,
@@ -29,7 +28,6 @@ from playwright.sync_api import (
     Route,
     ViewportSize,
     expect,
-    sync_playwright,
 )
 from playwright.sync_api import Error as PlaywrightError
 
@@ -52,17 +50,6 @@ MILLISECONDS = re.compile(r"^\d+ ms$")
 LATENCY = re.compile(r"^\d+(\.\d)? ms$")
 
 Start = Callable[..., SupervisorRun]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    executable = ensure_chromium()
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(executable), args=CHROMIUM_ARGS, headless=True
-        )
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

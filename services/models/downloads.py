@@ -44,6 +44,7 @@ from services.models.store import (
     mark_complete,
     repo_dir,
 )
+from services.runtime import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -81,23 +82,13 @@ def progress_path(pipeline_id: str, models_dir: str | Path) -> Path:
     return Path(models_dir) / PROGRESS_DIR / f"{pipeline_id}.json"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_progress(pipeline_id: str, models_dir: str | Path) -> dict[str, Any] | None:
     """The last progress written for this pipeline, or None when no download ever ran."""
     try:
         data: dict[str, Any] = json.loads(progress_path(pipeline_id, models_dir).read_text())
     except (OSError, ValueError):
         return None
-    if data.get("state") == "downloading" and not _pid_alive(int(data.get("pid", 0))):
+    if data.get("state") == "downloading" and not pid_alive(int(data.get("pid", 0))):
         data["state"] = "interrupted"
     return data
 
