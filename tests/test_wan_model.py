@@ -286,3 +286,14 @@ def test_compiled_blocks_equal_eager_and_compile_once_for_all_layers() -> None:
     assert torch.allclose(compiled, eager, atol=1e-6)
     # 5 blocks x 2 layers = 10 layer steps; graphs differ only by cache/mask presence.
     assert 1 <= counter.frame_count <= 4
+
+
+def test_a_checkpoint_with_ema_weights_loads_the_generator(tmp_path: Path) -> None:
+    """Scope loads ``generator`` from a ``{generator, generator_ema}`` file (its model.yaml's
+    ``generator_ckpt`` entry), not the EMA copy."""
+    from services.inference.wan.convert import read_checkpoint
+
+    w = torch.randn(4, 4)
+    path = tmp_path / "model.pt"
+    torch.save({"generator_ema": {"model.w": w * 0.99}, "generator": {"model.w": w}}, path)
+    assert torch.equal(read_checkpoint(path)["model.w"], w)

@@ -34,8 +34,11 @@ logger = logging.getLogger(__name__)
 HEAD_DIM = 128
 #: Wrapper prefixes seen in released causal Wan checkpoints, tried in order.
 PREFIXES = ("generator.model.", "model.diffusion_model.", "generator.", "model.")
-#: Containers the state dict may sit in.
-CONTAINERS = ("generator_ema", "generator", "state_dict", "model")
+#: Containers the state dict may sit in, tried in order. A file with both ``generator`` and
+#: ``generator_ema`` gives ``generator``: what Scope's streamdiffusionv2 and longlive load
+#: (scope:longlive/model.yaml, wan2_1/components/generator.py), so the same file makes the same
+#: video here.
+CONTAINERS = ("generator", "generator_ema", "state_dict", "model")
 
 
 class CheckpointMismatch(ValueError):
