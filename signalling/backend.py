@@ -173,7 +173,13 @@ class SignallingBackend:
         mode = offer_mode(offer.sdp, plan.modes, intent.mode)
         try:
             session_id, answer = await self.sessions.create(
-                offer.sdp, plan, mode, checked.valid, nodes=intent.nodes, unknown=checked.unknown
+                offer.sdp,
+                plan,
+                mode,
+                checked.valid,
+                nodes=intent.nodes,
+                unknown=checked.unknown,
+                load_time=checked.load_time,
             )
         except ParameterError as exc:
             raise InvalidParameters(str(exc)) from None

@@ -54,6 +54,9 @@ class SortedParameters:
     unknown: tuple[str, ...]
     #: ``"<field>: <what is wrong>"`` for each known key with a bad value.
     errors: tuple[str, ...]
+    #: Load-time keys sent at run time (Scope's UIs repeat height and width in the offer): the
+    #: pipeline runs as it was loaded, so they are ignored and reported.
+    load_time: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,10 @@ class PipelineCatalog:
         """Scope's parameter policy for a chain of pipelines, key by key.
 
         A key no pipeline of the chain has is ignored (``unknown``), as Scope does: its clients
-        send every setting to every pipeline. A key the chain has is converted by each pipeline
-        that has it; a wrong type or value is an error naming the key, and the other keys still
-        apply. Session-level keys (:data:`SESSION_KEYS`) are the caller's business.
+        send every setting to every pipeline; so is a load-time key at run time
+        (``load_time``). A key the chain has is converted by each pipeline that has it; a wrong
+        type or value is an error naming the key, and the other keys still apply.
+        Session-level keys (:data:`SESSION_KEYS`) are the caller's business.
         """
         owners: dict[str, list[str]] = {}
         for pid in pipeline_ids:
@@ -106,12 +110,16 @@ class PipelineCatalog:
         valid: dict[str, Any] = {}
         unknown: list[str] = []
         errors: list[str] = []
+        load_time: list[str] = []
         registry = _registry()
         for key, value in params.items():
             if key in SESSION_KEYS:
                 continue
             if key not in owners:
                 unknown.append(key)
+                continue
+            if not load and all(key in registry.get(pid).load_only for pid in owners[key]):
+                load_time.append(key)
                 continue
             try:
                 for pid in owners[key]:
@@ -120,4 +128,4 @@ class PipelineCatalog:
                 errors.append(str(exc))
             else:
                 valid[key] = converted
-        return SortedParameters(valid, tuple(unknown), tuple(errors))
+        return SortedParameters(valid, tuple(unknown), tuple(errors), tuple(load_time))

@@ -200,6 +200,7 @@ class SessionManager:
         *,
         nodes: dict[str, str] | None = None,
         unknown: tuple[str, ...] = (),
+        load_time: tuple[str, ...] = (),
     ) -> tuple[str, RTCSessionDescription]:
         """Negotiate, allocate the chain and answer. Raises ValueError for a bad offer.
 
@@ -235,6 +236,7 @@ class SessionManager:
         )
         session.params = dict(initial_params)
         self._report_unknown(session, unknown)
+        self._report_load_time(session, load_time)
         try:
             prefer_video_codecs(transceiver, sdp)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -379,6 +381,7 @@ class SessionManager:
         for error in checked.errors:
             session.send_message({"type": "error", "data": error})
         self._report_unknown(session, checked.unknown)
+        self._report_load_time(session, checked.load_time)
         if not checked.valid:
             return
         session.params.update(checked.valid)
@@ -400,6 +403,16 @@ class SessionManager:
             )
         index = session.pipeline_ids.index(pipeline_id)
         return (pipeline_id,), (session.parameter_targets[index],)
+
+    def _report_load_time(self, session: Session, keys: tuple[str, ...]) -> None:
+        """Load-time settings sent to a live session: told once each, as a warning."""
+        new = [k for k in keys if f"load:{k}" not in session.reported_unknown]
+        if not new:
+            return
+        session.reported_unknown.update(f"load:{k}" for k in new)
+        text = f"ignored {', '.join(new)}: set when the pipeline loads (load it again to change)"
+        logger.info("session %s: %s", session.session_id, text)
+        session.send_message({"type": "warning", "data": text})
 
     def _report_unknown(self, session: Session, keys: tuple[str, ...]) -> None:
         """Log and tell the client once per key, as a FastRTC ``warning``."""

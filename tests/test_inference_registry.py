@@ -52,12 +52,11 @@ def test_schema_has_scope_shape_defaults_bounds_and_ui_hints() -> None:
     props = schema["properties"]
     assert props["noise_scale"]["minimum"] == 0.0 and props["noise_scale"]["maximum"] == 1.0
     assert props["noise_scale"]["ui"]["category"] == "configuration"
-    assert props["prompts"]["ui"] == {
-        "order": 1,
-        "category": "input",
-        "label": "Prompts",
-        "is_load_param": False,  # live while streaming, in Scope's UI
-    }
+    # No ui hint on prompts, as in Scope: its UI draws them itself and warns about an array
+    # field it cannot draw; the step list names Scope's component.
+    assert "ui" not in props["prompts"]
+    assert props["denoising_step_list"]["ui"]["component"] == "denoising_steps"
+    assert props["denoising_step_list"]["ui"]["is_load_param"] is False
     assert props["prompts"]["default"][0]["weight"] == 1.0
     assert props["prompts"]["items"]["$ref"] == "#/$defs/PromptItem"
     assert "PromptItem" in schema["$defs"] and "Transition" in schema["$defs"]

@@ -89,7 +89,9 @@ async def test_ui_0_1_camera_session_with_its_loads_and_offer(
         "passthrough to load",
     )
     client.pattern = PatternTrack(576, 320, 30)
-    await client.connect(client.pattern, initial_parameters=UI_0_1_VIDEO)
+    # 0.1 also repeats an edited resolution in the offer: set at load, so only reported.
+    offer = {**UI_0_1_VIDEO, "height": 320, "width": 576}
+    await client.connect(client.pattern, initial_parameters=offer)
     await client.wait_frames(15, timeout_s=30)
     assert (client.received.width, client.received.height) == (576, 320)
     # Scope 0.1 loads a second time, identically, once the stream is up: nothing restarts.
@@ -107,6 +109,8 @@ async def test_ui_0_1_camera_session_with_its_loads_and_offer(
         assert key in warning["data"]
     for key in ("input_mode", "pipeline_ids", "recording"):
         assert key not in warning["data"]
+    load_time = await client.wait_message("warning")
+    assert "height, width: set when the pipeline loads" in load_time["data"]
     await client.send_parameters(
         {"prompts": [{"text": "x", "weight": 100}], "quantize_mode": "none", "lookahead_ms": 0}
     )
@@ -290,6 +294,10 @@ async def test_routes_the_ui_polls_answer_in_scope_shapes(
         assert (await get("/api/v1/tempo/sources")) == {"sources": {}}
         assert (await get("/api/v1/dmx/status"))["enabled"] is False
         assert (await get("/api/v1/osc/status"))["enabled"] is False
+        # 0.2's settings tabs.
+        assert (await get("/api/v1/dmx/config"))["mappings"] == []
+        for path in ("/api/v1/dmx/paths", "/api/v1/osc/paths"):
+            assert (await get(path)) == {"active": {}, "available": {}, "active_pipeline_ids": []}
         async with http.post(base + "/api/v1/osc/inventory", json={"paths": []}) as r:
             assert r.status == 200 and await r.json() == {"count": 0}
         async with http.get(base + "/api/v1/osc/stream") as r:

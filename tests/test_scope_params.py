@@ -133,6 +133,13 @@ def test_load_params_of_the_reference_page(catalog: PipelineCatalog) -> None:
     assert bad.errors and bad.errors[0].startswith("height: ")
 
 
+def test_load_time_keys_in_an_offer_are_set_aside(catalog: PipelineCatalog) -> None:
+    # Scope 0.1 copies the resolution fields into initialParameters.
+    checked = catalog.sort(("longlive",), {"height": 128, "width": 224, "manage_cache": False})
+    assert checked.valid == {"manage_cache": False}
+    assert checked.load_time == ("height", "width") and checked.errors == ()
+
+
 def test_camera_preview_graph_is_a_chain_with_node_ids() -> None:
     intent = read_intent({**UI_0_1_VIDEO, "graph": CAMERA_PREVIEW_GRAPH})
     assert intent.mode == "video"

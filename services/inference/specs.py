@@ -48,14 +48,12 @@ def _default_prompts() -> list[PromptItem]:
     return [PromptItem(DEFAULT_PROMPT, 1.0)]
 
 
+#: No ``ui`` hint, as in Scope: its UI draws prompts with its own prompt box (from
+#: ``supports_prompts``) and warns about an array field it cannot draw; dreamwire's page knows a
+#: prompt list by its shape.
 Prompts = Annotated[
     list[PromptItem],
-    msgspec.Meta(
-        min_length=1,
-        max_length=8,
-        description="Prompts blended by weight",
-        extra_json_schema=ui(1, "input", label="Prompts"),
-    ),
+    msgspec.Meta(min_length=1, max_length=8, description="Prompts blended by weight"),
 ]
 PromptInterpolation = Annotated[
     Interpolation,
@@ -74,7 +72,7 @@ StepList = Annotated[
         min_length=1,
         max_length=8,
         description="Descending timesteps, one UNet step each",
-        extra_json_schema=ui(3, label="Denoising steps"),
+        extra_json_schema=ui(3, label="Denoising steps", component="denoising_steps"),
     ),
 ]
 Paused = Annotated[

@@ -32,6 +32,8 @@ from signalling.api.studio_types import (
     ApiKeysResponse,
     AssetsResponse,
     CloudStatusResponse,
+    ControlPathsResponse,
+    DmxConfigResponse,
     DmxStatusResponse,
     FailedPlugin,
     InputSource,
@@ -421,6 +423,18 @@ async def dmx_status(request: web.Request) -> web.StreamResponse:
     return _json(DmxStatusResponse())
 
 
+async def dmx_config(request: web.Request) -> web.StreamResponse:
+    return _json(DmxConfigResponse())
+
+
+async def dmx_paths(request: web.Request) -> web.StreamResponse:
+    return _json(ControlPathsResponse())
+
+
+async def osc_paths(request: web.Request) -> web.StreamResponse:
+    return _json(ControlPathsResponse())
+
+
 async def osc_status(request: web.Request) -> web.StreamResponse:
     return _json(OscStatusResponse())
 
@@ -631,6 +645,30 @@ def studio_operations() -> list[Operation]:
             "DMX input: not in dreamwire (Scope's disabled shape)",
             ui,
             responses=_ok("Disabled", DmxStatusResponse),
+        ),
+        Operation(
+            "GET",
+            "/api/v1/dmx/config",
+            dmx_config,
+            "DMX mappings: none (no DMX input)",
+            ui,
+            responses=_ok("Disabled", DmxConfigResponse),
+        ),
+        Operation(
+            "GET",
+            "/api/v1/dmx/paths",
+            dmx_paths,
+            "Parameters DMX could drive: none",
+            ui,
+            responses=_ok("None", ControlPathsResponse),
+        ),
+        Operation(
+            "GET",
+            "/api/v1/osc/paths",
+            osc_paths,
+            "Parameters OSC could drive: none",
+            ui,
+            responses=_ok("None", ControlPathsResponse),
         ),
         Operation(
             "GET",

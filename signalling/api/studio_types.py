@@ -217,6 +217,21 @@ class OscStatusResponse(msgspec.Struct, kw_only=True):
     log_all_messages: bool = False
 
 
+class DmxConfigResponse(msgspec.Struct, kw_only=True):
+    enabled: bool = False
+    preferred_port: int = 6454
+    log_all_messages: bool = False
+    mappings: list[JsonObject] = []
+
+
+class ControlPathsResponse(msgspec.Struct, kw_only=True):
+    """``osc/paths`` and ``dmx/paths``: the parameters an OSC or DMX message could drive."""
+
+    active: dict[str, list[JsonObject]] = {}
+    available: dict[str, list[JsonObject]] = {}
+    active_pipeline_ids: list[str] = []
+
+
 class OscInventoryResponse(msgspec.Struct, kw_only=True):
     """How many OSC paths the server now routes: none, it has no OSC server."""
 

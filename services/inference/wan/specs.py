@@ -86,7 +86,7 @@ StepList = Annotated[
         min_length=1,
         max_length=8,
         description="Descending timesteps (1000 = pure noise), one transformer pass each",
-        extra_json_schema=ui(3, label="Denoising steps"),
+        extra_json_schema=ui(3, label="Denoising steps", component="denoising_steps"),
     ),
 ]
 ManageCache = Annotated[
@@ -105,11 +105,17 @@ ResetCache = Annotated[
 ]
 Height = Annotated[
     Dimension,
-    msgspec.Meta(description="Output height (load time)", extra_json_schema=ui(30, load=True)),
+    msgspec.Meta(
+        description="Output height (load time)",
+        extra_json_schema=ui(30, load=True, component="resolution"),
+    ),
 ]
 Width = Annotated[
     Dimension,
-    msgspec.Meta(description="Output width (load time)", extra_json_schema=ui(31, load=True)),
+    msgspec.Meta(
+        description="Output width (load time)",
+        extra_json_schema=ui(31, load=True, component="resolution"),
+    ),
 ]
 
 

@@ -2,8 +2,8 @@
 // page renders. Nothing here knows a pipeline by name: a new pipeline's settings show up as long
 // as its schema says what they are.
 //
-// Rendered: every property with a `ui` hint (unless `ui.hidden`), plus the pipeline's load-time
-// parameters (`load_params`, or `ui.is_load_param`). Properties without either (internal
+// Rendered: every property with a `ui` hint (unless `ui.hidden`), a prompt list, and the
+// pipeline's load-time parameters (`load_params`, or `ui.is_load_param`). Properties without either (internal
 // switches such as `reset_cache`) are not shown, as in Scope's own frontend.
 
 const CATEGORY_TITLES = { input: "Controls", configuration: "Settings" };
@@ -91,6 +91,9 @@ export function stepFor(s) {
   return magnitude;
 }
 
+/** Where a prompt list goes when its schema has no `ui` hint. */
+const PROMPTS_UI = Object.freeze({ order: 1, category: "input", label: "Prompts" });
+
 /**
  * Fields of one pipeline entry of `/api/v1/pipelines/schemas`, sorted by `ui.order`.
  * Each: {key, label, description, schema, widget, category, order, load, default, root}.
@@ -103,10 +106,12 @@ export function fieldsOf(pipeline) {
   let index = 0;
   for (const [key, raw] of Object.entries(props)) {
     index += 1;
-    const ui = raw.ui || {};
-    const load = loadKeys.has(key) || ui.is_load_param === true;
-    if (ui.hidden || (!raw.ui && !load)) continue;
     const schema = resolve(raw, root);
+    // Prompts carry no `ui` hint (Scope's UI draws them itself): known by their shape.
+    const prompts = !raw.ui && isPromptList(schema, root);
+    const ui = raw.ui || (prompts ? PROMPTS_UI : {});
+    const load = loadKeys.has(key) || ui.is_load_param === true;
+    if (ui.hidden || (!raw.ui && !prompts && !load)) continue;
     const widget = widgetFor(key, schema, root);
     if (!widget) continue;
     fields.push({
