@@ -44,6 +44,7 @@ def wait_healthy(url: str, timeout_s: float) -> None:
 
 
 def fuzz(url: str, examples: int, time_limit_s: float) -> int:
+    """schemathesis' CLI, run in a scratch directory: it keeps a cache where it runs."""
     command = [
         sys.executable,
         "-m",
@@ -63,7 +64,9 @@ def fuzz(url: str, examples: int, time_limit_s: float) -> int:
         "--generation-deterministic",
     ]
     try:
-        return subprocess.run(command, timeout=time_limit_s, check=False).returncode
+        with tempfile.TemporaryDirectory(prefix="dwfz") as scratch:
+            run = subprocess.run(command, timeout=time_limit_s, check=False, cwd=scratch)
+            return run.returncode
     except subprocess.TimeoutExpired:
         print(f"fuzz_api: stopped after {time_limit_s:.0f} s (the time limit)", file=sys.stderr)
         return 0  # bounded on purpose: what ran found no server error
