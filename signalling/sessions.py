@@ -100,8 +100,8 @@ class Session:
     pipeline_ids: tuple[str, ...] = ()
     #: Scope 0.2's graph node ids -> pipeline ids (per-node ``node_id`` messages).
     nodes: dict[str, str] = field(default_factory=dict)
-    #: Unknown parameter names already reported to the client (once each).
-    reported_unknown: set[str] = field(default_factory=set)
+    #: Ignored parameter names already reported to the client (once each).
+    reported: set[str] = field(default_factory=set)
     codec: str = "VP8"
     channel: RTCDataChannel | None = None
     drain: FrameDrain | None = None
@@ -404,26 +404,32 @@ class SessionManager:
         index = session.pipeline_ids.index(pipeline_id)
         return (pipeline_id,), (session.parameter_targets[index],)
 
-    def _report_load_time(self, session: Session, keys: tuple[str, ...]) -> None:
-        """Load-time settings sent to a live session: told once each, as a warning."""
-        new = [k for k in keys if f"load:{k}" not in session.reported_unknown]
-        if not new:
-            return
-        session.reported_unknown.update(f"load:{k}" for k in new)
-        text = f"ignored {', '.join(new)}: set when the pipeline loads (load it again to change)"
-        logger.info("session %s: %s", session.session_id, text)
-        session.send_message({"type": "warning", "data": text})
-
     def _report_unknown(self, session: Session, keys: tuple[str, ...]) -> None:
-        """Log and tell the client once per key, as a FastRTC ``warning``."""
-        new = [k for k in keys if k not in session.reported_unknown]
+        chain = ", ".join(session.pipeline_ids)
+        self._warn_once(
+            session,
+            keys,
+            lambda new: f"ignored parameters no pipeline of this session has ({chain}): {new}",
+        )
+
+    def _report_load_time(self, session: Session, keys: tuple[str, ...]) -> None:
+        self._warn_once(
+            session,
+            keys,
+            lambda new: f"ignored {new}: set when the pipeline loads (load it again to change)",
+        )
+
+    def _warn_once(
+        self, session: Session, keys: tuple[str, ...], text: Callable[[str], str]
+    ) -> None:
+        """Log and tell the client, as a FastRTC ``warning``, about keys not reported yet."""
+        new = [k for k in keys if k not in session.reported]
         if not new:
             return
-        session.reported_unknown.update(new)
-        chain = ", ".join(session.pipeline_ids)
-        text = f"ignored parameters no pipeline of this session has ({chain}): {', '.join(new)}"
-        logger.info("session %s: %s", session.session_id, text)
-        session.send_message({"type": "warning", "data": text})
+        session.reported.update(new)
+        message = text(", ".join(new))
+        logger.info("session %s: %s", session.session_id, message)
+        session.send_message({"type": "warning", "data": message})
 
     # ------------------------------------------------------------------ teardown
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from services.inference.pipeline import MIN_DIMENSION, PipelineSpec, PromptItem, Transition
+from services.inference.pipeline import MIN_DIMENSION, PipelineSpec, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +165,23 @@ def plugin_names() -> dict[str, str]:
     return out
 
 
-def schema(spec: PipelineSpec) -> dict[str, Any]:
+#: A transition's default blend over time (Scope's ``default_temporal_interpolation_method``).
+TEMPORAL_DEFAULT = next(
+    f.default
+    for f in msgspec.structs.fields(Transition)
+    if f.name == "temporal_interpolation_method"
+)
+
+
+def schema(spec: PipelineSpec, plugin_name: str | None = None) -> dict[str, Any]:
     """One pipeline's entry of ``/api/v1/pipelines/schemas``, with every field Scope's UI reads
     (``supports_*`` flags, ``mode_defaults``, ``usage``, …) and dreamwire's own beside them."""
     defaults = msgspec.to_builtins(spec.config())
     fields = set(defaults)
-    transition = Transition(target_prompts=[PromptItem("")])
+    config = config_schema(spec)
     meta: dict[str, Any] = {
         "supports_prompts": "prompts" in fields,
-        "default_temporal_interpolation_method": transition.temporal_interpolation_method,
+        "default_temporal_interpolation_method": TEMPORAL_DEFAULT,
         "default_temporal_interpolation_steps": 0,
         "default_spatial_interpolation_method": defaults.get(
             "prompt_interpolation_method", "linear"
@@ -193,7 +201,7 @@ def schema(spec: PipelineSpec) -> dict[str, Any]:
         "usage": list(spec.usage),
         "inputs": ["video"] if "video" in spec.modes else [],
         "outputs": ["video"],
-        "plugin_name": plugin_names().get(spec.id),
+        "plugin_name": plugin_name,
     }
     if mode_defaults := _mode_defaults(spec, defaults):
         meta["mode_defaults"] = mode_defaults
@@ -215,17 +223,18 @@ def schema(spec: PipelineSpec) -> dict[str, Any]:
         ],
         "load_params": sorted(
             name
-            for name, prop in config_schema(spec)["properties"].items()
+            for name, prop in config["properties"].items()
             if prop.get("ui", {}).get("is_load_param") or name in spec.load_only
         ),
-        "config_schema": config_schema(spec),
+        "config_schema": config,
         **spec.extra,
     }
 
 
 def schemas() -> dict[str, dict[str, Any]]:
     """Pipeline id -> metadata + config schema; plugins that failed carry ``error``."""
-    out = {pid: schema(spec) for pid, spec in sorted(_discover()[0].items())}
+    plugins = plugin_names()
+    out = {pid: schema(spec, plugins.get(pid)) for pid, spec in sorted(_discover()[0].items())}
     for name, error in plugin_errors().items():
         out.setdefault(
             name,

@@ -36,6 +36,7 @@ ALLOWED_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 DEFAULT_ALLOWED_HEADERS = "Content-Type, Authorization"
 PREFLIGHT_MAX_AGE_S = 600
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,9 +92,7 @@ def _refuse_write(request: web.Request, patterns: list[str]) -> web.Response | N
             "add it to [api.cors] allow_origins)",
         )
     has_body = bool(request.content_length) or request.headers.get("Transfer-Encoding")
-    if (has_body or "Content-Type" in request.headers) and request.content_type not in (
-        "application/json",
-    ):
+    if (has_body or "Content-Type" in request.headers) and request.content_type != JSON:
         return _refusal(
             415,
             "unsupported_media_type",

@@ -97,3 +97,28 @@ class DownloadInProgress(ApiError):
     def __init__(self, pipeline_id: str) -> None:
         super().__init__(f"Download already in progress for {pipeline_id}")
         self.pipeline_id = pipeline_id
+
+
+class BadRequest(ApiError):
+    """A body or query that does not have the shape the route takes (names the field)."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class MalformedJson(ApiError):
+    status = 400
+    code = "invalid_json"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+class NotSupported(ApiError):
+    """A Scope feature dreamwire does not have: the request is fine, this server cannot do it
+    (4xx, so clients show the reason instead of reporting a server fault)."""
+
+    status = 400
+    code = "not_supported"

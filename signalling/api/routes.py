@@ -31,7 +31,7 @@ from aiohttp import web
 from signalling.api.backend import ApiBackend
 from signalling.api.config import ApiConfig
 from signalling.api.cors import cors_middleware
-from signalling.api.errors import InvalidSdp
+from signalling.api.errors import BadRequest, InvalidSdp
 from signalling.api.ice import IceServerProvider
 from signalling.api.openapi import (
     HTML,
@@ -44,7 +44,6 @@ from signalling.api.openapi import (
 from signalling.api.state import (
     API_STATE,
     ApiState,
-    BadRequest,
     Handler,
     StudioState,
     api_state,

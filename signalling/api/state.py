@@ -16,7 +16,13 @@ import msgspec
 from aiohttp import web
 
 from signalling.api.backend import ApiBackend
-from signalling.api.errors import ApiError, ConcurrencyLimitReached
+from signalling.api.errors import (
+    ApiError,
+    BadRequest,
+    ConcurrencyLimitReached,
+    MalformedJson,
+    PayloadTooLarge,
+)
 from signalling.api.ice import IceServerProvider
 from signalling.api.types import ConcurrencyLimitMeta, ConcurrencyLimitResponse, ErrorResponse
 
@@ -54,21 +60,6 @@ class ApiState:
 API_STATE: web.AppKey[ApiState] = web.AppKey("dreamwire_api_state")
 
 _ENCODER = msgspec.json.Encoder()
-
-
-class BadRequest(ApiError):
-    status = 400
-    code = "invalid_request"
-
-
-class MalformedJson(ApiError):
-    status = 400
-    code = "invalid_json"
-
-
-class PayloadTooLarge(ApiError):
-    status = 413
-    code = "payload_too_large"
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:

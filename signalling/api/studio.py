@@ -24,7 +24,7 @@ import msgspec
 from aiohttp import web
 
 from services.inference import registry
-from signalling.api.errors import ApiError
+from signalling.api.errors import BadRequest, NotSupported
 from signalling.api.openapi import Operation, QueryParam, Resp
 from signalling.api.state import StudioState, api_state, decode_body, guarded, json_response
 from signalling.api.studio_types import (
@@ -70,18 +70,6 @@ LOG_TAIL_MAX_LINES = 1000
 SSE_KEEPALIVE_S = 15.0
 
 
-class NotInDreamwire(ApiError):
-    """A Scope feature dreamwire does not have: the client's request is fine, this server
-    cannot do it (4xx, so clients show the reason instead of reporting a server fault)."""
-
-    status = 400
-    code = "not_supported"
-
-
-def _json(obj: Any) -> web.Response:
-    return json_response(obj)
-
-
 def _studio(request: web.Request) -> StudioState:
     return api_state(request).studio
 
@@ -90,15 +78,15 @@ def _studio(request: web.Request) -> StudioState:
 
 
 async def cloud_status(request: web.Request) -> web.StreamResponse:
-    return _json(CloudStatusResponse())
+    return json_response(CloudStatusResponse())
 
 
 async def cloud_connect(request: web.Request) -> web.StreamResponse:
-    raise NotInDreamwire("dreamwire has no cloud relay: its pipelines run on this server's own GPU")
+    raise NotSupported("dreamwire has no cloud relay: its pipelines run on this server's own GPU")
 
 
 async def cloud_disconnect(request: web.Request) -> web.StreamResponse:
-    return _json(CloudStatusResponse())
+    return json_response(CloudStatusResponse())
 
 
 # --- onboarding ------------------------------------------------------------------------------
@@ -119,7 +107,7 @@ def _read_onboarding(home: Path | None) -> OnboardingStatus:
 
 
 async def onboarding_status(request: web.Request) -> web.StreamResponse:
-    return _json(_read_onboarding(_studio(request).home))
+    return json_response(_read_onboarding(_studio(request).home))
 
 
 async def update_onboarding(request: web.Request) -> web.StreamResponse:
@@ -134,22 +122,23 @@ async def update_onboarding(request: web.Request) -> web.StreamResponse:
         tmp = home / f".{ONBOARDING_FILE}.{os.getpid()}"
         tmp.write_bytes(msgspec.json.encode(merged))
         tmp.replace(home / ONBOARDING_FILE)
-    return _json(merged)
+    return json_response(merged)
 
 
 # --- logs ------------------------------------------------------------------------------------
 
 
-def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
+def _int_query(request: web.Request, name: str, low: int, high: int) -> int | None:
+    """The integer query value ``name`` (None when absent or empty)."""
+    raw = request.query.get(name, "")
+    if not raw:
+        return None
     try:
         value = int(raw)
     except ValueError:
-        raise ApiError(f"`{name}` must be an integer, got {raw!r}") from None
+        raise BadRequest(f"`{name}` must be an integer, got {raw!r}") from None
     if not low <= value <= high:
-        raise ApiError(f"`{name}` must be between {low} and {high}, got {value}")
+        raise BadRequest(f"`{name}` must be between {low} and {high}, got {value}")
     return value
 
 
@@ -175,13 +164,10 @@ def tail_log(path: Path | None, lines: int, since: int | None) -> LogsTailRespon
 
 
 async def logs_tail(request: web.Request) -> web.StreamResponse:
-    lines = _int_query(request, "lines", 200, 1, LOG_TAIL_MAX_LINES)
-    since = (
-        _int_query(request, "since_offset", -1, 0, 2**62) if "since_offset" in request.query else -1
-    )
-    path = _studio(request).log_file
-    result = await asyncio.to_thread(tail_log, path, lines, None if since < 0 else since)
-    return _json(result)
+    lines = _int_query(request, "lines", 1, LOG_TAIL_MAX_LINES) or 200
+    since = _int_query(request, "since_offset", 0, 2**62)
+    result = await asyncio.to_thread(tail_log, _studio(request).log_file, lines, since)
+    return json_response(result)
 
 
 async def logs_current(request: web.Request) -> web.StreamResponse:
@@ -258,11 +244,11 @@ def list_plugins() -> PluginsResponse:
 
 
 async def plugins(request: web.Request) -> web.StreamResponse:
-    return _json(await asyncio.to_thread(list_plugins))
+    return json_response(await asyncio.to_thread(list_plugins))
 
 
 async def install_plugin(request: web.Request) -> web.StreamResponse:
-    raise NotInDreamwire(
+    raise NotSupported(
         "dreamwire installs pipeline plugins with pip (entry point group dreamwire.pipelines), "
         "then a restart"
     )
@@ -290,7 +276,7 @@ def list_loras(models_dir: Path | None) -> LorasResponse:
 
 
 async def loras(request: web.Request) -> web.StreamResponse:
-    return _json(await asyncio.to_thread(list_loras, _studio(request).models_dir))
+    return json_response(await asyncio.to_thread(list_loras, _studio(request).models_dir))
 
 
 async def lora_list(request: web.Request) -> web.StreamResponse:
@@ -318,7 +304,7 @@ async def input_sources(request: web.Request) -> web.StreamResponse:
         )
         for sid, name, what in _SERVER_SOURCES
     ]
-    return _json(InputSourcesResponse(input_sources=sources))
+    return json_response(InputSourcesResponse(input_sources=sources))
 
 
 def node_definition(pipeline_id: str, meta: dict[str, Any]) -> NodeDefinition:
@@ -341,7 +327,7 @@ def node_definition(pipeline_id: str, meta: dict[str, Any]) -> NodeDefinition:
 async def node_definitions(request: web.Request) -> web.StreamResponse:
     schemas = await api_state(request).backend.pipeline_schemas()
     nodes = [node_definition(pid, meta) for pid, meta in schemas.items() if "error" not in meta]
-    return _json(NodeDefinitionsResponse(nodes=nodes))
+    return json_response(NodeDefinitionsResponse(nodes=nodes))
 
 
 def resolve_workflow(
@@ -405,43 +391,43 @@ async def workflow_resolve(request: web.Request) -> web.StreamResponse:
     workflow = await decode_body(request, msgspec.json.Decoder(dict[str, Any]))
     schemas = await api_state(request).backend.pipeline_schemas()
     found = await asyncio.to_thread(list_loras, _studio(request).models_dir)
-    return _json(resolve_workflow(workflow, schemas, found))
+    return json_response(resolve_workflow(workflow, schemas, found))
 
 
 # --- tempo, DMX, OSC -------------------------------------------------------------------------
 
 
 async def tempo_status(request: web.Request) -> web.StreamResponse:
-    return _json(TempoStatusResponse())
+    return json_response(TempoStatusResponse())
 
 
 async def tempo_sources(request: web.Request) -> web.StreamResponse:
-    return _json(TempoSourcesResponse())
+    return json_response(TempoSourcesResponse())
 
 
 async def dmx_status(request: web.Request) -> web.StreamResponse:
-    return _json(DmxStatusResponse())
+    return json_response(DmxStatusResponse())
 
 
 async def dmx_config(request: web.Request) -> web.StreamResponse:
-    return _json(DmxConfigResponse())
+    return json_response(DmxConfigResponse())
 
 
 async def dmx_paths(request: web.Request) -> web.StreamResponse:
-    return _json(ControlPathsResponse())
+    return json_response(ControlPathsResponse())
 
 
 async def osc_paths(request: web.Request) -> web.StreamResponse:
-    return _json(ControlPathsResponse())
+    return json_response(ControlPathsResponse())
 
 
 async def osc_status(request: web.Request) -> web.StreamResponse:
-    return _json(OscStatusResponse())
+    return json_response(OscStatusResponse())
 
 
 async def osc_inventory(request: web.Request) -> web.StreamResponse:
     await decode_body(request, msgspec.json.Decoder(dict[str, Any]))
-    return _json(OscInventoryResponse())
+    return json_response(OscInventoryResponse())
 
 
 async def osc_stream(request: web.Request) -> web.StreamResponse:
@@ -473,11 +459,11 @@ async def api_keys(request: web.Request) -> web.StreamResponse:
             key_url="https://huggingface.co/settings/tokens",
         )
     ]
-    return _json(ApiKeysResponse(keys=keys))
+    return json_response(ApiKeysResponse(keys=keys))
 
 
 async def assets(request: web.Request) -> web.StreamResponse:
-    return _json(AssetsResponse())
+    return json_response(AssetsResponse())
 
 
 # --- the route table -------------------------------------------------------------------------
