@@ -2,27 +2,27 @@
 
 :class:`CausalWanTransformer` *is* diffusers' ``WanTransformer3DModel`` (same modules, same
 parameter names, so the same checkpoints load) with a second forward, :meth:`forward_causal`,
-that generates video autoregressively in blocks of ``block_frames`` latent frames:
+that generates video autoregressively, one block of latent frames per call:
 
-* **Block-causal self-attention.** Latent frame ``i`` sees frame ``j`` when ``j``'s block is
-  not after ``i``'s, and ``j`` lies in the local window (the last ``local_attn_frames`` frames up
-  to the end of ``i``'s block) or is a sink frame (``j < sink_frames``)::
+* **The cache window** (:class:`CacheWindow`): a block attends to itself and the cached frames,
+  at most ``frames`` frames in all: the first ``sinks`` frames ever cached and the most recent
+  ones. When a block does not fit, the oldest non-sink frames go (Scope's rolling caches)::
 
-      frames   0 1 2 | 3 4 5 | 6 7 8 | 9 10 11        block 3, window 6, sink 3
-      seen by  x x x | . . . | x x x | x  x  x        (9..11: own block; 6..8: window; 0..2: sink)
+      cached   0 1 2 | 3 4 5 | 6 7 8 | 9 10 11 | 12 13 14     window 12, sinks 3
+      seen by  x x x | . . . | x x x | x  x  x |  x  x  x     (block 12..14)
 
-  :class:`AttentionPolicy.visible` is the one definition; the full-sequence mask and what the
-  cache keeps both derive from it, so cached generation equals one masked pass.
-* **KV cache** (:class:`KVCache`): per layer, the keys (after RoPE) and values of earlier
-  frames, trimmed after each write to what the next block can see.
-* **RoPE at absolute frame positions**: a block starting at frame ``f`` uses temporal positions
-  ``f, f+1, …``; the table is ``rope_max_seq_len`` long and :meth:`KVCache.overflows` tells the
-  pipeline to reset before it runs out.
+  Within a call every frame sees every other: a call is a block.
+* **KV cache** (:class:`KVCache`): per layer, the keys (after RoPE) and values of the frames
+  in the window; ``write=True`` replaces it by the window the call saw.
+* **RoPE positions** are the caller's (``rope_start``): absolute frame indices for longlive and
+  streamdiffusionv2, cache slots for Krea, which rebuilds its cache at positions 0-2 every block.
 * **Per-frame timesteps**: ``timesteps`` is ``[B, F]``; modulation is per frame.
 * **Cached cross-attention**: :meth:`cross_kv` turns a prompt embedding into per-layer keys and
   values once; the pipeline keeps them while the prompt stays.
-* **Attention bias** (``kv_cache_attention_bias``): ``log(bias)`` is added to the scores of keys
-  in earlier blocks, except the first frame (Krea Realtime Video's knob on past reliance).
+* **Attention bias** (Krea's ``kv_cache_attention_bias``): ``log(bias)`` is added to the scores
+  of cached keys, except the first cached frame (Scope's krea causal_model).
+* Without a cache, :meth:`forward_causal` is one pass over a whole sequence, block-causal under
+  a window when ``blocks`` is given: the reference the cached path must equal.
 """
 
 from __future__ import annotations
@@ -41,71 +41,53 @@ _WanBase: Any = WanTransformer3DModel
 
 
 @dataclass(frozen=True)
-class AttentionPolicy:
-    """Which earlier frames a block attends to (all counts in latent frames)."""
+class CacheWindow:
+    """What a block attends to, in latent frames (see the module doc)."""
 
-    block_frames: int
-    local_attn_frames: int = -1  # <= 0: unbounded
-    sink_frames: int = 0
-    attention_bias: float = 1.0  # 1.0: none
+    frames: int = -1  # <= 0: unbounded
+    sinks: int = 0
 
-    def visible(self, query_frames: Tensor, key_frames: Tensor) -> Tensor:
-        """``[Q, K]`` bool: may a token of frame ``query_frames[q]`` see frame ``key_frames[k]``."""
-        q = query_frames.view(-1, 1)
-        k = key_frames.view(1, -1)
-        block_end = (q // self.block_frames + 1) * self.block_frames
-        ok = k < block_end
-        if self.local_attn_frames > 0:
-            ok &= (k >= block_end - self.local_attn_frames) | (k < self.sink_frames)
-        return ok
-
-    def bias(self, query_frames: Tensor, key_frames: Tensor) -> Tensor | None:
-        """``[Q, K]`` additive scores: ``log(bias)`` on past blocks' keys except frame 0."""
-        if self.attention_bias == 1.0:
+    def keep(self, n: int) -> list[int] | None:
+        """Which of ``n`` frames (oldest first) the window keeps; None: all of them."""
+        if self.frames <= 0 or n <= self.frames:
             return None
+        return list(range(self.sinks)) + list(range(n - (self.frames - self.sinks), n))
+
+    def visible(self, block_frames: int, query_frames: Tensor, key_frames: Tensor) -> Tensor:
+        """``[Q, K]`` bool for one pass over uniform blocks: may frame ``q`` see frame ``k``."""
         q = query_frames.view(-1, 1)
         k = key_frames.view(1, -1)
-        past = (k < (q // self.block_frames) * self.block_frames) & (k > 0)
-        return past.float() * math.log(self.attention_bias)
-
-    def mask(self, query_frames: Tensor, key_frames: Tensor, dtype: torch.dtype) -> Tensor | None:
-        """The SDPA mask: None when everything is visible and unbiased (the fast path)."""
-        ok = self.visible(query_frames, key_frames)
-        bias = self.bias(query_frames, key_frames)
-        if bias is None:
-            return None if bool(ok.all()) else ok
-        return bias.to(dtype).masked_fill(~ok, float("-inf"))
-
-    def keep_for(self, next_block_start: int, frames: Tensor) -> Tensor:
-        """Which cached frames a block starting at ``next_block_start`` can still see."""
-        q = torch.tensor([next_block_start], device=frames.device)
-        return self.visible(q, frames)[0]
+        block_end = (q // block_frames + 1) * block_frames
+        ok = k < block_end
+        if self.frames > 0:
+            ok &= (k >= block_end - (self.frames - self.sinks)) | (k < self.sinks)
+        return ok
 
 
 @dataclass(eq=False)
 class KVCache:
     """One session's self-attention cache: per layer ``(k, v)`` ``[B, tokens, heads, dim]``,
-    and the absolute latent frame index of each cached frame."""
+    and the RoPE position of each cached frame."""
 
-    policy: AttentionPolicy
-    rope_frames: int
+    window: CacheWindow
     layers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    frames: list[int] = field(default_factory=list)
-    next_frame: int = 0  # absolute index of the next frame to generate
+    positions: list[int] = field(default_factory=list)
     resets: int = 0
 
     def reset(self) -> None:
         self.layers.clear()
-        self.frames.clear()
-        self.next_frame = 0
+        self.positions.clear()
         self.resets += 1
 
-    def overflows(self, n_frames: int) -> bool:
-        """Would ``n_frames`` more frames run past the RoPE table?"""
-        return self.next_frame + n_frames > self.rope_frames
+    def keep_first(self, n: int, tokens_per_frame: int) -> None:
+        """Drop all but the first ``n`` cached frames (longlive keeps its sinks on a recache)."""
+        self.layers = [
+            (k[:, : n * tokens_per_frame], v[:, : n * tokens_per_frame]) for k, v in self.layers
+        ]
+        self.positions = self.positions[:n]
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return len(self.positions)
 
 
 class CausalWanTransformer(_WanBase):
@@ -174,53 +156,72 @@ class CausalWanTransformer(_WanBase):
         latents: Tensor,
         timesteps: Tensor,
         cross: list[tuple[Tensor, Tensor]],
-        policy: AttentionPolicy,
         *,
         cache: KVCache | None = None,
+        rope_start: int = 0,
         write: bool = False,
-        start_frame: int | None = None,
+        attention_bias: float = 1.0,
+        blocks: tuple[int, CacheWindow] | None = None,
     ) -> Tensor:
-        """Flow prediction for ``latents`` ``[B, C, F, H, W]`` at per-frame ``timesteps``.
+        """Flow prediction for ``latents`` ``[B, C, F, H, W]`` at per-frame ``timesteps``, the
+        frames at RoPE positions ``rope_start…``.
 
-        Without ``cache``: one pass over the whole sequence (frames ``start_frame…``) with the
-        block-causal mask. With ``cache``: the frames are the next ones after the cache (at
-        ``cache.next_frame``), attend to the cache and themselves, and with ``write`` their
-        keys/values join the cache (which is then trimmed to the next block's view).
+        With ``cache``: the frames are one block; they attend to the cached window and
+        themselves, with ``log(attention_bias)`` on the cached keys but the first, and with
+        ``write`` the window becomes the cache. Without: one pass over the whole sequence, with
+        ``blocks = (block_frames, window)`` block-causal, else every frame sees every frame.
         """
         b, _, n_frames, height, width = latents.shape
         p_t, p_h, p_w = self.config.patch_size
         pph, ppw = height // p_h, width // p_w
         tokens_per_frame = pph * ppw
-        first = cache.next_frame if cache is not None else (start_frame or 0)
-        frames = torch.arange(first, first + n_frames // p_t, device=latents.device)
-        cos, sin = self._rope(frames, pph, ppw)
+        n = n_frames // p_t
+        positions = list(range(rope_start, rope_start + n))
+        cos, sin = self._rope(torch.tensor(positions, device=latents.device), pph, ppw)
 
         x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2).contiguous()
         temb, mod = self._time(timesteps)
 
-        q_frames = frames.repeat_interleave(tokens_per_frame)
-        if cache is not None and cache.frames:
-            past = torch.tensor(cache.frames, device=latents.device)
-            k_frames = torch.cat([past.repeat_interleave(tokens_per_frame), q_frames])
-        else:
-            k_frames = q_frames
-        mask = policy.mask(q_frames, k_frames, x.dtype)
+        keep: Tensor | None = None
+        mask: Tensor | None = None
+        if cache is not None:
+            cached = len(cache)
+            slots = cache.window.keep(cached + n)
+            if slots is not None:
+                frame_keep = torch.tensor(slots, device=latents.device)
+                keep = (
+                    frame_keep.view(-1, 1) * tokens_per_frame
+                    + torch.arange(tokens_per_frame, device=latents.device)
+                ).flatten()
+            seen = cached + n if slots is None else len(slots)
+            past = seen - n  # cached frames in the window
+            if attention_bias != 1.0 and past > 1:
+                mask = torch.zeros(1, seen * tokens_per_frame, dtype=x.dtype, device=x.device)
+                mask[:, tokens_per_frame : past * tokens_per_frame] = math.log(attention_bias)
+        elif blocks is not None:
+            block_frames, window = blocks
+            frames = torch.arange(n, device=latents.device).repeat_interleave(tokens_per_frame)
+            visible = window.visible(block_frames, frames, frames)
+            mask = None if bool(visible.all()) else visible
 
         step = self._compiled_block or self._block
-        new_layers: list[tuple[Tensor, Tensor]] = []
+        windows: list[tuple[Tensor, Tensor]] = []
         for i, block in enumerate(self.blocks):
             past_kv = cache.layers[i] if cache is not None and cache.layers else None
-            x, kv = step(block, x, mod, tokens_per_frame, (cos, sin), cross[i], past_kv, mask)
-            new_layers.append(kv)
+            x, kv = step(block, x, mod, tokens_per_frame, (cos, sin), cross[i], past_kv, keep, mask)
+            windows.append(kv)
 
         if cache is not None and write:
-            self._write(cache, policy, new_layers, frames.tolist(), tokens_per_frame)
+            cache.layers = windows
+            all_positions = cache.positions + positions
+            slots = cache.window.keep(len(all_positions))
+            cache.positions = all_positions if slots is None else [all_positions[j] for j in slots]
 
         shift, scale = (self.scale_shift_table.view(1, 1, 2, -1) + temb.unsqueeze(2)).unbind(2)
         h = self.norm_out(x.float()).view(b, -1, tokens_per_frame, x.shape[-1])
         h = (h * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2).type_as(x)
         h = self.proj_out(h)
-        h = h.reshape(b, n_frames // p_t, pph, ppw, p_t, p_h, p_w, -1)
+        h = h.reshape(b, n, pph, ppw, p_t, p_h, p_w, -1)
         h = h.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
@@ -233,8 +234,11 @@ class CausalWanTransformer(_WanBase):
         rope: tuple[Tensor, Tensor],
         cross: tuple[Tensor, Tensor],
         past: tuple[Tensor, Tensor] | None,
+        keep: Tensor | None,
         mask: Tensor | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One transformer layer; returns the new ``x`` and the layer's keys/values in the
+        window this call attended to (the cache after a write)."""
         b, n, d = x.shape
         e = (block.scale_shift_table.view(1, 1, 6, -1) + mod.float()).unsqueeze(2)
         shift, scale, gate, c_shift, c_scale, c_gate = e.unbind(3)  # [B, F, 1, D] each
@@ -256,6 +260,8 @@ class CausalWanTransformer(_WanBase):
         k_all, v_all = (
             (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
         )
+        if keep is not None:
+            k_all, v_all = k_all[:, keep], v_all[:, keep]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask
         )
@@ -278,28 +284,4 @@ class CausalWanTransformer(_WanBase):
         h = tokens(per_frame(block.norm3(x.float())) * (1 + c_scale) + c_shift).type_as(x)
         ff = block.ffn(h)
         x = tokens(per_frame(x.float()) + per_frame(ff.float()) * c_gate).type_as(x)
-        return x, (k, v)
-
-    @staticmethod
-    def _write(
-        cache: KVCache,
-        policy: AttentionPolicy,
-        new: list[tuple[Tensor, Tensor]],
-        frames: list[int],
-        tokens_per_frame: int,
-    ) -> None:
-        if cache.layers:
-            cache.layers = [
-                (torch.cat([k0, k1], 1), torch.cat([v0, v1], 1))
-                for (k0, v0), (k1, v1) in zip(cache.layers, new, strict=True)
-            ]
-        else:
-            cache.layers = [(k.clone(), v.clone()) for k, v in new]
-        cache.frames.extend(frames)
-        cache.next_frame = frames[-1] + 1
-        all_frames = torch.tensor(cache.frames)
-        keep = policy.keep_for(cache.next_frame, all_frames)
-        if not bool(keep.all()):
-            token_keep = keep.repeat_interleave(tokens_per_frame).to(cache.layers[0][0].device)
-            cache.layers = [(k[:, token_keep], v[:, token_keep]) for k, v in cache.layers]
-            cache.frames = [f for f, kept in zip(cache.frames, keep.tolist(), strict=True) if kept]
+        return x, (k_all, v_all)

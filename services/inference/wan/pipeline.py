@@ -1,25 +1,22 @@
 """The causal Wan pipelines (streamdiffusionv2, longlive, krea-realtime-video) as one class.
 
-A session generates **blocks** of ``block_frames`` latent frames. Per block:
+A session generates **blocks** of latent frames with the block loop of
+:mod:`services.inference.wan.blocks` (Scope's recipe per pipeline: noise, steps, cache); this
+module adds what a stream needs around it. Per block:
 
 1. the prompt track steps once (a transition advances one step per block); its cross-attention
-   keys/values are computed once per distinct embedding;
-2. krea-realtime-video rebuilds its KV cache from the stored clean context latents (with the
-   current prompt) every block; longlive does so once after a prompt change under
-   ``manage_cache``; the others reset the cache then;
-3. the block is denoised with ``denoising_step_list`` (flow matching, shifted sigmas; each step
-   predicts the clean latents, which are re-noised to the next step's sigma with seeded noise),
-   starting from pure noise (text) or from the encoded input frames noised to ``noise_scale``
-   times the first sigma (video; ``noise_controller`` lowers it when the input moves);
-4. one more pass at timestep 0 over the clean latents writes the block's keys/values into the
-   KV cache (and the latents into the context store), as Self-Forcing-style generators do;
-5. the VAE decodes only the new latents, through the session's causal cache.
+   keys/values are computed once per distinct embedding; longlive recomputes its recent frames'
+   keys/values when the embedding changed;
+2. video mode encodes the gathered input frames through the session's causal VAE stream and
+   sets the noise (``noise_scale``, lowered by ``noise_controller`` when the input moves);
+3. the block loop denoises the block;
+4. the VAE decodes only the new latents, through the session's causal cache.
 
 The contract gives one result per request, so frames queue per session: in text mode a call
-pops one frame; in video mode input frames gather until a block's worth is there (``4·n − 3``
-for a session's first block, ``4·n`` after), and each output keeps the tag of the input frame it
-came from. Sessions of one call run one after the other (their caches differ in length; no
-cross-session batching yet).
+pops one frame; in video mode input frames gather until a block's worth is there (``4·n + 1``
+for a stream's first block of ``n`` latent frames, ``4·n`` after), and each output keeps the tag
+of the input frame it came from. Sessions of one call run one after the other (their caches
+differ in length; no cross-session batching yet).
 
 **Blocks ahead (text mode).** The inference service asks for text frames at ``text_fps``; if a
 block were only generated once the queue ran dry, the model would sit idle while queued frames
@@ -30,9 +27,10 @@ answering heartbeats. One lock serialises model work; a session's parameters, mo
 for its block in flight first (:meth:`settle`), so a new prompt applies from the next block on,
 and a failure in the block (out of memory) surfaces on the session's next call.
 
-Cache semantics: ``reset_cache`` resets once; ``manage_cache`` resets (or, for longlive,
-re-caches) when the prompts change outside a transition; the cache resets before RoPE
-positions run past the table; a session whose mode changes (video ↔ text) starts afresh.
+Cache semantics (Scope's, scope:wan2_1/blocks/setup_caches.py): a **hard cut** (frame 0 again,
+KV and VAE caches cleared) comes from ``reset_cache``, from a prompt change outside a
+transition in video mode under ``manage_cache``, from a change of mode, and before RoPE
+positions run past the table.
 """
 
 from __future__ import annotations
@@ -53,8 +51,9 @@ import torch
 
 from services.inference import diffusion as d
 from services.inference.pipeline import COMPILE_ENV, Pipeline, PipelineSpec, Request, Result
+from services.inference.wan.blocks import BlockLoop, BlockStream, motion_noise_scale
 from services.inference.wan.convert import load_transformer
-from services.inference.wan.model import AttentionPolicy, CausalWanTransformer, KVCache
+from services.inference.wan.model import CausalWanTransformer
 from services.inference.wan.specs import (
     CHECKPOINTS,
     GEOMETRY,
@@ -70,19 +69,8 @@ from services.models.store import repo_dir
 
 logger = logging.getLogger(__name__)
 
-#: Flow-matching shift of Wan2.1 text-to-video (sigma' = s·σ / (1 + (s − 1)·σ)).
-FLOW_SHIFT = 5.0
 TEXT_LEN = 512
-#: noise_controller: factor = max(MIN_FACTOR, 1 − GAIN · motion), smoothed with SMOOTHING.
-MOTION_GAIN = 4.0
-MIN_NOISE_FACTOR = 0.3
-NOISE_SMOOTHING = 0.5
 VAE_SCALE = 8
-
-
-def shifted_sigma(timestep: float, shift: float = FLOW_SHIFT) -> float:
-    s = timestep / 1000.0
-    return shift * s / (1.0 + (shift - 1.0) * s)
 
 
 class WanPromptEncoder(d.PromptEncoder):
@@ -119,21 +107,24 @@ class WanSession:
     height: int
     config: WanConfig
     prompt: d.PromptTrack
-    cache: KVCache
+    stream: BlockStream
     vae: VaeStream
     mode: str | None = None
-    context: dict[int, torch.Tensor] = field(default_factory=dict)  # frame -> clean latent
     cross: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    cached_with: torch.Tensor | None = None  # the embedding the KV cache was made with
     out: deque[tuple[torch.Tensor, Any, int]] = field(default_factory=deque)  # frame, tag, block
     ahead: Future[None] | None = None  # the text block being generated ahead
     inputs: list[torch.Tensor] = field(default_factory=list)
     input_tags: list[Any] = field(default_factory=list)
-    last_input: torch.Tensor | None = None
+    last_input: torch.Tensor | None = None  # the noise controller's previous frame
     noise_level: float | None = None
-    blocks: int = 0  # blocks generated since the session (re)started
-    recaches: int = 0
+    decoded: deque[torch.Tensor] = field(default_factory=deque)  # Krea: recent output frames
     cross_computed: int = 0
-    pending_recache: bool = False
+    pending_cut: bool = False
+
+    @property
+    def blocks(self) -> int:
+        return self.stream.blocks
 
 
 class WanPipeline(Pipeline):
@@ -148,12 +139,8 @@ class WanPipeline(Pipeline):
 
         self.device = d.select_device("bfloat16")
         self.device_description = self.device.description
-        geometry = GEOMETRY[spec.id]
-        self.block_frames = int(geometry["block_frames"])
-        self.local_attn_frames = int(geometry["local_attn_frames"])
-        self.sink_frames = int(geometry["sink_frames"])
-        self.recache_every_block = spec.id == "krea-realtime-video"
-        self.recache_on_prompt = spec.id == "longlive"
+        self.geometry = GEOMETRY[spec.id]
+        self.block_frames = self.geometry.block_frames
         quantization = getattr(load, "quantization", None)
         if quantization is not None and self.device.device.type != "cuda":
             raise ValueError(f"quantization: {quantization} needs a CUDA GPU")
@@ -163,7 +150,7 @@ class WanPipeline(Pipeline):
         if spec.id in LORAS:
             lora_repo, lora_file, lora_alpha = LORAS[spec.id]
             lora_path = repo_dir(models_dir, lora_repo) / lora_file
-        self.transformer: CausalWanTransformer = load_transformer(
+        transformer: CausalWanTransformer = load_transformer(
             repo_dir(models_dir, repo) / filename,
             dtype,
             dev,
@@ -173,9 +160,11 @@ class WanPipeline(Pipeline):
         if quantization is not None:
             from services.inference.wan.fp8 import quantize_linears
 
-            quantize_linears(self.transformer.blocks, dtype)
+            quantize_linears(transformer.blocks)
         if os.environ.get(COMPILE_ENV) == "1":  # after quantizing: the graph has the fp8 layers
-            self.transformer.compile_blocks()
+            transformer.compile_blocks()
+        self.transformer = transformer
+        self.loop = BlockLoop(transformer, self.geometry, dev)
         base = repo_dir(models_dir, WAN_BASE.repo_id)
         text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
@@ -186,9 +175,6 @@ class WanPipeline(Pipeline):
         for module in modules:
             module.to(dev).eval().requires_grad_(False)
         self.prompts = WanPromptEncoder(text_encoder, tokenizer, self.device)
-        self.latent_channels = int(self.transformer.config.in_channels)
-        self.rope_frames = int(self.transformer.config.rope_max_seq_len)
-        self.model_calls = 0  # transformer passes (tests and benchmarks count them)
         #: Generate the next text block while the queued frames are served (see the module doc).
         self.prefetch = True
         self._model_lock = threading.Lock()
@@ -196,26 +182,19 @@ class WanPipeline(Pipeline):
         self._worker_stream = torch.cuda.Stream() if dev.type == "cuda" else None
         logger.info("%s on %s", spec.id, self.device_description)
 
-    # ------------------------------------------------------------ sessions
+    @property
+    def model_calls(self) -> int:
+        return self.loop.model_calls
 
-    def _policy(self, s: WanSession) -> AttentionPolicy:
-        bias = float(getattr(s.config, "kv_cache_attention_bias", 1.0))
-        return AttentionPolicy(self.block_frames, self.local_attn_frames, self.sink_frames, bias)
+    # ------------------------------------------------------------ sessions
 
     def new_session(
         self, session_id: str, width: int, height: int, config: WanConfig
     ) -> WanSession:
         track = d.PromptTrack(self.prompts, config.prompts, config.prompt_interpolation_method)
         s = WanSession(
-            session_id,
-            width,
-            height,
-            config,
-            track,
-            KVCache(AttentionPolicy(self.block_frames), self.rope_frames),
-            VaeStream(self.vae),
+            session_id, width, height, config, track, self.loop.new_stream(), VaeStream(self.vae)
         )
-        s.cache.policy = self._policy(s)
         if config.transition is not None:
             track.start_transition(config.transition, config.prompt_interpolation_method)
         return s
@@ -224,47 +203,48 @@ class WanPipeline(Pipeline):
         s = state
         self.settle(s)
         s.config = config
-        s.cache.policy = self._policy(s)
         transition = "transition" in changed and config.transition is not None
         in_transition = transition or s.prompt.in_transition
         if changed & {"prompts", "prompt_interpolation_method"}:
             s.prompt.set_prompts(config.prompts, config.prompt_interpolation_method)
-            if config.manage_cache and not in_transition and "prompts" in changed:
-                if self.recache_on_prompt:
-                    s.pending_recache = True
-                else:
-                    self.reset_cache(s)
+            if (
+                config.manage_cache
+                and not in_transition
+                and "prompts" in changed
+                and s.mode == "video"
+            ):
+                s.pending_cut = True
         if transition:
             assert config.transition is not None
             s.prompt.start_transition(config.transition, config.prompt_interpolation_method)
         if config.reset_cache:
-            self.reset_cache(s)
+            s.pending_cut = True
 
-    def reset_cache(self, s: WanSession) -> None:
-        """Forget the KV cache and the context latents (the VAE stream carries on)."""
-        s.cache.reset()
-        s.context.clear()
-        s.pending_recache = False
+    def hard_cut(self, s: WanSession) -> None:
+        """Frame 0 again: KV cache, VAE caches and the noise controller start afresh (Scope's
+        ``init_cache``); frames already made stay queued."""
+        self.loop.reset(s.stream)
+        s.vae.reset()
+        s.cached_with = None
+        s.last_input = None
+        s.decoded.clear()
+        s.pending_cut = False
 
     def _init(self, s: WanSession, mode: str) -> None:
         """A fresh start (first call, or the mode changed)."""
-        if s.mode is not None:
-            self.reset_cache(s)
         s.mode = mode
-        s.vae.reset()
+        self.hard_cut(s)
         s.out.clear()
         s.inputs.clear()
         s.input_tags.clear()
-        s.last_input = None
         s.noise_level = None
-        s.blocks = 0
 
     def end_session(self, state: WanSession) -> None:
         try:
             self.settle(state)
         except Exception:  # the session is over: its failed block no longer matters
             logger.debug("block ahead of ended session %s failed", state.session_id)
-        self.reset_cache(state)
+        self.hard_cut(state)
         state.out.clear()
         state.inputs.clear()
         state.cross = None
@@ -304,8 +284,7 @@ class WanPipeline(Pipeline):
                 continue
             s.inputs.append(r.frames)
             s.input_tags.append(r.tag)
-            need = 4 * self.block_frames - (3 if s.vae.encoded_frames == 0 else 0)
-            if len(s.inputs) >= need:
+            if len(s.inputs) >= self._frames_needed(s):
                 with self._model_lock:
                     self._video_block(s)
             if s.out:
@@ -315,6 +294,13 @@ class WanPipeline(Pipeline):
             else:
                 results.append(Result(s, None, None, {"warming_up": True}))
         return results
+
+    def _frames_needed(self, s: WanSession) -> int:
+        """Input frames for the next block: the VAE turns ``1 + 4k`` frames into ``1 + k``
+        latents at a stream's start, four frames into one latent after."""
+        if s.pending_cut or s.stream.next_frame == 0:
+            return 4 * (self.geometry.first_block_frames - 1) + 1
+        return 4 * self.block_frames
 
     def _text_block_ahead(self, s: WanSession) -> None:
         """On the worker thread: the next block, its frames on the CPU once complete."""
@@ -347,48 +333,51 @@ class WanPipeline(Pipeline):
         return steps
 
     def _text_block(self, s: WanSession) -> list[tuple[torch.Tensor, Any, int]]:
-        h, w = self._latent_hw(s)
-        shape = (1, self.latent_channels, self.block_frames, h, w)
-        latents = self._generate(s, None, shape, 1.0)
-        return [(frame, None, s.blocks) for frame in self._decode(s, latents)]
+        latents = self._generate(s, None, None)
+        return [(frame, None, s.blocks - 1) for frame in self._decode(s, latents)]
 
     def _video_block(self, s: WanSession) -> None:
+        if s.pending_cut:
+            self.hard_cut(s)
         frames = torch.stack(s.inputs)
         tags = list(s.input_tags)
         s.inputs.clear()
         s.input_tags.clear()
-        scale = self._noise_scale(s, frames)
         h, w = self._latent_hw(s)
         video = from_uint8_frames(frames, self.vae.dtype)
         pad_h, pad_w = h * VAE_SCALE - s.height, w * VAE_SCALE - s.width
         if pad_h or pad_w:
             video = torch.nn.functional.pad(video, (0, pad_w, 0, pad_h, 0, 0), mode="replicate")
+        scale = self._noise_scale(s, video)
         z = s.vae.encode(video)
-        latents = self._generate(s, z, tuple(z.shape), scale)
+        latents = self._generate(s, z, scale)
         for frame, tag in zip(self._decode(s, latents), tags, strict=True):
-            s.out.append((frame, tag, s.blocks))
+            s.out.append((frame, tag, s.blocks - 1))
 
-    def _noise_scale(self, s: WanSession, frames: torch.Tensor) -> float:
-        base = float(getattr(s.config, "noise_scale", 1.0))
-        if not getattr(s.config, "noise_controller", False):
-            s.noise_level = base
-            return base
-        seq = frames.float()
-        if s.last_input is not None:
-            seq = torch.cat([s.last_input.float().unsqueeze(0), seq])
-        s.last_input = frames[-1]
-        motion = float((seq[1:] - seq[:-1]).abs().mean() / 255.0) if len(seq) > 1 else 0.0
-        target = base * max(MIN_NOISE_FACTOR, 1.0 - MOTION_GAIN * motion)
-        if s.noise_level is None:
-            s.noise_level = target
-        else:
-            s.noise_level += NOISE_SMOOTHING * (target - s.noise_level)
-        return s.noise_level
+    def _noise_scale(self, s: WanSession, video: torch.Tensor) -> float:
+        """The block's noise: ``noise_scale``, or Scope's motion controller from it."""
+        base = s.config.noise_scale
+        if s.config.noise_controller:
+            base = motion_noise_scale(video, s.last_input, self.block_frames, base)
+            s.last_input = video[:, :, -1:]
+        s.noise_level = base
+        return base
 
     def _decode(self, s: WanSession, latents: torch.Tensor) -> list[torch.Tensor]:
         video = s.vae.decode(latents)
+        if self.geometry.context_frames:
+            for i in range(video.shape[2]):
+                s.decoded.append(video[:, :, i : i + 1])
+            while len(s.decoded) > 1 + 4 * (self.geometry.context_frames - 1):
+                s.decoded.popleft()
         frames = to_uint8_frames(video)[:, : s.height, : s.width]
         return list(frames.unbind(0))
+
+    def _reencode(self, s: WanSession) -> torch.Tensor:
+        """Krea's first context latent past the stream's start: the oldest of its last nine
+        output frames, encoded on its own (scope:krea_realtime_video/blocks/
+        recompute_kv_cache.py)."""
+        return VaeStream(self.vae).encode(s.decoded[0]).to(self.device.device)
 
     # ------------------------------------------------------------ the model
 
@@ -399,71 +388,36 @@ class WanPipeline(Pipeline):
             s.cross_computed += 1
         return s.cross[1]
 
-    def _run(
-        self,
-        s: WanSession,
-        x: torch.Tensor,
-        sigma: float,
-        cross: list[tuple[torch.Tensor, torch.Tensor]],
-        write: bool = False,
-    ) -> torch.Tensor:
-        t = torch.full((1, x.shape[2]), sigma * 1000.0, device=self.device.device)
-        self.model_calls += 1
-        out = self.transformer.forward_causal(
-            x, t, cross, s.cache.policy, cache=s.cache, write=write
-        )
-        return out.float()
-
-    def _recache(self, s: WanSession, cross: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Rebuild the KV cache from the context latents with the current prompt."""
-        next_frame = s.cache.next_frame
-        s.cache.layers.clear()
-        s.cache.frames.clear()
-        groups: dict[int, list[int]] = {}
-        for f in sorted(s.context):
-            groups.setdefault(f // self.block_frames, []).append(f)
-        for frames in groups.values():
-            s.cache.next_frame = frames[0]
-            x = torch.cat([s.context[f] for f in frames], dim=2)
-            self._run(s, x, 0.0, cross, write=True)
-        s.cache.next_frame = next_frame
-        s.recaches += 1
-
     @torch.inference_mode()
-    def _generate(
-        self, s: WanSession, z: torch.Tensor | None, shape: tuple[int, ...], scale: float
-    ) -> torch.Tensor:
-        if s.cache.overflows(self.block_frames):
-            logger.info("session %s: RoPE table full, cache reset", s.session_id)
-            self.reset_cache(s)
-        cross = self._cross(s, s.prompt.step())
-        if s.context and (self.recache_every_block or s.pending_recache):
-            self._recache(s, cross)
-        s.pending_recache = False
-        seed = s.config.seed
-        steps = self._steps(s)
-        sigmas = [scale * shifted_sigma(t) for t in steps]
-        index = 1000 * (s.cache.next_frame + 1)
-        noise = d.seeded_noise(seed, index, shape, self.device).float()
-        x = noise if z is None else (1.0 - sigmas[0]) * z.float() + sigmas[0] * noise
-        x0 = x
-        for i, sigma in enumerate(sigmas):
-            flow = self._run(s, x, sigma, cross)
-            x0 = x - sigma * flow
-            if i + 1 < len(sigmas):
-                nxt = sigmas[i + 1]
-                renoise = d.seeded_noise(seed, index + i + 1, shape, self.device).float()
-                x = (1.0 - nxt) * x0 + nxt * renoise
-        start = s.cache.next_frame
-        self._run(s, x0, 0.0, cross, write=True)
-        for j in range(x0.shape[2]):
-            s.context[start + j] = x0[:, :, j : j + 1].clone()
-        keep = s.cache.policy.keep_for(s.cache.next_frame, torch.tensor(sorted(s.context)))
-        for f, kept in zip(sorted(s.context), keep.tolist(), strict=True):
-            if not kept:
-                del s.context[f]
-        s.blocks += 1
-        return x0
+    def _generate(self, s: WanSession, z: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+        if s.pending_cut:
+            self.hard_cut(s)
+        if self.loop.overflows(s.stream):
+            logger.info("session %s: RoPE table full, starting afresh", s.session_id)
+            self.hard_cut(s)
+        emb = s.prompt.step()
+        cross = self._cross(s, emb)
+        if (
+            self.geometry.recache_on_prompt
+            and s.cached_with is not None
+            and s.cached_with is not emb
+        ):
+            self.loop.recache(s.stream, cross)
+        s.cached_with = emb
+        first_context = None
+        if self.geometry.context_frames:
+            first_context = lambda: self._reencode(s)  # noqa: E731
+        return self.loop.block(
+            s.stream,
+            cross,
+            seed=s.config.seed,
+            steps=self._steps(s),
+            latent_hw=self._latent_hw(s),
+            z=z,
+            noise_scale=scale,
+            attention_bias=float(getattr(s.config, "kv_cache_attention_bias", 1.0)),
+            first_context=first_context,
+        )
 
     def free_memory(self) -> None:
         d.free_device_memory()

@@ -92,14 +92,14 @@ StepList = Annotated[
 ManageCache = Annotated[
     bool,
     msgspec.Meta(
-        description="Reset the KV cache when the prompt changes outside a transition",
+        description="Video mode: start afresh when the prompt changes outside a transition",
         extra_json_schema=ui(7, label="Manage cache"),
     ),
 ]
 ResetCache = Annotated[
     bool,
     msgspec.Meta(
-        description="Drop the session's KV cache once (when manage_cache is off)",
+        description="Start afresh once: cache, frame index and VAE caches (a hard cut)",
         extra_json_schema=ui(8, label="Reset cache"),
     ),
 ]
@@ -131,6 +131,24 @@ class WanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     denoising_step_list: StepList = _steps([1000, 750, 500, 250])
     manage_cache: ManageCache = True
     reset_cache: ResetCache = False
+    noise_scale: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0.0,
+            le=1.0,
+            description="Video mode: noise mixed into the input (the first step becomes "
+            "1000·noise_scale − 100)",
+            extra_json_schema=ui(4, label="Noise scale"),
+        ),
+    ] = 0.7
+    noise_controller: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Video mode: set the noise from the input's motion (more motion, "
+            "less noise)",
+            extra_json_schema=ui(5, label="Noise controller"),
+        ),
+    ] = True
     paused: Paused = False
 
 
@@ -138,22 +156,6 @@ class StreamDiffusionV2Config(WanConfig, forbid_unknown_fields=True, kw_only=Tru
     height: Height = 512
     width: Width = 512
     denoising_step_list: StepList = _steps([750, 250])
-    noise_scale: Annotated[
-        float,
-        msgspec.Meta(
-            ge=0.0,
-            le=1.0,
-            description="Noise added to the input video (1 = the schedule's first step)",
-            extra_json_schema=ui(4, label="Noise scale"),
-        ),
-    ] = 0.7
-    noise_controller: Annotated[
-        bool,
-        msgspec.Meta(
-            description="Set the noise from the input's motion (more motion, less noise)",
-            extra_json_schema=ui(5, label="Noise controller"),
-        ),
-    ] = True
 
 
 class LongLiveConfig(WanConfig, forbid_unknown_fields=True, kw_only=True):
@@ -181,11 +183,60 @@ class KreaRealtimeVideoConfig(WanConfig, forbid_unknown_fields=True, kw_only=Tru
 
 #: Text-mode step list of streamdiffusionv2 (its config default is the video one).
 SDV2_TEXT_STEPS = (1000, 750)
-#: The block and cache geometry of each pipeline, in latent frames.
-GEOMETRY: dict[str, dict[str, Any]] = {
-    "streamdiffusionv2": {"block_frames": 1, "local_attn_frames": 6, "sink_frames": 0},
-    "longlive": {"block_frames": 3, "local_attn_frames": 12, "sink_frames": 3},
-    "krea-realtime-video": {"block_frames": 3, "local_attn_frames": 6, "sink_frames": 0},
+
+
+class WanGeometry(msgspec.Struct, frozen=True, kw_only=True):
+    """How a pipeline makes blocks, in latent frames, as Scope's model.yaml and blocks do
+    (the block loop: ``services.inference.wan.blocks``)."""
+
+    block_frames: int
+    first_block_frames: int  # streamdiffusionv2's first block has 2 (its VAE takes 1 + 4)
+    cache_frames: int  # what a block attends to, itself and the sinks included
+    sink_frames: int
+    shift: float  # of the flow-matching table
+    clean_pass: bool  # a t = 0 pass writes each block into the cache
+    context_frames: int = 0  # > 0: the cache is rebuilt from these before every block (Krea)
+    recache_on_prompt: bool = False  # longlive: a new prompt recomputes the recent frames
+
+    @property
+    def recent_frames(self) -> int:
+        """Latent frames of the past the loop keeps (for a rebuild or a recache)."""
+        if self.context_frames:
+            return self.context_frames - 1
+        return self.cache_frames if self.recache_on_prompt else 0
+
+
+GEOMETRY: dict[str, WanGeometry] = {
+    # scope:streamdiffusionv2/model.yaml, modules/causal_model.py (sink_size 3);
+    # shift 8 is the wrapper's default (wan2_1/components/generator.py).
+    "streamdiffusionv2": WanGeometry(
+        block_frames=1,
+        first_block_frames=2,
+        cache_frames=6,
+        sink_frames=3,
+        shift=8.0,
+        clean_pass=True,
+    ),
+    # scope:longlive/model.yaml: local_attn_size 12 including sink_size 3.
+    "longlive": WanGeometry(
+        block_frames=3,
+        first_block_frames=3,
+        cache_frames=12,
+        sink_frames=3,
+        shift=5.0,
+        clean_pass=True,
+        recache_on_prompt=True,
+    ),
+    # scope:krea_realtime_video/model.yaml: kv_cache_num_frames 3, local_attn_size 6.
+    "krea-realtime-video": WanGeometry(
+        block_frames=3,
+        first_block_frames=3,
+        cache_frames=6,
+        sink_frames=0,
+        shift=5.0,
+        clean_pass=False,
+        context_frames=3,
+    ),
 }
 
 
@@ -215,12 +266,12 @@ def _spec(
         default_width=width,
         default_height=height,
         artifacts=(WAN_BASE, weights),
-        frames_per_call=4 * geometry["block_frames"],
+        frames_per_call=4 * geometry.block_frames,
         load_only=load_only,
         check=check_descending,
         estimated_vram_gb=estimated_vram_gb,
         recommended_quantization_vram_threshold=recommended_quantization_vram_threshold,
-        extra={"geometry": dict(geometry)},
+        extra={"geometry": msgspec.structs.asdict(geometry)},
     )
 
 
