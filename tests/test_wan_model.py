@@ -15,9 +15,9 @@ from services.inference.wan.convert import (  # noqa: E402
     CheckpointMismatch,
     load_transformer,
 )
-from services.inference.wan.fp8 import Fp8Linear  # noqa: E402
+from services.inference.wan.fp8 import quantize_linears  # noqa: E402
 from services.inference.wan.model import (  # noqa: E402
-    AttentionPolicy,
+    CacheWindow,
     CausalWanTransformer,
     KVCache,
 )
@@ -62,94 +62,116 @@ def inputs(frames: int, seed: int = 1) -> tuple[Any, Any, Any]:
 
 
 def blockwise(
-    model: CausalWanTransformer, policy: AttentionPolicy, cache: KVCache, x: Any, t: Any, cross: Any
+    model: CausalWanTransformer, b: int, cache: KVCache, x: Any, t: Any, cross: Any
 ) -> Any:
-    b = policy.block_frames
     outs = [
         model.forward_causal(
-            x[:, :, i : i + b], t[:, i : i + b], cross, policy, cache=cache, write=True
+            x[:, :, i : i + b], t[:, i : i + b], cross, cache=cache, rope_start=i, write=True
         )
         for i in range(0, x.shape[2], b)
     ]
     return torch.cat(outs, dim=2)
 
 
-POLICIES = {
-    "global": AttentionPolicy(3),
-    "window": AttentionPolicy(3, local_attn_frames=6),
-    "window+sink": AttentionPolicy(3, local_attn_frames=6, sink_frames=3),
-    "one-frame blocks": AttentionPolicy(1, local_attn_frames=3, sink_frames=1),
-    "bias": AttentionPolicy(3, local_attn_frames=9, attention_bias=0.3),
+#: (block frames, window)
+WINDOWS = {
+    "global": (3, CacheWindow()),
+    "window": (3, CacheWindow(6)),
+    "window+sink": (3, CacheWindow(9, sinks=3)),
+    "one-frame blocks": (1, CacheWindow(4, sinks=1)),
 }
 
 
-@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("name", list(WINDOWS))
 @torch.inference_mode()
 def test_cached_blocks_equal_one_block_causal_pass(model: CausalWanTransformer, name: str) -> None:
-    policy = POLICIES[name]
+    b, window = WINDOWS[name]
     x, t, ctx = inputs(12)
     cross = model.cross_kv(ctx)
-    full = model.forward_causal(x, t, cross, policy)
-    cache = KVCache(policy, rope_frames=64)
-    cached = blockwise(model, policy, cache, x, t, cross)
+    full = model.forward_causal(x, t, cross, blocks=(b, window))
+    cache = KVCache(window)
+    cached = blockwise(model, b, cache, x, t, cross)
     assert torch.allclose(cached, full, atol=ATOL), (cached - full).abs().max()
-    # The cache holds only what the next block can see.
-    if policy.local_attn_frames > 0:
-        assert len(cache) <= policy.local_attn_frames - policy.block_frames + policy.sink_frames
+    # The cache holds the window the last block saw: its sinks and the most recent frames.
+    if window.frames > 0:
+        assert len(cache) == window.frames
+        recent = list(range(12 - (window.frames - window.sinks), 12))
+        assert cache.positions == list(range(window.sinks)) + recent
     # The mask matters: without it (every frame sees every frame) the result differs.
-    everything = AttentionPolicy(12)
-    assert not torch.allclose(model.forward_causal(x, t, cross, everything), full, atol=ATOL)
+    assert not torch.allclose(model.forward_causal(x, t, cross), full, atol=ATOL)
 
 
 @torch.inference_mode()
 def test_equivalence_holds_after_a_cache_reset(model: CausalWanTransformer) -> None:
-    policy = POLICIES["window+sink"]
+    b, window = WINDOWS["window+sink"]
     x, t, ctx = inputs(12, seed=2)
     cross = model.cross_kv(ctx)
-    cache = KVCache(policy, rope_frames=64)
+    cache = KVCache(window)
     before, _, _ = inputs(6, seed=3)
-    blockwise(model, policy, cache, before, t[:, :6], cross)
-    assert len(cache) == 6 and cache.next_frame == 6
+    blockwise(model, b, cache, before, t[:, :6], cross)
+    assert len(cache) == 6
     cache.reset()
-    assert len(cache) == 0 and cache.next_frame == 0 and cache.resets == 1
-    cached = blockwise(model, policy, cache, x, t, cross)
-    assert torch.allclose(cached, model.forward_causal(x, t, cross, policy), atol=ATOL)
+    assert len(cache) == 0 and cache.resets == 1
+    cached = blockwise(model, b, cache, x, t, cross)
+    assert torch.allclose(cached, model.forward_causal(x, t, cross, blocks=(b, window)), atol=ATOL)
 
 
 @torch.inference_mode()
-def test_rope_offset_by_the_absolute_frame_index(model: CausalWanTransformer) -> None:
-    policy = AttentionPolicy(3)
+def test_rope_positions_are_the_callers(model: CausalWanTransformer) -> None:
     x, t, ctx = inputs(3)
     cross = model.cross_kv(ctx)
-    at0 = model.forward_causal(x, t, cross, policy, start_frame=0)
-    at9 = model.forward_causal(x, t, cross, policy, start_frame=9)
-    # RoPE scores depend on position differences only: a lone block is the same anywhere,
-    # and a cached block continues from the cache's next frame.
+    at0 = model.forward_causal(x, t, cross, rope_start=0)
+    at9 = model.forward_causal(x, t, cross, rope_start=9)
+    # RoPE scores depend on position differences only: a lone block is the same anywhere.
     assert torch.allclose(at0, at9, atol=ATOL)
-    cache = KVCache(policy, rope_frames=12)
-    cache.next_frame = 9
-    assert torch.allclose(model.forward_causal(x, t, cross, policy, cache=cache), at9, atol=ATOL)
-    assert not cache.overflows(3) and cache.overflows(4)
-
-
-class ZeroBias(AttentionPolicy):
-    """Forces the biased (float mask) path with log(1) = 0 everywhere."""
-
-    def bias(self, query_frames: Any, key_frames: Any) -> Any:
-        return torch.zeros(query_frames.numel(), key_frames.numel())
+    # With a past, the distance matters: the same two blocks 3 vs 9 frames apart differ.
+    y, _, _ = inputs(3, seed=9)
+    near, far = KVCache(CacheWindow()), KVCache(CacheWindow())
+    model.forward_causal(y, t, cross, cache=near, rope_start=0, write=True)
+    model.forward_causal(y, t, cross, cache=far, rope_start=0, write=True)
+    a = model.forward_causal(x, t, cross, cache=near, rope_start=3)
+    c = model.forward_causal(x, t, cross, cache=far, rope_start=9)
+    assert not torch.allclose(a, c, atol=1e-3)
 
 
 @torch.inference_mode()
-def test_attention_bias_one_is_no_bias_and_other_values_differ(model: CausalWanTransformer) -> None:
+def test_attention_bias_spares_the_first_cached_frame_and_the_block(
+    model: CausalWanTransformer,
+) -> None:
+    """Krea's bias: ``log(bias)`` on cached keys from the second cached frame up to the block."""
     x, t, ctx = inputs(9, seed=4)
     cross = model.cross_kv(ctx)
-    plain = model.forward_causal(x, t, cross, AttentionPolicy(3))
-    forced = model.forward_causal(x, t, cross, ZeroBias(3))
-    assert torch.allclose(plain, forced, atol=1e-5)
-    biased = model.forward_causal(x, t, cross, AttentionPolicy(3, attention_bias=0.3))
-    # The first block has no past: unchanged; later blocks lean less on the past.
-    assert torch.allclose(biased[:, :, :3], plain[:, :, :3], atol=1e-5)
-    assert not torch.allclose(biased[:, :, 3:], plain[:, :, 3:], atol=1e-3)
+
+    def run(past_frames: int, bias: float) -> Any:
+        cache = KVCache(CacheWindow())
+        past = x[:, :, :past_frames]
+        if past_frames:
+            model.forward_causal(past, t[:, :past_frames], cross, cache=cache, write=True)
+        block = x[:, :, 6:9]
+        return model.forward_causal(
+            block, t[:, 6:9], cross, cache=cache, rope_start=6, attention_bias=bias
+        )
+
+    # No past, or a past of one frame (slot 0, spared): the bias changes nothing.
+    for past in (0, 1):
+        assert torch.allclose(run(past, 0.3), run(past, 1.0), atol=1e-6)
+    # With more past, the biased block leans less on it.
+    assert not torch.allclose(run(3, 0.3), run(3, 1.0), atol=1e-3)
+    # A bias this small all but removes the cached frames 1-2: the block then equals one
+    # that saw frame 0's keys alone (the same keys, the same positions).
+    tiny = run(3, 1e-30)
+    cache = KVCache(CacheWindow())
+    model.forward_causal(x[:, :, :3], t[:, :3], cross, cache=cache, write=True)
+    cache.keep_first(1, tokens_per_frame=2 * 3)  # 4x6 latents, 2x2 patches
+    alone = model.forward_causal(x[:, :, 6:9], t[:, 6:9], cross, cache=cache, rope_start=6)
+    assert torch.allclose(tiny, alone, atol=1e-5)
+
+
+def test_the_window_keeps_sinks_and_the_most_recent_frames() -> None:
+    assert CacheWindow(12, sinks=3).keep(12) is None
+    assert CacheWindow(12, sinks=3).keep(15) == [0, 1, 2, *range(6, 15)]
+    assert CacheWindow(6, sinks=3).keep(7) == [0, 1, 2, 4, 5, 6]
+    assert CacheWindow().keep(100) is None
 
 
 # ---------------------------------------------------------------- conversion
@@ -179,9 +201,8 @@ def test_original_checkpoint_loads_with_every_key_used(
         assert torch.equal(loaded.state_dict()[name], param), name
     x, t, ctx = (v.repeat(1, 4, 1, 1, 1) if v.ndim == 5 else v for v in inputs(3))
     ctx = torch.randn(1, 7, tiny.TEXT_DIM)
-    policy = AttentionPolicy(3)
-    a = source.forward_causal(x, t, source.cross_kv(ctx), policy)
-    b = loaded.forward_causal(x, t, loaded.cross_kv(ctx), policy)
+    a = source.forward_causal(x, t, source.cross_kv(ctx))
+    b = loaded.forward_causal(x, t, loaded.cross_kv(ctx))
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -200,14 +221,18 @@ def test_unused_or_missing_keys_are_refused(tiny: Any, tmp_path: Path) -> None:
 
 
 @torch.inference_mode()
-def test_fp8_linear_is_close_to_the_original() -> None:
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 32)
-    x = torch.randn(5, 64)
-    q = Fp8Linear(linear, torch.float32)
-    assert q.weight.dtype == torch.float8_e4m3fn
-    ref = linear(x)
-    assert float((q(x) - ref).abs().max()) < 0.05 * float(ref.abs().max())
+def test_fp8_through_torchao_keeps_fp8_weights_and_stays_close() -> None:
+    pytest.importorskip("torchao")
+    m = small_model()
+    x, t, ctx = inputs(3)
+    ref = m.forward_causal(x, t, m.cross_kv(ctx))
+    kind = quantize_linears(m.blocks, torch.device("cpu"))
+    assert "weights" in kind  # no fp8 tensor cores on a CPU: weight-only
+    weight = m.blocks[0].attn1.to_q.weight
+    assert weight.qdata.dtype == torch.float8_e4m3fn  # stored in fp8, not widened
+    out = m.forward_causal(x, t, m.cross_kv(ctx))
+    assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    assert not torch.equal(out, ref)
 
 
 @torch.inference_mode()
@@ -230,9 +255,8 @@ def test_longlive_lora_is_merged_with_every_key_used(tiny: Any, tmp_path: Path) 
     assert torch.equal(merged.blocks[0].norm2.weight, plain.blocks[0].norm2.weight)
     x, t, _ = (v.repeat(1, 4, 1, 1, 1) if v.ndim == 5 else v for v in inputs(3))
     ctx = torch.randn(1, 7, tiny.TEXT_DIM)
-    policy = AttentionPolicy(3)
-    out_merged = merged.forward_causal(x, t, merged.cross_kv(ctx), policy)
-    out_plain = plain.forward_causal(x, t, plain.cross_kv(ctx), policy)
+    out_merged = merged.forward_causal(x, t, merged.cross_kv(ctx))
+    out_plain = plain.forward_causal(x, t, plain.cross_kv(ctx))
     assert not torch.allclose(out_merged, out_plain, atol=1e-4)
 
 
@@ -268,12 +292,12 @@ def test_compiled_blocks_equal_eager_and_compile_once_for_all_layers() -> None:
     from torch._dynamo.testing import CompileCounter
 
     m = small_model()  # its own: compiling must not touch the shared fixture
-    policy = POLICIES["window+sink"]
+    b, window = WINDOWS["window+sink"]
     x, t, ctx = inputs(15)
 
     def generate() -> Any:
         with torch.inference_mode():
-            return blockwise(m, policy, KVCache(policy, 64), x, t, m.cross_kv(ctx))
+            return blockwise(m, b, KVCache(window), x, t, m.cross_kv(ctx))
 
     eager = generate()
     counter = CompileCounter()

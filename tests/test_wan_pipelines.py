@@ -71,8 +71,8 @@ def test_text_mode_frames_at_size_and_block_cadence(
     pipes: dict[str, Any], pipeline_id: str
 ) -> None:
     pipe = pipes[pipeline_id]
-    n = pipe.block_frames
-    first, later = 4 * n - 3, 4 * n
+    first = 4 * (pipe.geometry.first_block_frames - 1) + 1  # streamdiffusionv2: 2 latents
+    later = 4 * pipe.block_frames
     state = pipe.new_session("t", SIZE, SIZE, config(pipeline_id))
     results = text(pipe, state, first + 2 * later)
     assert [r.tag for r in results] == list(range(first + 2 * later))
@@ -80,23 +80,24 @@ def test_text_mode_frames_at_size_and_block_cadence(
         assert tuple(r.frame.shape) == (SIZE, SIZE, 3) and r.frame.dtype == torch.uint8
     blocks = [r.info["block"] for r in results]
     assert blocks == [1] * first + [2] * later + [3] * later  # one block per 4·n frames
-    assert state.cache.next_frame == 3 * n
+    g = pipe.geometry
+    assert state.stream.next_frame == g.first_block_frames + 2 * g.block_frames
 
 
 def test_streamdiffusionv2_video_mode_keeps_tags_and_cadence(pipes: dict[str, Any]) -> None:
     pipe = pipes["streamdiffusionv2"]
     state = pipe.new_session("v", SIZE, SIZE, config("streamdiffusionv2"))
     results = []
-    for i, f in enumerate(moving_frames(9, 2)):
+    for i, f in enumerate(moving_frames(13, 2)):
         (r,) = pipe([Request(state, pipe.prepare(state, f), i)])
         results.append(r)
-    # Block 1 is one frame (the VAE's first), then four frames per block, one out per call.
-    assert results[0].tag == 0 and results[0].info["block"] == 1
-    assert all(r.frame is None for r in results[1:4])
+    # Block 1 is five frames (two latents, as Scope's), then four frames per block.
+    assert all(r.frame is None for r in results[:4])
+    assert results[4].tag == 0 and results[4].info["block"] == 1
     out = [r for r in results if r.frame is not None]
-    assert [r.tag for r in out] == [0, 1, 2, 3, 4, 5]
+    assert [r.tag for r in out] == list(range(9))
     assert all(tuple(r.frame.shape) == (SIZE, SIZE, 3) for r in out)
-    assert state.blocks == 3
+    assert state.blocks == 3 and state.stream.next_frame == 4
 
 
 def test_output_depends_on_prompt_and_seed_reproduces(pipes: dict[str, Any]) -> None:
@@ -113,52 +114,89 @@ def test_output_depends_on_prompt_and_seed_reproduces(pipes: dict[str, Any]) -> 
     assert diff(a, run(seed=7, **cat)) > 0.1
 
 
-def test_manage_cache_resets_on_prompt_change_but_not_in_a_transition(
-    pipes: dict[str, Any],
-) -> None:
-    pipe = pipes["krea-realtime-video"]
-    cfg = config("krea-realtime-video")
+def video(pipe: Any, state: Any, n: int, start: int = 0) -> list[Any]:
+    out = []
+    for i, f in enumerate(moving_frames(n, 1, seed=start), start):
+        (r,) = pipe([Request(state, pipe.prepare(state, f), i)])
+        out.append(r)
+    return out
+
+
+def test_manage_cache_cuts_on_a_prompt_change_in_video_mode_only(pipes: dict[str, Any]) -> None:
+    """Scope's setup_caches: a new prompt outside a transition starts the stream afresh when
+    video comes in and ``manage_cache`` is on; text mode keeps its cache."""
+    pipe = pipes["streamdiffusionv2"]
+    cfg = config("streamdiffusionv2")
     state = pipe.new_session("m", SIZE, SIZE, cfg)
-    text(pipe, state, 9)
-    assert state.cache.resets == 0 and len(state.cache) > 0
+    video(pipe, state, 9)
+    cuts = state.stream.cuts
+    assert state.stream.next_frame == 3 and len(state.stream.cache) == 3
     dog = msgspec.structs.replace(cfg, prompts=[ws.PromptItem("a dog on the moon")])
     pipe.update(state, dog, {"prompts"})
-    assert state.cache.resets == 1 and len(state.cache) == 0
-    text(pipe, state, 12, 9)
-    cat = msgspec.structs.replace(cfg, transition=ws.Transition([ws.PromptItem("a cat")], 3))
+    video(pipe, state, 5, 9)
+    assert state.stream.cuts == cuts + 1 and state.stream.next_frame == 2
+    cat = msgspec.structs.replace(dog, transition=ws.Transition([ws.PromptItem("a cat")], 3))
     pipe.update(state, cat, {"transition"})
     pipe.update(state, msgspec.structs.replace(cat, prompts=[ws.PromptItem("a cow")]), {"prompts"})
-    assert state.cache.resets == 1  # inside the transition: kept
+    video(pipe, state, 4, 14)
+    assert state.stream.cuts == cuts + 1  # inside the transition: kept
     off = msgspec.structs.replace(cfg, manage_cache=False, prompts=[ws.PromptItem("a bird")])
     pipe.update(state, off, {"prompts", "manage_cache"})
-    assert state.cache.resets == 1
+    video(pipe, state, 4, 18)
+    assert state.stream.cuts == cuts + 1 and state.stream.next_frame == 4
+
+    texts = pipe.new_session("t", SIZE, SIZE, cfg)
+    text(pipe, texts, 9)
+    cuts = texts.stream.cuts
+    pipe.update(texts, dog, {"prompts"})
+    text(pipe, texts, 4, 9)
+    assert texts.stream.cuts == cuts and texts.stream.next_frame == 4
 
 
 def test_longlive_recaches_recent_frames_on_a_prompt_change(pipes: dict[str, Any]) -> None:
+    """Scope's recache_frames: past a full window the sinks keep their keys and the nine
+    frames after them are recomputed with the new prompt; the cache keeps its positions."""
     pipe = pipes["longlive"]
     cfg = config("longlive")
     state = pipe.new_session("l", SIZE, SIZE, cfg)
-    text(pipe, state, 9 + 12 + 12)  # three blocks
-    kept = list(state.cache.frames)
+    text(pipe, state, 9 + 4 * 12)  # five blocks: 15 latent frames
+    cache = state.stream.cache
+    assert cache.positions == [0, 1, 2, *range(6, 15)]  # 3 sinks + the 9 most recent
+    # The last layer's keys (the first layer's come before any cross-attention); 2x2 latent
+    # tokens per frame.
+    sinks = cache.layers[-1][0][:, : 3 * 4].clone()
+    rest = cache.layers[-1][0][:, 3 * 4 :].clone()
+    cuts = state.stream.cuts
     dog = msgspec.structs.replace(cfg, prompts=[ws.PromptItem("a dog on the moon")])
     pipe.update(state, dog, {"prompts"})
-    text(pipe, state, 1, 33)
-    assert state.recaches == 1 and state.cache.resets == 0
-    assert kept == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # 3 sink frames + the window's recent frames
-    text(pipe, state, 12, 34)
-    assert state.recaches == 1  # once per change
+    pipe.loop.recache(state.stream, pipe._cross(state, state.prompt.step()))
+    assert state.stream.recaches == 1 and state.stream.cuts == cuts
+    assert cache.positions == [0, 1, 2, *range(6, 15)]
+    assert torch.equal(cache.layers[-1][0][:, : 3 * 4], sinks)
+    assert not torch.allclose(cache.layers[-1][0][:, 3 * 4 :], rest, atol=1e-4)
+    # Through the pipeline: once per change of the embedding.
+    fresh = pipe.new_session("f", SIZE, SIZE, cfg)
+    text(pipe, fresh, 9)
+    pipe.update(fresh, dog, {"prompts"})
+    text(pipe, fresh, 1, 9)
+    assert fresh.stream.recaches == 1
+    text(pipe, fresh, 24, 10)
+    assert fresh.stream.recaches == 1
 
 
-def test_reset_cache_resets_once(pipes: dict[str, Any]) -> None:
+def test_reset_cache_is_a_hard_cut_once(pipes: dict[str, Any]) -> None:
     pipe = pipes["streamdiffusionv2"]
     cfg = config("streamdiffusionv2")
     state = pipe.new_session("r", SIZE, SIZE, cfg)
     text(pipe, state, 5)
+    cuts = state.stream.cuts
     pipe.update(state, msgspec.structs.replace(cfg, reset_cache=True), {"reset_cache"})
-    assert state.cache.resets == 1 and len(state.cache) == 0 and state.cache.next_frame == 0
     pipe.update(state, cfg, {"reset_cache"})
-    text(pipe, state, 8, 5)
-    assert state.cache.resets == 1 and len(state.cache) > 0
+    text(pipe, state, 5, 5)
+    # Frame 0 again: the first block of two latents, its five frames.
+    assert state.stream.cuts == cuts + 1 and state.stream.next_frame == 2
+    text(pipe, state, 8, 10)
+    assert state.stream.cuts == cuts + 1 and state.stream.next_frame == 4
 
 
 def test_kv_cache_attention_bias(pipes: dict[str, Any]) -> None:
@@ -173,9 +211,6 @@ def test_kv_cache_attention_bias(pipes: dict[str, Any]) -> None:
     one, low = run(1.0), run(0.3)
     assert all(np.array_equal(a, b) for a, b in zip(one[:9], low[:9], strict=True))  # no past yet
     assert diff(one[-1], low[-1]) > 0.01
-    unbiased = pipe.new_session("x", SIZE, SIZE, config("krea-realtime-video"))
-    pipe.update(unbiased, config("krea-realtime-video", kv_cache_attention_bias=1.0), set())
-    assert unbiased.cache.policy.bias(torch.zeros(1), torch.zeros(1)) is None
 
 
 def test_noise_controller_lowers_noise_when_motion_rises(pipes: dict[str, Any]) -> None:
@@ -191,7 +226,8 @@ def test_noise_controller_lowers_noise_when_motion_rises(pipes: dict[str, Any]) 
         return out
 
     still, moving = levels(0), levels(5)
-    assert still[-1] == pytest.approx(0.7)
+    # Scope's controller: 0.9·(0.8 − 0.2·motion) + 0.1·noise_scale.
+    assert still[-1] == pytest.approx(0.9 * 0.8 + 0.1 * 0.7)
     assert moving[-1] < still[-1] - 0.1
     assert set(levels(5, noise_controller=False)) == {0.7}
 
@@ -211,7 +247,7 @@ def test_two_sessions_keep_separate_caches(pipes: dict[str, Any]) -> None:
         together_a.append(ra.frame.numpy())
         together_b.append(rb.frame.numpy())
     assert all(np.array_equal(x, y) for x, y in zip(solo, together_a, strict=True))
-    assert a.cache.layers[0][0].data_ptr() != b.cache.layers[0][0].data_ptr()
+    assert a.stream.cache.layers[0][0].data_ptr() != b.stream.cache.layers[0][0].data_ptr()
     assert diff(together_a[-1], together_b[-1]) > 0.1
 
 
@@ -273,7 +309,7 @@ def test_blocks_ahead_give_the_same_frames_while_the_next_block_is_made(
     try:
         text(pipe, ahead, 1, count)
         pipe.update(ahead, dog, {"prompts"})
-        assert ahead.ahead is None and ahead.pending_recache
+        assert ahead.ahead is None
     finally:
         pipe.prefetch = False
         pipe.settle(ahead)
@@ -293,3 +329,52 @@ def test_warm_up_generates_blocks_in_the_default_mode(
     steps = len(config(pipeline_id).denoising_step_list)
     # At least two blocks, each its denoising passes plus the pass that writes the cache.
     assert pipe.model_calls - before >= 2 * (steps + 1)
+
+
+def test_krea_rebuilds_from_a_re_encoded_older_frame_past_the_first_blocks(
+    pipes: dict[str, Any],
+) -> None:
+    """Scope's recompute_kv_cache: block 1's first context latent is the stream's first latent;
+    from block 2 on it is the oldest of the last nine output frames, encoded on its own."""
+    pipe = pipes["krea-realtime-video"]
+    state = pipe.new_session("k", SIZE, SIZE, config("krea-realtime-video"))
+    encoded: list[tuple[int, Any]] = []
+    real = pipe._reencode
+
+    def spy(s: Any) -> Any:
+        encoded.append((s.stream.next_frame, s.decoded[0].clone()))
+        return real(s)
+
+    pipe._reencode = spy
+    try:
+        out = [r.frame for r in text(pipe, state, 9 + 3 * 12)]  # four blocks
+    finally:
+        del pipe._reencode
+    assert [frame for frame, _ in encoded] == [6, 9]  # blocks 2 and 3, not block 1
+    # Before block 2 the output holds 9 + 12 frames: the oldest of the last nine is frame 12.
+    for (_, source), index in zip(encoded, (12, 12 + 12), strict=True):
+        pixels = source[0, :, 0, :SIZE, :SIZE].permute(1, 2, 0).add(1).mul(127.5)
+        assert float((pixels - out[index].float()).abs().max()) <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("pipeline_id", list(SPECS))
+def test_a_prompt_change_mid_stream_applies_from_the_next_block(
+    pipes: dict[str, Any], pipeline_id: str
+) -> None:
+    pipe = pipes[pipeline_id]
+    g = pipe.geometry
+    first = 4 * (g.first_block_frames - 1) + 1
+    later = 4 * g.block_frames
+    cfg = config(pipeline_id)
+    dog = msgspec.structs.replace(cfg, prompts=[ws.PromptItem("a dog on the moon")])
+    kept = pipe.new_session("kept", SIZE, SIZE, cfg)
+    same = [r.frame for r in text(pipe, kept, first + 2 * later)]
+    changed = pipe.new_session("changed", SIZE, SIZE, cfg)
+    before = [r.frame for r in text(pipe, changed, first + later)]
+    pipe.update(changed, dog, {"prompts"})
+    after = [r.frame for r in text(pipe, changed, later, first + later)]
+    assert all(torch.equal(a, b) for a, b in zip(before, same, strict=False))
+    assert not torch.equal(after[-1], same[-1])  # the tiny model: a small change, but one
+    # Text mode: the stream goes on (no hard cut), at the next frame.
+    assert changed.stream.next_frame == g.first_block_frames + 2 * g.block_frames
+    assert changed.stream.cuts == kept.stream.cuts

@@ -97,5 +97,7 @@ def test_parameters_validate() -> None:
     with pytest.raises(registry.ParameterError, match="quantization"):
         registry.validate_parameters("krea-realtime-video", {"quantization": "fp8_e4m3fn"})
     assert registry.validate_load_params("krea-realtime-video", {"quantization": "fp8_e4m3fn"})
+    # Every causal Wan pipeline takes video mode's noise settings, as Scope's schemas do.
+    assert registry.validate_parameters("longlive", {"noise_scale": 0.5}) == {"noise_scale": 0.5}
     with pytest.raises(registry.ParameterError, match="noise_scale"):
-        registry.validate_parameters("longlive", {"noise_scale": 0.5})
+        registry.validate_parameters("longlive", {"noise_scale": 1.5})

@@ -83,6 +83,7 @@ class BlockStream:
     sigmas: list[float] = field(default_factory=list)
     blocks: int = 0
     recaches: int = 0
+    cuts: int = 0  # hard cuts (the stream started afresh)
 
 
 class BlockLoop:
@@ -108,6 +109,7 @@ class BlockLoop:
         """A hard cut: the next block is frame 0 of a new stream (Scope's ``init_cache``)."""
         stream.cache.reset()
         stream.next_frame = 0
+        stream.cuts += 1
         stream.recent.clear()
         stream.first_latent = None
 

@@ -160,7 +160,7 @@ class WanPipeline(Pipeline):
         if quantization is not None:
             from services.inference.wan.fp8 import quantize_linears
 
-            quantize_linears(transformer.blocks)
+            quantize_linears(transformer.blocks, dev)
         if os.environ.get(COMPILE_ENV) == "1":  # after quantizing: the graph has the fp8 layers
             transformer.compile_blocks()
         self.transformer = transformer
@@ -334,7 +334,7 @@ class WanPipeline(Pipeline):
 
     def _text_block(self, s: WanSession) -> list[tuple[torch.Tensor, Any, int]]:
         latents = self._generate(s, None, None)
-        return [(frame, None, s.blocks - 1) for frame in self._decode(s, latents)]
+        return [(frame, None, s.blocks) for frame in self._decode(s, latents)]
 
     def _video_block(self, s: WanSession) -> None:
         if s.pending_cut:
@@ -352,7 +352,7 @@ class WanPipeline(Pipeline):
         z = s.vae.encode(video)
         latents = self._generate(s, z, scale)
         for frame, tag in zip(self._decode(s, latents), tags, strict=True):
-            s.out.append((frame, tag, s.blocks - 1))
+            s.out.append((frame, tag, s.blocks))
 
     def _noise_scale(self, s: WanSession, video: torch.Tensor) -> float:
         """The block's noise: ``noise_scale``, or Scope's motion controller from it."""
