@@ -279,6 +279,22 @@ def test_longlive_serves_its_base_with_the_built_in_lora_merged(
     assert "streamdiffusionv2" not in ws.LORAS and "krea-realtime-video" not in ws.LORAS
 
 
+def text_ahead(pipe: Any, state: Any, n: int, start: int = 0) -> list[Any]:
+    """``text`` with blocks ahead: a tick that finds the block still being made gets no frame;
+    then wait for that block (its future) and ask again."""
+    out = []
+    for i in range(start, start + n):
+        while True:
+            in_flight = state.ahead
+            (r,) = pipe([Request(state, None, i)])
+            if r.frame is not None:
+                break
+            assert in_flight is not None and r.info == {"warming_up": True}
+            in_flight.result()
+        out.append(r)
+    return out
+
+
 def test_blocks_ahead_give_the_same_frames_while_the_next_block_is_made(
     pipes: dict[str, Any],
 ) -> None:
@@ -295,7 +311,7 @@ def test_blocks_ahead_give_the_same_frames_while_the_next_block_is_made(
         assert first.info["block"] == 1 and ahead.ahead is not None
         pipe.settle(ahead)
         assert ahead.blocks == 2 and len(ahead.out) == (n - 3 - 1) + n
-        got = [first, *text(pipe, ahead, count - 1, 1)]
+        got = [first, *text_ahead(pipe, ahead, count - 1, 1)]
         pipe.settle(ahead)
     finally:
         pipe.prefetch = False
@@ -307,7 +323,7 @@ def test_blocks_ahead_give_the_same_frames_while_the_next_block_is_made(
     dog = msgspec.structs.replace(config("longlive"), prompts=[ws.PromptItem("a dog")])
     pipe.prefetch = True
     try:
-        text(pipe, ahead, 1, count)
+        text_ahead(pipe, ahead, 1, count)
         pipe.update(ahead, dog, {"prompts"})
         assert ahead.ahead is None
     finally:
@@ -315,6 +331,39 @@ def test_blocks_ahead_give_the_same_frames_while_the_next_block_is_made(
         pipe.settle(ahead)
     pipe.end_session(ahead)
     pipe.end_session(plain)
+
+
+def test_a_tick_does_not_wait_for_the_block_in_flight(pipes: dict[str, Any]) -> None:
+    """The service loop must stay free (heartbeats, other sessions) while a block is made."""
+    import threading
+
+    pipe = pipes["longlive"]
+    state = pipe.new_session("busy", SIZE, SIZE, config("longlive"))
+    release = threading.Event()
+    real = pipe._text_block
+
+    def held(s: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            assert release.wait(60), "never released"
+        return real(s)
+
+    pipe._text_block = held
+    pipe.prefetch = True
+    try:
+        first = text(pipe, state, 9)  # block 1 on the call; block 2 submitted, held
+        assert all(r.frame is not None for r in first) and state.ahead is not None
+        (r,) = pipe([Request(state, None, 9)])
+        assert r.frame is None and r.info == {"warming_up": True}
+        assert not state.ahead.done()  # returned while the block is still held
+        release.set()
+        state.ahead.result()
+        (r,) = pipe([Request(state, None, 10)])
+        assert r.frame is not None and r.info["block"] == 2
+    finally:
+        release.set()
+        del pipe._text_block
+        pipe.prefetch = False
+        pipe.end_session(state)
 
 
 @pytest.mark.parametrize("pipeline_id", ["streamdiffusionv2", "longlive"])

@@ -23,9 +23,11 @@ block were only generated once the queue ran dry, the model would sit idle while
 are paced out and a 20 fps model would serve about 12. So as soon as less than a block is
 queued, the next block is generated on a worker thread (torch releases the GIL; on CUDA on its
 own stream, frames handed over on the CPU) while the service keeps serving the queue and
-answering heartbeats. One lock serialises model work; a session's parameters, mode or end wait
-for its block in flight first (:meth:`settle`), so a new prompt applies from the next block on,
-and a failure in the block (out of memory) surfaces on the session's next call.
+answering heartbeats; a tick that finds the queue empty while the block is still being made
+gets no frame rather than waiting for it. Only a session's first block is made on the call.
+One lock serialises model work; a session's parameters, mode or end wait for its block in
+flight first (:meth:`settle`), so a new prompt applies from the next block on, and a failure
+in the block (out of memory) surfaces on the session's next call.
 
 Cache semantics (Scope's, scope:wan2_1/blocks/setup_caches.py): a **hard cut** (frame 0 again,
 KV and VAE caches cleared) comes from ``reset_cache``, from a prompt change outside a
@@ -272,8 +274,13 @@ class WanPipeline(Pipeline):
                 self.settle(s)
                 self._init(s, mode)
             if mode == "text":
-                if not s.out:
-                    self.settle(s)
+                if not s.out and s.ahead is not None:
+                    if not s.ahead.done():
+                        # The block is still being made: this tick gets no frame, and the
+                        # service loop stays free for heartbeats and other sessions.
+                        results.append(Result(s, None, None, {"warming_up": True}))
+                        continue
+                    self.settle(s)  # done: its failure, if any, is raised here
                 if not s.out:
                     with self._model_lock:
                         s.out.extend(self._text_block(s))
