@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         a = torch.randn(256, 256, device=device)
         b = torch.randn(256, 256, device=device)
         ref = a @ b
-        out = {}
+        out: dict[str, Any] = {}
         for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             if not cuda and dt is torch.float16:
                 continue
@@ -238,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                 layers_per_block=1,
             )
         half = torch.float16 if cuda else torch.float32
-        unet = UNet2DConditionModel(**unet_kw).to(device, half).eval()
-        vae = AutoencoderTiny().to(device, half).eval()
+        unet: Any = UNet2DConditionModel(**unet_kw)
+        vae: Any = AutoencoderTiny()
+        unet = unet.to(device, half).eval()
+        vae = vae.to(device, half).eval()
         x = torch.randn(1, 4, size, size, device=device, dtype=half)
         ctx = torch.randn(1, 77, 1024, device=device, dtype=half)
         t = torch.tensor([999], device=device)
