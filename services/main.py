@@ -8,9 +8,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from services.runtime import Outbox, ServiceCore, ServiceSpec, run_service
-
-SPEC_ENV = "DREAMWIRE_SERVICE_SPEC"
+from services.runtime import SPEC_ENV, Outbox, ServiceCore, ServiceSpec, run_service
 
 CoreFactory = Callable[[ServiceSpec, Outbox], ServiceCore]
 

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 PARENT_CHECK_INTERVAL_S = 0.25
 DOWNSTREAM_HWM = 16
 PR_SET_PDEATHSIG = 1
+#: The environment variable a child finds its ServiceSpec in (JSON), set by the supervisor.
+SPEC_ENV = "DREAMWIRE_SERVICE_SPEC"
 
 
 class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):

@@ -13,15 +13,13 @@ from aiohttp import web
 
 from services import protocol as p
 from services.inference import registry
-from services.runtime import ServiceSpec, configure_logging, die_with_parent
+from services.runtime import SPEC_ENV, ServiceSpec, configure_logging, die_with_parent
 from signalling.app import create_app
 from signalling.control import ControlLink
 from signalling.dreams.routes import close_dreams
 from signalling.webrtc.forwarding import check_marker_completion
 
 logger = logging.getLogger(__name__)
-
-SPEC_ENV = "DREAMWIRE_SERVICE_SPEC"
 
 
 async def serve(spec: ServiceSpec) -> None:

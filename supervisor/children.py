@@ -14,12 +14,10 @@ from collections import deque
 
 import msgspec
 
-from services.runtime import ServiceSpec
+from services.runtime import SPEC_ENV, ServiceSpec
 from supervisor.config import RestartPolicy
 
 logger = logging.getLogger(__name__)
-
-SPEC_ENV = "DREAMWIRE_SERVICE_SPEC"
 
 
 class State(enum.StrEnum):

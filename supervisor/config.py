@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from services.options import DecodeOptions, EncodeOptions
 from signalling.api.config import ApiConfig
 from signalling.dreams.config import DreamsConfig
 
@@ -80,8 +81,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     models_dir: str | None = None
     #: The user's dreamwire directory (Scope's UI keeps its onboarding answers there).
     home: str | None = None
-    #: decode and encode, the WebRTC media stages.
+    #: decode and encode, the WebRTC media stages, and their options.
     media: bool = True
+    decode: DecodeOptions = msgspec.field(default_factory=DecodeOptions)
+    encode: EncodeOptions = msgspec.field(default_factory=EncodeOptions)
     #: The overlay's model: None is Moondream 2 from ``models_dir``; ``module:callable`` builds
     #: anything with Moondream's four methods (a plugin, or a test stand-in).
     overlay_model: str | None = None
@@ -114,12 +117,6 @@ def default_home() -> Path:
     if env := os.environ.get("DREAMWIRE_HOME"):
         return Path(env).expanduser()
     return Path.home() / ".dreamwire"
-
-
-def default_models_dir() -> Path:
-    if env := os.environ.get("DREAMWIRE_MODELS_DIR"):
-        return Path(env).expanduser()
-    return Path.home() / ".dreamwire" / "models"
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> Config:

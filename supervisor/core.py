@@ -22,6 +22,7 @@ import msgspec
 import zmq
 
 from services import protocol as p
+from services.models.store import resolve_models_dir
 from services.runtime import ServiceSpec, add_log_file, admin_endpoint, control_endpoint
 from shm.ring import FrameRing, ring_bytes
 from supervisor.children import Child, State
@@ -29,7 +30,6 @@ from supervisor.config import (
     Config,
     ServiceConfig,
     default_home,
-    default_models_dir,
     default_run_base,
 )
 from supervisor.procstats import ProcessSampler
@@ -90,9 +90,7 @@ class Supervisor:
         self.base = (
             default_run_base() if config.run_dir is None else Path(config.run_dir).expanduser()
         )
-        self.models_dir = (
-            Path(config.models_dir).expanduser() if config.models_dir else default_models_dir()
-        )
+        self.models_dir = resolve_models_dir(config.models_dir)
         #: The pipelines last asked for, in order (the first is the one status reports).
         self.pipeline_order: list[str] = list(config.pipelines)
         self.run: Run | None = None
@@ -154,8 +152,9 @@ class Supervisor:
         cfg = self.config
         plan = [self._pipeline_service(p.PipelineLoad(pid)) for pid in cfg.pipelines]
         if cfg.media:
-            plan.append(ServiceConfig("decode", "decode", {}, cfg.restart))
-            plan.append(ServiceConfig("encode", "encode", {}, cfg.restart))
+            decode, encode = msgspec.to_builtins(cfg.decode), msgspec.to_builtins(cfg.encode)
+            plan.append(ServiceConfig("decode", "decode", decode, cfg.restart))
+            plan.append(ServiceConfig("encode", "encode", encode, cfg.restart))
         plan += cfg.services
         if cfg.signalling:
             options = {

@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import numpy as np
 
 from services import protocol as p
 from services.decode.core import DecodeCore
+from services.options import DecodeOptions
 from services.runtime import Outbox, ServiceSpec
 from services.stage import RingStage, StageSession
 from shm.ring import N_STAMPS, FrameMeta, Stage
 
 KEYFRAME_REQUEST_INTERVAL_S = 0.25
-SIGNALLING = "signalling"
 
 
 class DecodeStage(RingStage):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         self.core = DecodeCore()
-        self.keyframe_target = str(spec.options.get("keyframe_target", SIGNALLING))
+        self.keyframe_target = msgspec.convert(spec.options, DecodeOptions).keyframe_target
 
     def on_session_started(self, session: StageSession) -> None:
         codec = session.codec

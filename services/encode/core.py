@@ -42,14 +42,16 @@ from services.codec_common import (
     check_codec,
     check_size,
 )
+from services.options import (
+    KEYFRAME_INTERVAL_FRAMES,
+    MAX_BITRATE_BPS,
+    MIN_BITRATE_BPS,
+    START_BITRATE_BPS,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BITRATE_BPS = 1_000_000
-MIN_BITRATE_BPS = 250_000
-MAX_BITRATE_BPS = 3_000_000
 DEFAULT_FPS = 30
-DEFAULT_KEYFRAME_INTERVAL_FRAMES = 3000  # as aiortc's VP8 kf_max_dist; PLI does the rest
 BITRATE_REOPEN_RATIO = 0.1  # recreate the encoder only for changes larger than this
 _PENDING_PTS_MAX = 16  # frames in the encoder; with these settings there is at most one
 
@@ -128,7 +130,7 @@ class EncodeCore(PerSession[_Session]):
         self,
         min_bitrate_bps: int = MIN_BITRATE_BPS,
         max_bitrate_bps: int = MAX_BITRATE_BPS,
-        keyframe_interval_frames: int = DEFAULT_KEYFRAME_INTERVAL_FRAMES,
+        keyframe_interval_frames: int = KEYFRAME_INTERVAL_FRAMES,
     ) -> None:
         if not 0 < min_bitrate_bps <= max_bitrate_bps:
             raise ValueError(f"bad bitrate range [{min_bitrate_bps}, {max_bitrate_bps}]")
@@ -146,7 +148,7 @@ class EncodeCore(PerSession[_Session]):
         width: int,
         height: int,
         fps: int = DEFAULT_FPS,
-        bitrate_bps: int = DEFAULT_BITRATE_BPS,
+        bitrate_bps: int = START_BITRATE_BPS,
     ) -> None:
         """Start encoding ``codec`` ("VP8" or "H264") at ``width`` x ``height``.
 

@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+
 from services import protocol as p
 from services.encode.core import EncodeCore
+from services.options import EncodeOptions
 from services.runtime import Outbox, ServiceSpec
 from services.stage import RingStage, StageSession
 from shm.ring import Stage
-
-DEFAULT_BITRATE_BPS = 1_500_000
 
 
 class EncodeStage(RingStage):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
+        options = msgspec.convert(spec.options, EncodeOptions)
         self.core = EncodeCore(
-            min_bitrate_bps=int(spec.options.get("min_bitrate_bps", 250_000)),
-            max_bitrate_bps=int(spec.options.get("max_bitrate_bps", 6_000_000)),
+            min_bitrate_bps=options.min_bitrate_bps,
+            max_bitrate_bps=options.max_bitrate_bps,
+            keyframe_interval_frames=options.keyframe_interval_frames,
         )
-        self.initial_bitrate_bps = int(spec.options.get("bitrate_bps", DEFAULT_BITRATE_BPS))
+        self.initial_bitrate_bps = options.start_bitrate_bps
 
     def on_session_started(self, session: StageSession) -> None:
         self.core.close_session(session.session_id)

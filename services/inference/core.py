@@ -43,14 +43,13 @@ from services import protocol as p
 from services.inference import registry
 from services.inference.pipeline import COMPILE_ENV, Pipeline, PipelineSpec, Request, Result
 from services.models.store import resolve_models_dir
+from services.options import InferenceOptions
 from services.runtime import Outbox, ServiceSpec
 from services.stage import RingStage, StageSession
 from shm.ring import N_STAMPS, FrameMeta, ReadFrame, Stage, stamp
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEXT_FPS = 30.0
-DEFAULT_NOTIFY = "signalling"
 #: Session parameters that are not pipeline config.
 SESSION_KEYS = frozenset({"mode"})
 
@@ -109,14 +108,14 @@ class SessionInfo:
 class InferenceCore(RingStage):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
-        options = spec.options
-        pipeline_id = str(options.get("pipeline") or spec.name.partition("/")[2] or "passthrough")
+        options = msgspec.convert(spec.options, InferenceOptions)
+        pipeline_id = options.pipeline or spec.name.partition("/")[2] or "passthrough"
         self.pipeline_spec = registry.get(pipeline_id)
-        self.load_params = registry.validate_load_params(pipeline_id, options.get("load_params"))
+        self.load_params = registry.validate_load_params(pipeline_id, options.load_params)
         load_config = registry.full_config(self.pipeline_spec, self.load_params)
-        self.models_dir = resolve_models_dir(options.get("models_dir"))
-        self.notify = str(options.get("notify", DEFAULT_NOTIFY))
-        self.text_fps = float(options.get("text_fps", DEFAULT_TEXT_FPS))
+        self.models_dir = resolve_models_dir(options.models_dir)
+        self.notify = options.notify
+        self.text_fps = options.text_fps
         started = time.monotonic()
         try:
             self.pipeline: Pipeline = self.pipeline_spec.load(load_config, self.models_dir)

@@ -144,7 +144,10 @@ def _mode_defaults(spec: PipelineSpec, defaults: dict[str, Any]) -> dict[str, di
     out: dict[str, dict[str, Any]] = {}
     for mode in spec.modes:
         entry: dict[str, Any] = {}
-        if "denoising_step_list" in defaults:
+        mode_steps = spec.extra.get("mode_steps", {}).get(mode)
+        if mode_steps is not None:
+            entry["denoising_steps"] = list(mode_steps)
+        elif "denoising_step_list" in defaults:
             entry["denoising_steps"] = defaults["denoising_step_list"]
         if mode == "video":
             for name in ("noise_scale", "noise_controller"):

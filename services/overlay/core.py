@@ -21,17 +21,17 @@ keys of other pipelines are ignored). Client messages go to the ``signalling`` s
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
 
 from services import protocol as p
-from services.overlay.config import PIPELINE_ID, MoondreamConfig, parse_config
+from services.models.store import resolve_models_dir
+from services.options import OverlayOptions
+from services.overlay.config import MoondreamConfig, parse_config
 from services.overlay.draw import OverlayPlan, build_plan
 from services.overlay.model import FeatureRequest, VisionModel, make_model, run_feature
 from services.overlay.worker import InferenceJob, InferenceOutcome, InferenceWorker
@@ -44,30 +44,6 @@ logger = logging.getLogger(__name__)
 CLIENT_SERVICE = "signalling"
 #: How often the loop looks for finished inferences while one runs and no frame arrives.
 RESULT_POLL_S = 0.01
-
-
-class OverlayOptions(msgspec.Struct, forbid_unknown_fields=True):
-    """The overlay service's options (``[[services]] options`` / set by the supervisor)."""
-
-    #: The pipeline id (the supervisor names it for inference-like services).
-    pipeline: str = PIPELINE_ID
-    #: Models directory; default ``$DREAMWIRE_MODELS_DIR`` or ``~/.dreamwire/models``.
-    models_dir: str | None = None
-    #: ``module:callable`` building a stand-in with Moondream's four methods; None = Moondream.
-    model: str | None = None
-    #: Keyword arguments for ``model``.
-    model_options: dict[str, Any] = {}
-    #: Load parameters (``compile_model``) as ``POST /api/v1/pipeline/load`` gives them.
-    load_params: dict[str, Any] = {}
-    #: A result older than this (from the frame it was computed on) is not drawn; 0 = no limit.
-    max_result_age_s: float = 5.0
-
-
-def default_models_dir() -> Path:
-    # DREAMWIRE_MODELS_DIR is declared in supervisor.config.ENVIRONMENT.
-    if env := os.environ.get("DREAMWIRE_MODELS_DIR"):
-        return Path(env).expanduser()
-    return Path.home() / ".dreamwire" / "models"
 
 
 @dataclass(slots=True)
@@ -101,11 +77,7 @@ class OverlayCore(RingStage):
         super().__init__(spec, outbox)
         self.options = msgspec.convert(spec.options, OverlayOptions)
         if model is None:
-            models_dir = (
-                Path(self.options.models_dir).expanduser()
-                if self.options.models_dir
-                else default_models_dir()
-            )
+            models_dir = resolve_models_dir(self.options.models_dir)
             compile_model = bool(self.options.load_params.get("compile_model", False))
             model = make_model(
                 self.options.model, models_dir, compile_model, dict(self.options.model_options)

@@ -251,10 +251,12 @@ def _spec(
     height: int,
     load_only: frozenset[str] = frozenset({"height", "width"}),
     *,
+    mode_steps: dict[str, list[int]] | None = None,
     estimated_vram_gb: float = 20.0,
     recommended_quantization_vram_threshold: float | None = None,
 ) -> PipelineSpec:
-    """Scope's VRAM figures: 20 GB for the 1.3B models, 32 GB for Krea 14B (fp8 below 40)."""
+    """Scope's VRAM figures: 20 GB for the 1.3B models, 32 GB for Krea 14B (fp8 below 40);
+    ``mode_steps``: the step lists Scope's UI starts a mode with (its ``mode_defaults``)."""
     geometry = GEOMETRY[pipeline_id]
     return PipelineSpec(
         id=pipeline_id,
@@ -271,7 +273,7 @@ def _spec(
         check=check_descending,
         estimated_vram_gb=estimated_vram_gb,
         recommended_quantization_vram_threshold=recommended_quantization_vram_threshold,
-        extra={"geometry": msgspec.structs.asdict(geometry)},
+        extra={"geometry": msgspec.structs.asdict(geometry), "mode_steps": mode_steps or {}},
     )
 
 
@@ -285,6 +287,7 @@ STREAMDIFFUSIONV2 = _spec(
     SDV2_WEIGHTS,
     512,
     512,
+    mode_steps={"text": list(SDV2_TEXT_STEPS)},
 )
 LONGLIVE = _spec(
     "longlive",
@@ -296,6 +299,7 @@ LONGLIVE = _spec(
     LONGLIVE_WEIGHTS,
     576,
     320,
+    mode_steps={"video": [1000, 750]},
 )
 KREA_REALTIME_VIDEO = _spec(
     "krea-realtime-video",
@@ -308,6 +312,7 @@ KREA_REALTIME_VIDEO = _spec(
     576,
     320,
     frozenset({"height", "width", "quantization"}),
+    mode_steps={"video": [1000, 750]},
     estimated_vram_gb=32.0,
     recommended_quantization_vram_threshold=40.0,
 )

@@ -1,0 +1,72 @@
+"""Each media service's options: typed, one default each, filled from the config tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import msgspec
+import pytest
+
+from services.encode.service import EncodeStage
+from services.inference import registry
+from services.inference.wan import specs as ws
+from services.options import START_BITRATE_BPS, EncodeOptions
+from services.runtime import ServiceSpec
+from supervisor.config import load_config
+from supervisor.core import Supervisor
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class NullOutbox:
+    def send(self, service: str, message: Any) -> bool:
+        return True
+
+
+def spec(options: dict[str, Any]) -> ServiceSpec:
+    return ServiceSpec(
+        name="encode",
+        kind="encode",
+        run_dir="/nonexistent",
+        run_id="r",
+        supervisor_pid=0,
+        options=options,
+    )
+
+
+def plan(config: Any) -> dict[str, Any]:
+    """The supervisor's service plan for ``config`` (without starting a supervisor)."""
+    holder = SimpleNamespace(config=config, models_dir=Path("/models"))
+    return {svc.name: svc for svc in Supervisor._service_plan(holder)}  # type: ignore[arg-type]
+
+
+def test_the_config_trees_encode_section_reaches_the_encoder() -> None:
+    config = load_config(
+        None, encode={"start_bitrate_bps": 2_000_000, "max_bitrate_bps": 4_000_000}
+    )
+    stage = EncodeStage(spec(plan(config)["encode"].options), NullOutbox())  # type: ignore[arg-type]
+    assert stage.initial_bitrate_bps == 2_000_000 and stage.core.max_bitrate_bps == 4_000_000
+    # Without a section: the one default (the encoder core's own default is the same value).
+    plain = EncodeStage(spec(plan(load_config(None))["encode"].options), NullOutbox())  # type: ignore[arg-type]
+    assert plain.initial_bitrate_bps == START_BITRATE_BPS == EncodeOptions().start_bitrate_bps
+
+
+def test_an_unknown_or_bad_option_names_the_key() -> None:
+    with pytest.raises(msgspec.ValidationError, match="bitrate_bps"):
+        EncodeStage(spec({"bitrate_bps": 1}), NullOutbox())  # type: ignore[arg-type]
+    with pytest.raises(msgspec.ValidationError, match="max_bitrate_bps"):
+        load_config(None, encode={"max_bitrate_bps": "fast"})
+
+
+def test_mode_defaults_give_scopes_step_list_per_mode() -> None:
+    """Scope's ModeDefaults: streamdiffusionv2 text 1000, 750; longlive and Krea video 1000, 750."""
+    sdv2 = registry.schema(ws.STREAMDIFFUSIONV2)["mode_defaults"]
+    assert sdv2["text"]["denoising_steps"] == [1000, 750]
+    assert sdv2["video"]["denoising_steps"] == [750, 250]
+    for spec_ in (ws.LONGLIVE, ws.KREA_REALTIME_VIDEO):
+        modes = registry.schema(spec_)["mode_defaults"]
+        assert modes["text"]["denoising_steps"] == [1000, 750, 500, 250]
+        assert modes["video"]["denoising_steps"] == [1000, 750]
+        assert modes["video"]["noise_scale"] == 0.7 and modes["video"]["noise_controller"] is True
