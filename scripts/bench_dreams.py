@@ -109,7 +109,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     }
     hub_cmd = [sys.executable, "-m", "signalling.dreams", "--port", str(port)]
     hub_cmd += ["--config", json.dumps(config), "--log-level", "WARNING"]
-    proc = subprocess.Popen(hub_cmd, cwd=ROOT)
+    proc = subprocess.Popen(hub_cmd, cwd=ROOT)  # noqa: ASYNC220 - returns at once
     try:
         # No connection limit: every WebSocket holds one (the default caps them at 100).
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:

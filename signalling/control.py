@@ -20,8 +20,6 @@ from services.runtime import ServiceSpec, control_endpoint, control_identity, in
 
 logger = logging.getLogger(__name__)
 
-PARENT_CHECK_INTERVAL_S = 0.25
-
 
 class ControlLink:
     def __init__(self, spec: ServiceSpec) -> None:
@@ -119,8 +117,20 @@ class ControlLink:
                 logger.warning("rejected %s: %s", type(msg).__name__, exc)
 
     async def _parent_watch(self) -> None:
-        while os.getppid() == self.spec.supervisor_pid:
-            await asyncio.sleep(PARENT_CHECK_INTERVAL_S)
+        """Stop when the supervisor exits: its pidfd becomes readable then."""
+        try:
+            fd = os.pidfd_open(self.spec.supervisor_pid)
+        except ProcessLookupError:
+            fd = None
+        if fd is not None:
+            gone = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_reader(fd, gone.set)
+            try:
+                await gone.wait()
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
         logger.warning("supervisor is gone; exiting")
         self.stopped.set()
 
