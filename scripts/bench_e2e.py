@@ -13,6 +13,7 @@ K in ``--sessions``, K Python clients (``scripts/client.py``) send a 512×512 te
 * dreamwire only: ``stages_mean_ms``, where the milliseconds go (they add up to the mean);
 * per side: ``max_sessions_at_full_fps``, the largest K at which every session got ≥ 29 fps.
 
+Both sides encode VP8 to the same budget (aiortc's: start 500 kbps, at most 1.5 Mbps).
 The clients run in this process and share the machine with the server (on a 2-core machine
 their VP8 encode + decode is a large part of the load, equally for both sides).
 
@@ -39,6 +40,8 @@ import aiohttp
 import msgspec
 import numpy as np
 import psutil
+from aiortc.codecs.vpx import DEFAULT_BITRATE as AIORTC_START_BPS
+from aiortc.codecs.vpx import MAX_BITRATE as AIORTC_MAX_BPS
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -173,6 +176,9 @@ async def bench_dreamwire(
     config.write_text(
         f'port = {port}\nmax_sessions = {max(ks)}\npipelines = ["passthrough"]\n'
         "[api.ice]\nstun_urls = []\n"
+        # The baseline's encoder is aiortc's own, which starts VP8 at 500 kbps and lets REMB
+        # move it up to 1.5 Mbps: the same here, so both sides encode to the same budget.
+        f"[encode]\nstart_bitrate_bps = {AIORTC_START_BPS}\nmax_bitrate_bps = {AIORTC_MAX_BPS}\n"
     )
     env = {**os.environ, "DREAMWIRE_RUN_DIR": str(tmp / "run"), "DREAMWIRE_LOG_LEVEL": "WARNING"}
     # Setup before the measured part: starting the server blocks for no time worth a thread.
