@@ -9,6 +9,9 @@ frames/s of the model loop against the whole system); the rest of this text is s
 
 Per step count (len(denoising_step_list)):
 
+Each in-process figure is the median of ``--repeats`` interleaved rounds, with its min-max
+spread (``*_fps_spread``): two figures whose spreads overlap are not different.
+
 * ``raw_fps``: the model calls alone in a loop, stream batch (VAE encode of one frame, one UNet
   call on the n in-flight latents, VAE decode of one): the ceiling;
 * ``sequential_fps``: the same work with the n steps run one after another (n UNet calls of
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,7 +57,9 @@ def _timed(fn: Any, frames: int, warmup: int) -> tuple[float, float]:
     return frames / elapsed, elapsed / frames * 1000
 
 
-def bench_in_process(pipe: Any, size: int, steps: list[int], frames: int) -> dict[str, float]:
+def bench_in_process(
+    pipe: Any, size: int, steps: list[int], frames: int, repeats: int
+) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -99,19 +105,22 @@ def bench_in_process(pipe: Any, size: int, steps: list[int], frames: int) -> dic
             if r.frame is not None:
                 r.frame.cpu()
 
+    # The three loops take turns, ``repeats`` rounds: a drift of the machine (another process,
+    # clocks) then falls on all three alike, and the spread says how far one run can be trusted.
     warm = n + 2
-    raw_fps, raw_ms = _timed(raw, frames, warm)
-    seq_fps, seq_ms = _timed(sequential, frames, warm)
-    pipe_fps, pipe_ms = _timed(pipeline, frames, warm)
-    return {
-        "raw_fps": raw_fps,
-        "raw_ms": raw_ms,
-        "sequential_fps": seq_fps,
-        "sequential_ms": seq_ms,
-        "stream_batch_fps": raw_fps,
-        "pipeline_fps": pipe_fps,
-        "pipeline_ms": pipe_ms,
-    }
+    loops = {"raw": raw, "sequential": sequential, "pipeline": pipeline}
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(repeats):
+        for name, fn in loops.items():
+            rates[name].append(_timed(fn, frames, warm)[0])
+    out: dict[str, Any] = {}
+    for name, values in rates.items():
+        median = statistics.median(values)
+        out[f"{name}_fps"] = median
+        out[f"{name}_ms"] = 1000 / median
+        out[f"{name}_fps_spread"] = [round(min(values), 2), round(max(values), 2)]
+    out["stream_batch_fps"] = out["raw_fps"]
+    return out
 
 
 def bench_system(models: Path, size: int, steps: list[int], sessions: int, seconds: float) -> float:
@@ -199,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default="1,2,4", help="step counts to measure")
     parser.add_argument("--frames", type=int, default=30, help="frames per in-process run")
     parser.add_argument(
+        "--repeats", type=int, default=5, help="in-process rounds (median and min-max reported)"
+    )
+    parser.add_argument(
         "--seconds", type=float, help="measured seconds per system run (6; causal Wan: 10)"
     )
     parser.add_argument("--no-system", action="store_true", help="skip the multi-process runs")
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"device": pipe.device_description, "size": args.size}
     for count in [int(x) for x in args.steps.split(",")]:
         steps = [int(999 - (i + 1) * 900 / (count + 1)) for i in range(count)]
-        row: dict[str, Any] = dict(bench_in_process(pipe, args.size, steps, args.frames))
+        row: dict[str, Any] = bench_in_process(pipe, args.size, steps, args.frames, args.repeats)
         if not args.no_system:
             row["system_fps"] = bench_system(args.models, args.size, steps, 1, args.seconds)
             row["system_4_sessions_fps"] = bench_system(
