@@ -25,12 +25,13 @@ import pytest
 from client import DreamwireClient, PatternTrack
 from conftest import SupervisorRun, async_wait_until, wait_until
 from playwright.sync_api import Browser, ConsoleMessage
+from shared_dir import shared_dir
 from test_scope_params import CAMERA_PREVIEW_GRAPH, CAMERA_PREVIEW_WORKFLOW, UI_0_1_VIDEO
 
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = ROOT.parent / "shared" / "reference"
+REFERENCE = shared_dir() / "reference"
 ARTIFACTS = ROOT / "artifacts"
 CONFIG = """
 [api.ice]

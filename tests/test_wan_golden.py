@@ -20,12 +20,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from shared_dir import shared_dir  # noqa: E402
 
 from services.inference.wan.blocks import BlockLoop  # noqa: E402
 from services.inference.wan.convert import load_transformer  # noqa: E402
 from services.inference.wan.specs import GEOMETRY  # noqa: E402
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "wan"
+GOLDEN = shared_dir() / "golden" / "wan"
 TOLERANCE = 1e-4  # the README's: float32, outputs of magnitude ~4
 TEXT_LEN = 512
 
