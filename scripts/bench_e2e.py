@@ -11,7 +11,10 @@ K in ``--sessions``, K Python clients (``scripts/client.py``) send a 512×512 te
   the baseline: the same two hooks); ``client_rtt_p50_ms``: the clients' round trip;
 * ``cpu_percent``: CPU of each server process over the window (100 = one core);
 * dreamwire only: ``stages_mean_ms``, where the milliseconds go (they add up to the mean);
-* per side: ``max_sessions_at_full_fps``, the largest K at which every session got ≥ 29 fps.
+* per side: ``max_sessions_at_full_fps``, the largest K at which every session got ≥ 29 fps;
+* ``sent_fps_mean`` (what the clients' pattern tracks sent) and ``unreadable_frames`` (frames
+  that arrived with a number that could not be read; ``--samples DIR`` saves the first of each
+  run as a PNG, to look at).
 
 Both sides encode VP8 to the same budget (aiortc's: start 500 kbps, at most 1.5 Mbps).
 The clients run in this process and share the machine with the server (on a 2-core machine
@@ -137,6 +140,8 @@ async def run_sessions(
             await c.wait_frames(1, timeout_s=30)
         await asyncio.sleep(warmup_s)
         counts = [c.received.frames for c in clients]
+        unreadable = [c.received.unreadable for c in clients]
+        sent = [c.pattern.count for c in clients if c.pattern is not None]
         rtt_marks = [len(c.received.latencies_ms) for c in clients]
         await begin()
         clients_cpu = CpuMeter({"clients": psutil.Process()})
@@ -146,6 +151,14 @@ async def run_sessions(
         elapsed = time.monotonic() - t0
         client_cpu_percent = clients_cpu.end()["clients"]
         fps = [(c.received.frames - n) / elapsed for c, n in zip(clients, counts, strict=True)]
+        sent_fps = [
+            (c.pattern.count - n) / elapsed
+            for c, n in zip(clients, sent, strict=True)
+            if c.pattern is not None
+        ]
+        bad = sum(c.received.unreadable - n for c, n in zip(clients, unreadable, strict=True))
+        samples = [c.received.unreadable_sample for c in clients]
+        sample = next((x for x in samples if x is not None), None)
         rtt = [
             x for c, m in zip(clients, rtt_marks, strict=True) for x in c.received.latencies_ms[m:]
         ]
@@ -158,6 +171,10 @@ async def run_sessions(
         "fps_per_session": [round(f, 2) for f in fps],
         "fps_min": round(min(fps), 2),
         "fps_mean": round(sum(fps) / len(fps), 2),
+        # What the clients sent (their pattern tracks), and frames whose number was unreadable.
+        "sent_fps_mean": round(sum(sent_fps) / len(sent_fps), 2),
+        "unreadable_frames": bad,
+        "unreadable_sample": sample,
         "client_rtt_p50_ms": pct(rtt, 50),
         # The clients (this process: K aiortc VP8 encoders + decoders) share the machine.
         "clients_cpu_percent": client_cpu_percent,
@@ -305,8 +322,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     lines = [
         "| server | K | fps/session (min / mean) | p50 ms | p95 ms | p99 ms | client RTT p50 ms "
-        "| server CPU % | clients CPU % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU % | clients CPU % | sent fps | unreadable |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for side in ("dreamwire", "baseline"):
         for key, r in result[side].items():
@@ -316,7 +333,8 @@ def table(result: dict[str, Any]) -> str:
                 f"| {side} | {r['sessions']} | {r['fps_min']:.1f} / {r['fps_mean']:.1f} | "
                 f"{r['latency_p50_ms']} | {r['latency_p95_ms']} | {r['latency_p99_ms']} | "
                 f"{r['client_rtt_p50_ms']} | {r['cpu_percent']['total']} | "
-                f"{r['clients_cpu_percent']} |"
+                f"{r['clients_cpu_percent']} | {r['sent_fps_mean']:.1f} | "
+                f"{r['unreadable_frames']} |"
             )
     for side in ("dreamwire", "baseline"):
         lines.append(
@@ -344,14 +362,34 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {"dreamwire": summarize(dreamwire), "baseline": summarize(baseline)}
 
 
+def save_samples(result: dict[str, Any], directory: Path | None) -> None:
+    """Replace each run's unreadable sample (an array) by where it was written, if anywhere."""
+    from PIL import Image
+
+    for side, runs in result.items():
+        for key, r in runs.items():
+            if not key.startswith("K="):
+                continue
+            sample = r.pop("unreadable_sample")
+            if sample is not None and directory is not None:
+                directory.mkdir(parents=True, exist_ok=True)
+                path = directory / f"{side}-{key}.png"
+                Image.fromarray(sample).save(path)
+                r["unreadable_sample"] = str(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", default="1,2,3", help="comma-separated K values")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per K")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--samples", type=Path, help="write the first unreadable frame of each run here (PNG)"
+    )
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
+    save_samples(result, args.samples)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 

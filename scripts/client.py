@@ -90,6 +90,9 @@ class Received:
     numbers: list[int] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
     last_rgb: np.ndarray | None = None
+    #: Frames whose drawn number could not be read, and the first of them (to look at).
+    unreadable: int = 0
+    unreadable_sample: np.ndarray | None = None
 
     def fps(self) -> float:
         if self.frames < 2 or self.last_at <= self.first_at:
@@ -242,7 +245,11 @@ class DreamwireClient:
             rec.height, rec.width = rgb.shape[:2]
             rec.last_rgb = rgb
             number = read_frame_number(rgb)
-            if number is not None:
+            if number is None:
+                rec.unreadable += 1
+                if rec.unreadable_sample is None:
+                    rec.unreadable_sample = rgb
+            else:
                 rec.numbers.append(number)
                 if self.pattern is not None and number in self.pattern.sent_at:
                     rec.latencies_ms.append((now - self.pattern.sent_at[number]) * 1e3)
