@@ -52,9 +52,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from client import DreamwireClient, PatternTrack  # noqa: E402
 
-from signalling.metrics import end_to_end_ns, segments  # noqa: E402
 from signalling.metrics_schema import TraceFeed  # noqa: E402
-from supervisor.profile import stamp_array  # noqa: E402
+from supervisor.profile import aggregate  # noqa: E402
 
 FULL_FPS = 29.0
 WIDTH = HEIGHT = 512
@@ -238,23 +237,16 @@ async def bench_dreamwire(
                     cpu = meter.end()
                     async with http.get(f"{base}/api/v1/metrics/traces?after={mark['seq']}") as r:
                         feed = msgspec.json.decode(await r.read(), type=TraceFeed)
-                    e2e: list[float] = []
-                    stages: dict[str, list[float]] = {}
-                    for trace in feed.traces:
-                        stamps = stamp_array(trace)
-                        total = end_to_end_ns(stamps)
-                        if total is None:
-                            continue
-                        e2e.append(total / 1e6)
-                        for name, t0, t1 in segments(stamps):
-                            stages.setdefault(name, []).append((t1 - t0) / 1e6)
+                    # The same aggregation as `supervisor profile`.
+                    report = aggregate(feed.traces)
+                    e2e = report["end_to_end"]
                     return {
-                        "latency_p50_ms": pct(e2e, 50),
-                        "latency_p95_ms": pct(e2e, 95),
-                        "latency_p99_ms": pct(e2e, 99),
-                        "latency_mean_ms": round(float(np.mean(e2e)), 2) if e2e else None,
+                        "latency_p50_ms": round(e2e["p50_ms"], 2),
+                        "latency_p95_ms": round(e2e["p95_ms"], 2),
+                        "latency_p99_ms": round(e2e["p99_ms"], 2),
+                        "latency_mean_ms": round(e2e["mean_ms"], 2) if e2e["count"] else None,
                         "stages_mean_ms": {
-                            n: round(float(np.mean(v)), 2) for n, v in stages.items()
+                            row["stage"]: round(row["mean_ms"], 2) for row in report["stages"]
                         },
                         "cpu_percent": cpu,
                     }
