@@ -342,6 +342,25 @@ def decode_latents(c: Components, latents: torch.Tensor) -> torch.Tensor:
     return img.permute(0, 2, 3, 1).contiguous()
 
 
+def follow_prompts(track: PromptTrack, config: Any, changed: set[str]) -> None:
+    """Apply a parameter update's prompt changes to ``track``: new prompts or blend method,
+    and a transition when one was sent."""
+    if changed & {"prompts", "prompt_interpolation_method"}:
+        track.set_prompts(config.prompts, config.prompt_interpolation_method)
+    if "transition" in changed and config.transition is not None:
+        track.start_transition(config.transition, config.prompt_interpolation_method)
+
+
+def restarts_noise(old: Any, new: Any) -> bool:
+    """Does this update start the frame pipelines' noise afresh (``reset_cache``, a new seed or
+    a new step list)?"""
+    return bool(
+        new.reset_cache
+        or old.seed != new.seed
+        or old.denoising_step_list != new.denoising_step_list
+    )
+
+
 def seeded_noise(seed: int, index: int, shape: tuple[int, ...], device: Device) -> torch.Tensor:
     """Deterministic noise for (seed, index), the same on every device."""
     gen = torch.Generator("cpu").manual_seed((seed * 1_000_003 + index) % 2**63)

@@ -64,17 +64,9 @@ class DreamPipeline(d.SDTurboPipeline):
         return DreamSession(session_id, width, height, config, track)
 
     def update(self, state: DreamSession, config: DreamConfig, changed: set[str]) -> None:
-        old = state.config
-        state.config = config
-        if changed & {"prompts", "prompt_interpolation_method"}:
-            state.prompt.set_prompts(config.prompts, config.prompt_interpolation_method)
-        if "transition" in changed and config.transition is not None:
-            state.prompt.start_transition(config.transition, config.prompt_interpolation_method)
-        if (
-            config.reset_cache
-            or old.seed != config.seed
-            or old.denoising_step_list != config.denoising_step_list
-        ):
+        old, state.config = state.config, config
+        d.follow_prompts(state.prompt, config, changed)
+        if d.restarts_noise(old, config):
             state.key_a = state.key_b = state.emb_b = state.shown = None
             state.keyframe_number = 0
             state.position = 0

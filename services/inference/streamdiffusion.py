@@ -89,17 +89,9 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
         return s
 
     def update(self, state: SDSession, config: StreamDiffusionConfig, changed: set[str]) -> None:
-        old = state.config
-        state.config = config
-        if changed & {"prompts", "prompt_interpolation_method"}:
-            state.prompt.set_prompts(config.prompts, config.prompt_interpolation_method)
-        if "transition" in changed and config.transition is not None:
-            state.prompt.start_transition(config.transition, config.prompt_interpolation_method)
-        if (
-            config.reset_cache
-            or old.seed != config.seed
-            or old.denoising_step_list != config.denoising_step_list
-        ):
+        old, state.config = state.config, config
+        d.follow_prompts(state.prompt, config, changed)
+        if d.restarts_noise(old, config):
             self._fresh_noise(state)
 
     def end_session(self, state: SDSession) -> None:

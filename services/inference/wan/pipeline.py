@@ -207,18 +207,9 @@ class WanPipeline(Pipeline):
         s.config = config
         transition = "transition" in changed and config.transition is not None
         in_transition = transition or s.prompt.in_transition
-        if changed & {"prompts", "prompt_interpolation_method"}:
-            s.prompt.set_prompts(config.prompts, config.prompt_interpolation_method)
-            if (
-                config.manage_cache
-                and not in_transition
-                and "prompts" in changed
-                and s.mode == "video"
-            ):
-                s.pending_cut = True
-        if transition:
-            assert config.transition is not None
-            s.prompt.start_transition(config.transition, config.prompt_interpolation_method)
+        d.follow_prompts(s.prompt, config, changed)
+        if "prompts" in changed and config.manage_cache and not in_transition and s.mode == "video":
+            s.pending_cut = True
         if config.reset_cache:
             s.pending_cut = True
 
