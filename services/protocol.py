@@ -160,10 +160,9 @@ class ServiceStatus(msgspec.Struct, forbid_unknown_fields=True):
     gpu_memory_bytes: int | None = None
 
 
-class RingStatus(msgspec.Struct, forbid_unknown_fields=True):
-    """One session ring's counters, read by the supervisor (it owns every ring)."""
+class RingCounters(msgspec.Struct, forbid_unknown_fields=True):
+    """A shared-memory ring between two stages (counters since the session opened)."""
 
-    session_id: str
     ring: str
     producer: str
     consumer: str
@@ -172,7 +171,14 @@ class RingStatus(msgspec.Struct, forbid_unknown_fields=True):
     consumed: int
     skipped: int
     torn: int
+    #: 1 while a published frame waits for the consumer, else 0 (latest frame wins).
     pending: int
+
+
+class RingStatus(RingCounters, forbid_unknown_fields=True):
+    """One session ring's counters, read by the supervisor (it owns every ring)."""
+
+    session_id: str
 
 
 class PipelineState(msgspec.Struct, forbid_unknown_fields=True):

@@ -510,17 +510,7 @@ def _rings_by_session(status: p.StatusReport | None) -> dict[str, list[RingMetri
         return out
     for r in status.rings:
         out.setdefault(r.session_id, []).append(
-            RingMetrics(
-                ring=r.ring,
-                producer=r.producer,
-                consumer=r.consumer,
-                slots=r.slots,
-                published=r.published,
-                consumed=r.consumed,
-                skipped=r.skipped,
-                torn=r.torn,
-                pending=r.pending,
-            )
+            RingMetrics(**{name: getattr(r, name) for name in RingMetrics.__struct_fields__})
         )
     return out
 

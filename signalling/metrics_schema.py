@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import msgspec
 
+from services.protocol import RingCounters
+
 
 class LatencyStats(msgspec.Struct, forbid_unknown_fields=True):
     """Latency over the last ``count`` frames, milliseconds."""
@@ -36,19 +38,8 @@ class StageLatency(msgspec.Struct, forbid_unknown_fields=True):
     share: float
 
 
-class RingMetrics(msgspec.Struct, forbid_unknown_fields=True):
+class RingMetrics(RingCounters, forbid_unknown_fields=True):
     """A shared-memory ring between two stages (counters since the session opened)."""
-
-    ring: str
-    producer: str
-    consumer: str
-    slots: int
-    published: int
-    consumed: int
-    skipped: int
-    torn: int
-    #: 1 while a published frame waits for the consumer, else 0 (latest frame wins).
-    pending: int
 
 
 class SessionMetrics(msgspec.Struct, forbid_unknown_fields=True):
