@@ -158,9 +158,21 @@ def time_blocks(
 
 
 def prompt(model: CausalWanTransformer, device: torch.device) -> Any:
-    emb = torch.zeros(1, 512, 4096, device=device)
-    emb[:, :7] = torch.randn(1, 7, 4096, device=device)
-    return model.cross_kv(emb)
+    """Prompt keys/values of one fixed (seeded) embedding: seven rows, zero padding."""
+    emb = torch.zeros(1, 512, 4096)
+    emb[:, :7] = torch.randn(1, 7, 4096, generator=torch.Generator().manual_seed(7))
+    return model.cross_kv(emb.to(device))
+
+
+def one_block(
+    model: CausalWanTransformer, pid: str, hw: tuple[int, int], steps: list[int], seed: int
+) -> Any:
+    """A stream's first block of ``pid`` on ``model``: the reference a changed model (compiled,
+    quantized, on another stream) is compared with."""
+    loop = BlockLoop(model, GEOMETRY[pid], next(model.parameters()).device)
+    return loop.block(
+        loop.new_stream(), prompt(model, loop.device), seed=seed, steps=steps, latent_hw=hw
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,13 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         model = wan(small, device, dtype)
         hw = sizes["sdv2"]
         with torch.inference_mode():
-            cross = prompt(model, device)
-            loop = BlockLoop(model, GEOMETRY["streamdiffusionv2"], device)
-            ref = loop.block(loop.new_stream(), cross, seed=1, steps=[750, 250], latent_hw=hw)
+            ref = one_block(model, "streamdiffusionv2", hw, [750, 250], seed=1)
             side = torch.cuda.Stream(device)
             with torch.cuda.stream(side):
-                got = loop.block(loop.new_stream(), cross, seed=1, steps=[750, 250], latent_hw=hw)
-                got = got.cpu()
+                got = one_block(model, "streamdiffusionv2", hw, [750, 250], seed=1).cpu()
             side.synchronize()
         return {"max_diff": float((got - ref.cpu()).abs().max())}
 
@@ -305,15 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         hw = sizes["longlive"]
         steps = [1000, 750, 500, 250]
         with torch.inference_mode():
-            cross = prompt(model, device)
-            loop = BlockLoop(model, GEOMETRY["longlive"], device)
-            eager = loop.block(loop.new_stream(), cross, seed=3, steps=steps, latent_hw=hw)
+            eager = one_block(model, "longlive", hw, steps, seed=3)
             model.compile_blocks()
             start = time.perf_counter()
-            compiled = loop.block(loop.new_stream(), cross, seed=3, steps=steps, latent_hw=hw)
+            compiled = one_block(model, "longlive", hw, steps, seed=3)
             sync(device)
             first_s = time.perf_counter() - start
-            steady = time_blocks(loop, cross, hw, steps, blocks)
+            loop = BlockLoop(model, GEOMETRY["longlive"], device)
+            steady = time_blocks(loop, prompt(model, device), hw, steps, blocks)
         return {
             "first_block_s": round(first_s, 1),
             **steady,
@@ -333,14 +341,12 @@ def main(argv: list[str] | None = None) -> int:
             hw = sizes["longlive"]
             steps = [1000, 750, 500, 250]
             with torch.inference_mode():
-                cross = prompt(model, device)
-                loop = BlockLoop(model, GEOMETRY["krea-realtime-video"], device)
-                ref = loop.block(loop.new_stream(), cross, seed=5, steps=steps, latent_hw=hw)
+                ref = one_block(model, "krea-realtime-video", hw, steps, seed=5)
                 kind = quantize_linears(model.blocks, device)
-                cross = prompt(model, device)
-                got = loop.block(loop.new_stream(), cross, seed=5, steps=steps, latent_hw=hw)
+                got = one_block(model, "krea-realtime-video", hw, steps, seed=5)
                 rel = float((got - ref).abs().max() / ref.abs().max())
-                figures = time_blocks(loop, cross, hw, steps, blocks)
+                loop = BlockLoop(model, GEOMETRY["krea-realtime-video"], device)
+                figures = time_blocks(loop, prompt(model, device), hw, steps, blocks)
             figures.update(kind=kind, rel_diff_vs_bf16=round(rel, 3))
             figures["published"] = PUBLISHED["krea-realtime-video"]
             if config is WAN_14B:

@@ -162,7 +162,7 @@ def test_attention_bias_spares_the_first_cached_frame_and_the_block(
     tiny = run(3, 1e-30)
     cache = KVCache(CacheWindow())
     model.forward_causal(x[:, :, :3], t[:, :3], cross, cache=cache, write=True)
-    cache.keep_first(1, tokens_per_frame=2 * 3)  # 4x6 latents, 2x2 patches
+    cache.keep_first(1)
     alone = model.forward_causal(x[:, :, 6:9], t[:, 6:9], cross, cache=cache, rope_start=6)
     assert torch.allclose(tiny, alone, atol=1e-5)
 

@@ -427,3 +427,19 @@ def test_a_prompt_change_mid_stream_applies_from_the_next_block(
     # Text mode: the stream goes on (no hard cut), at the next frame.
     assert changed.stream.next_frame == g.first_block_frames + 2 * g.block_frames
     assert changed.stream.cuts == kept.stream.cuts
+
+
+def test_the_rope_table_end_is_a_hard_cut_before_the_input_is_encoded(
+    pipes: dict[str, Any],
+) -> None:
+    """At the RoPE table's end the stream starts afresh, VAE included: the next block gathers a
+    first block's frames (5 for streamdiffusionv2) and encodes them from a fresh cache."""
+    pipe = pipes["streamdiffusionv2"]
+    state = pipe.new_session("end", SIZE, SIZE, config("streamdiffusionv2"))
+    video(pipe, state, 9)
+    cuts = state.stream.cuts
+    state.stream.next_frame = pipe.loop.rope_frames  # as if the table had run out
+    assert pipe._frames_needed(state) == 5
+    out = video(pipe, state, 5, 9)
+    assert out[-1].frame is not None
+    assert state.stream.cuts == cuts + 1 and state.stream.next_frame == 2

@@ -77,7 +77,8 @@ class BlockStream:
 
     cache: KVCache
     next_frame: int = 0  # absolute latent frame index of the next block
-    recent: deque[Tensor] = field(default_factory=deque)  # latent frames [1, C, 1, h, w]
+    #: The most recent latent frames ``[1, C, 1, h, w]``, as many as the recipe needs.
+    recent: deque[Tensor] = field(default_factory=deque)
     first_latent: Tensor | None = None  # Krea: the stream's first latent frame
     timesteps: list[float] = field(default_factory=list)  # what the model got, last block
     sigmas: list[float] = field(default_factory=list)
@@ -103,7 +104,7 @@ class BlockLoop:
         self.model_calls = 0  # transformer passes (tests and benchmarks count them)
 
     def new_stream(self) -> BlockStream:
-        return BlockStream(KVCache(self.window))
+        return BlockStream(KVCache(self.window), recent=deque(maxlen=self.geometry.recent_frames))
 
     def reset(self, stream: BlockStream) -> None:
         """A hard cut: the next block is frame 0 of a new stream (Scope's ``init_cache``)."""
@@ -173,10 +174,7 @@ class BlockLoop:
             self._run(stream, cross, x0, 0, rope, write=True)
         if stream.next_frame == 0:
             stream.first_latent = x0[:, :, :1].clone()
-        for j in range(n):
-            stream.recent.append(x0[:, :, j : j + 1].clone())
-        while len(stream.recent) > g.recent_frames:
-            stream.recent.popleft()
+        stream.recent.extend(x0[:, :, j : j + 1].clone() for j in range(n))
         stream.next_frame += n
         stream.blocks += 1
         return x0
@@ -241,8 +239,7 @@ class BlockLoop:
             stream.cache.reset()
             frames = recent[-n:]
         else:
-            tokens_per_frame = recent[0].shape[-1] * recent[0].shape[-2] // 4
-            stream.cache.keep_first(g.sink_frames, tokens_per_frame)
+            stream.cache.keep_first(g.sink_frames)
             frames = recent[-(g.cache_frames - g.sink_frames) :]
         x = torch.cat(frames, dim=2)
         self._run(stream, cross, x, 0, n - len(frames), write=True)

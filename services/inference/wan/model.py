@@ -79,11 +79,11 @@ class KVCache:
         self.positions.clear()
         self.resets += 1
 
-    def keep_first(self, n: int, tokens_per_frame: int) -> None:
+    def keep_first(self, n: int) -> None:
         """Drop all but the first ``n`` cached frames (longlive keeps its sinks on a recache)."""
-        self.layers = [
-            (k[:, : n * tokens_per_frame], v[:, : n * tokens_per_frame]) for k, v in self.layers
-        ]
+        if self.layers:
+            tokens = n * (self.layers[0][0].shape[1] // len(self.positions))
+            self.layers = [(k[:, :tokens], v[:, :tokens]) for k, v in self.layers]
         self.positions = self.positions[:n]
 
     def __len__(self) -> int:
@@ -184,6 +184,7 @@ class CausalWanTransformer(_WanBase):
 
         keep: Tensor | None = None
         mask: Tensor | None = None
+        slots: list[int] | None = None  # the window's frames of cache + block; None: all
         if cache is not None:
             cached = len(cache)
             slots = cache.window.keep(cached + n)
@@ -214,7 +215,6 @@ class CausalWanTransformer(_WanBase):
         if cache is not None and write:
             cache.layers = windows
             all_positions = cache.positions + positions
-            slots = cache.window.keep(len(all_positions))
             cache.positions = all_positions if slots is None else [all_positions[j] for j in slots]
 
         shift, scale = (self.scale_shift_table.view(1, 1, 2, -1) + temb.unsqueeze(2)).unbind(2)

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,8 @@ class WanPipeline(Pipeline):
         s = WanSession(
             session_id, width, height, config, track, self.loop.new_stream(), VaeStream(self.vae)
         )
+        # Krea's re-encoded context frame is the oldest of the last 1 + 4·(context − 1) frames.
+        s.decoded = deque(maxlen=max(0, 1 + 4 * (self.geometry.context_frames - 1)))
         if config.transition is not None:
             track.start_transition(config.transition, config.prompt_interpolation_method)
         return s
@@ -296,7 +299,7 @@ class WanPipeline(Pipeline):
     def _frames_needed(self, s: WanSession) -> int:
         """Input frames for the next block: the VAE turns ``1 + 4k`` frames into ``1 + k``
         latents at a stream's start, four frames into one latent after."""
-        if s.pending_cut or s.stream.next_frame == 0:
+        if self._cut_due(s) or s.stream.next_frame == 0:
             return 4 * (self.geometry.first_block_frames - 1) + 1
         return 4 * self.block_frames
 
@@ -330,13 +333,23 @@ class WanPipeline(Pipeline):
             return list(SDV2_TEXT_STEPS)
         return steps
 
+    def _cut_due(self, s: WanSession) -> bool:
+        return s.pending_cut or self.loop.overflows(s.stream)
+
+    def _start_block(self, s: WanSession) -> None:
+        """A due hard cut, before the block's input is encoded (the VAE starts afresh too)."""
+        if self.loop.overflows(s.stream):
+            logger.info("session %s: RoPE table full, starting afresh", s.session_id)
+        if self._cut_due(s):
+            self.hard_cut(s)
+
     def _text_block(self, s: WanSession) -> list[tuple[torch.Tensor, Any, int]]:
+        self._start_block(s)
         latents = self._generate(s, None, None)
         return [(frame, None, s.blocks) for frame in self._decode(s, latents)]
 
     def _video_block(self, s: WanSession) -> None:
-        if s.pending_cut:
-            self.hard_cut(s)
+        self._start_block(s)
         frames = torch.stack(s.inputs)
         tags = list(s.input_tags)
         s.inputs.clear()
@@ -364,10 +377,7 @@ class WanPipeline(Pipeline):
     def _decode(self, s: WanSession, latents: torch.Tensor) -> list[torch.Tensor]:
         video = s.vae.decode(latents)
         if self.geometry.context_frames:
-            for i in range(video.shape[2]):
-                s.decoded.append(video[:, :, i : i + 1])
-            while len(s.decoded) > 1 + 4 * (self.geometry.context_frames - 1):
-                s.decoded.popleft()
+            s.decoded.extend(video[:, :, i : i + 1] for i in range(video.shape[2]))
         frames = to_uint8_frames(video)[:, : s.height, : s.width]
         return list(frames.unbind(0))
 
@@ -388,11 +398,6 @@ class WanPipeline(Pipeline):
 
     @torch.inference_mode()
     def _generate(self, s: WanSession, z: torch.Tensor | None, scale: float | None) -> torch.Tensor:
-        if s.pending_cut:
-            self.hard_cut(s)
-        if self.loop.overflows(s.stream):
-            logger.info("session %s: RoPE table full, starting afresh", s.session_id)
-            self.hard_cut(s)
         emb = s.prompt.step()
         cross = self._cross(s, emb)
         if (
@@ -402,9 +407,7 @@ class WanPipeline(Pipeline):
         ):
             self.loop.recache(s.stream, cross)
         s.cached_with = emb
-        first_context = None
-        if self.geometry.context_frames:
-            first_context = lambda: self._reencode(s)  # noqa: E731
+        first_context = partial(self._reencode, s) if self.geometry.context_frames else None
         return self.loop.block(
             s.stream,
             cross,
