@@ -101,7 +101,7 @@ def bench_in_process(
     frame = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
     def pipeline(i: int) -> None:
-        for r in pipe([Request(state, pipe.prepare(state, frame), i)]):
+        for r in pipe([Request("bench", state, pipe.prepare(state, frame), i)]):
             if r.frame is not None:
                 r.frame.cpu()
 

@@ -44,11 +44,11 @@ def bench_model_loop(pipeline_id: str, models: Path, size: int, blocks: int) -> 
     state = pipe.new_session("bench", size, size, config)
     per_block = spec.frames_per_call  # one call returns one frame; a block is made every n
     for _ in range(per_block):  # the first block warms up (and decodes 4n - 3 frames)
-        pipe([Request(state, None, None)])
+        pipe([Request("bench", state, None, None)])
     frames = blocks * per_block
     start = time.perf_counter()
     for _ in range(frames):
-        pipe([Request(state, None, None)])
+        pipe([Request("bench", state, None, None)])
     total = time.perf_counter() - start
     return {"block_ms": round(1e3 * total / blocks, 1), "fps": round(frames / total, 2)}
 

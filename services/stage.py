@@ -1,23 +1,31 @@
-"""Ring plumbing shared by every stage: per-session rings, latest-frame-wins processing."""
+"""The stage template: per-session rings and typed per-session state, latest frame wins.
+
+A :class:`RingStage` owns the rule that keeps a torn frame from leaving a stage: take the
+newest input frame, let :meth:`RingStage.step` fill the output slot from it, release the input,
+and only if the input was intact :meth:`RingStage.commit` (publish the slot, send the packets).
+Subclasses say what one frame becomes (``step``) and what a session keeps (``S``, made by
+:meth:`RingStage.new_state`).
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import Any, Generic, TypeVar
 
 from services import protocol as p
 from services.runtime import Outbox, ServiceCore, ServiceSpec
-from shm.ring import FrameMeta, FrameRing, RingConsumer, RingProducer, WriteSlot
+from shm.ring import FrameMeta, FrameRing, ReadFrame, RingConsumer, RingProducer, WriteSlot
 
 logger = logging.getLogger(__name__)
 
+S = TypeVar("S")
 
-@dataclass
-class StageSession:
-    """One session as a stage sees it: where frames come from and go to."""
+
+@dataclass(eq=False)
+class StageSession(Generic[S]):
+    """One session as a stage sees it: where frames come from and go to, and ``state``, what
+    this kind of stage keeps for it."""
 
     session_id: str
     width: int
@@ -29,7 +37,7 @@ class StageSession:
     input: RingConsumer | None = None
     output: RingProducer | None = None
     frames_done: int = 0
-    state: dict[str, Any] = field(default_factory=dict)
+    state: S = field(init=False)
 
     def close(self) -> None:
         if self.input is not None:
@@ -38,18 +46,25 @@ class StageSession:
             self.output.ring.close()
 
 
-class RingStage(ServiceCore):
-    """A stage that keeps per-session rings; subclasses say what to do with a frame."""
+class RingStage(ServiceCore, Generic[S]):
+    """A stage that keeps per-session rings and a typed state ``S`` per session."""
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
-        self.sessions: dict[str, StageSession] = {}
+        self.sessions: dict[str, StageSession[S]] = {}
+
+    # ------------------------------------------------------------ sessions
 
     def start_session(self, msg: p.StartSession) -> None:
+        """Attach the session's rings and make its state; a StartSession for a session this
+        stage has (a restart elsewhere in the chain) replaces it, handing over its state."""
         old = self.sessions.pop(msg.session_id, None)
+        previous: S | None = None
         if old is not None:
+            previous = old.state
+            self.end_state(old)
             old.close()
-        session = StageSession(
+        session: StageSession[S] = StageSession(
             session_id=msg.session_id,
             width=msg.width,
             height=msg.height,
@@ -63,25 +78,27 @@ class RingStage(ServiceCore):
                 session.input = RingConsumer(FrameRing.attach(msg.input_ring))
             if msg.output_ring:
                 session.output = RingProducer(FrameRing.attach(msg.output_ring))
+            session.state = self.new_state(session, previous)
         except Exception:
             session.close()
             raise
         self.sessions[msg.session_id] = session
-        self.on_session_started(session)
         logger.info("session %s started (%dx%d)", msg.session_id, msg.width, msg.height)
 
-    def on_session_started(self, session: StageSession) -> None:
-        """Hook for per-session state (codec contexts, caches)."""
+    def new_state(self, session: StageSession[S], previous: S | None) -> S:
+        """What this stage keeps for a new session (its rings are attached); ``previous`` is
+        the state of the session it replaces, if any. Raising fails the session."""
+        raise NotImplementedError
+
+    def end_state(self, session: StageSession[S]) -> None:
+        """Free what the session's state holds (codec contexts, caches)."""
 
     def end_session(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
         if session is not None:
-            self.on_session_ended(session)
+            self.end_state(session)
             session.close()
             logger.info("session %s ended", session_id)
-
-    def on_session_ended(self, session: StageSession) -> None:
-        """Hook to free per-session state."""
 
     def session_count(self) -> int:
         return len(self.sessions)
@@ -89,71 +106,80 @@ class RingStage(ServiceCore):
     def frames_waiting(self) -> int:
         return sum(1 for s in self.sessions.values() if s.input is not None and s.input.has_new())
 
-    def handle(self, msg: p.InboxMessage) -> None:
-        match msg:
-            case p.FrameReady(session_id=session_id):
-                session = self._session(session_id)
-                if session.input is None:  # a source stage, or a session of text mode
-                    raise ValueError(f"session {session_id!r} has no input ring here")
-                self.drain(session)
-            case p.UpdateParameters(session_id=session_id, params=params):
-                session = self._session(session_id)
-                session.params.update(params)
-                self.on_parameters(session, params)
-            case _:
-                self.handle_other(msg)
-
-    def _session(self, session_id: str) -> StageSession:
+    def session(self, session_id: str) -> StageSession[S]:
         session = self.sessions.get(session_id)
         if session is None:
             raise KeyError(f"unknown session {session_id!r}")
         return session
 
-    def on_parameters(self, session: StageSession, changed: dict[str, Any]) -> None:
-        """Hook: some runtime parameters changed (already merged into ``session.params``)."""
+    # ------------------------------------------------------------ messages
+
+    def handle(self, msg: p.InboxMessage) -> None:
+        match msg:
+            case p.FrameReady(session_id=session_id):
+                session = self.session(session_id)
+                if session.input is None:  # a source stage, or a session of text mode
+                    raise ValueError(f"session {session_id!r} has no input ring here")
+                self.drain(session)
+            case p.UpdateParameters(session_id=session_id, params=params):
+                session = self.session(session_id)
+                session.params.update(params)
+                self.on_parameters(session, params)
+            case _:
+                self.handle_other(msg)
+
+    def on_parameters(self, session: StageSession[S], changed: dict[str, Any]) -> None:
+        """Some runtime parameters changed (already merged into ``session.params``)."""
 
     def handle_other(self, msg: p.InboxMessage) -> None:
         raise ValueError(f"{self.spec.name} does not take {type(msg).__name__}")
 
-    def drain(self, session: StageSession) -> None:
-        """Process the newest waiting frame (older ones are skipped by the ring).
+    # ------------------------------------------------------------ frames
 
-        The output slot is filled before the input slot is released, and published only if
-        the input was intact, so a torn input never leaves the stage.
-        """
+    def drain(self, session: StageSession[S]) -> None:
+        """Turn the newest waiting frame (older ones are skipped by the ring) into output:
+        the slot is filled before the input is released, and committed only if the input was
+        intact, so a torn input never leaves the stage."""
         assert session.input is not None
         frame = session.input.acquire_latest()
         if frame is None:
             return
+        slot = None
+        if session.output is not None:
+            slot = session.output.begin(session.width, session.height)
         try:
-            out = self.process(session, frame.array, frame.frame_number, frame.pts, frame.stamps)
+            outcome = self.step(session, frame, slot)
         except BaseException:
             session.input.release(frame)
             raise
-        if out is None:
-            session.input.release(frame)
+        if not self.release(session, frame):
+            self.on_torn(session, outcome)
             return
-        rgb, frame_number, pts, stamps = out
-        assert session.output is not None
-        slot = session.output.begin(rgb.shape[1], rgb.shape[0])
-        np.copyto(slot.array, rgb, casting="no")
-        if not session.input.release(frame):
-            logger.debug("session %s: frame %d torn, discarded", session.session_id, frame.seq)
-            return
-        self.publish(session, slot, FrameMeta(frame_number, pts, stamps))
+        if outcome is not None:
+            self.commit(session, outcome, slot)
 
-    def process(
-        self,
-        session: StageSession,
-        rgb: np.ndarray,
-        frame_number: int,
-        pts: int,
-        stamps: np.ndarray,
-    ) -> tuple[np.ndarray, int, int, np.ndarray] | None:
-        """Turn one input frame into (output rgb, frame_number, pts, stamps), or None."""
+    def step(self, session: StageSession[S], frame: ReadFrame, out: WriteSlot | None) -> Any:
+        """One input frame (valid until released) → ``out`` filled (None when the session has
+        no output ring here), and what :meth:`commit` needs; None: nothing to commit."""
         raise NotImplementedError
 
-    def publish(self, session: StageSession, slot: WriteSlot, meta: FrameMeta) -> None:
+    def commit(self, session: StageSession[S], outcome: Any, out: WriteSlot | None) -> None:
+        """The input was intact: by default ``outcome`` is the output's FrameMeta, published."""
+        assert out is not None
+        self.publish(session, out, outcome)
+
+    def on_torn(self, session: StageSession[S], outcome: Any) -> None:
+        """The input was overwritten while in use: ``outcome`` is discarded."""
+
+    def release(self, session: StageSession[S], frame: ReadFrame) -> bool:
+        """Release an input frame; False (logged) when it was torn while held."""
+        assert session.input is not None
+        if session.input.release(frame):
+            return True
+        logger.debug("session %s: frame %d torn, discarded", session.session_id, frame.seq)
+        return False
+
+    def publish(self, session: StageSession[S], slot: WriteSlot, meta: FrameMeta) -> None:
         """Publish a filled output slot and notify downstream."""
         assert session.output is not None
         seq = session.output.publish(slot, meta)

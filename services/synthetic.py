@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from services import protocol as p
 from services.runtime import Outbox, ServiceSpec
 from services.stage import RingStage, StageSession
-from shm.ring import N_STAMPS, FrameMeta, Stage
+from shm.ring import N_STAMPS, FrameMeta, ReadFrame, Stage, WriteSlot
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,12 @@ def check_frame(rgb: np.ndarray) -> int | None:
     return number
 
 
-class TestSourceCore(RingStage):
+@dataclass(slots=True)
+class SourceState:
+    next_number: int = 0
+
+
+class TestSourceCore(RingStage[SourceState]):
     """Generates ``fps`` frames a second into every session's output ring."""
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
@@ -48,8 +53,10 @@ class TestSourceCore(RingStage):
         self.fps = float(spec.options.get("fps", DEFAULT_FPS))
         self._next_due = time.monotonic()
 
-    def on_session_started(self, session: StageSession) -> None:
-        session.state["next_number"] = 0
+    def new_state(
+        self, session: StageSession[SourceState], previous: SourceState | None
+    ) -> SourceState:
+        return SourceState()
 
     def tick(self) -> float | None:
         now = time.monotonic()
@@ -59,8 +66,8 @@ class TestSourceCore(RingStage):
         for session in self.sessions.values():
             if session.output is None:
                 continue
-            number = session.state["next_number"]
-            session.state["next_number"] = number + 1
+            number = session.state.next_number
+            session.state.next_number = number + 1
             stamps = np.zeros(N_STAMPS, dtype=np.int64)
             stamps[Stage.SOURCE] = time.monotonic_ns()
             slot = session.output.begin(session.width, session.height)
@@ -69,27 +76,30 @@ class TestSourceCore(RingStage):
         return max(0.0, self._next_due - time.monotonic())
 
 
-class TestSinkCore(RingStage):
+class TestSinkCore(RingStage[None]):
     """Consumes and verifies frames; ``frames_done`` counts intact ones."""
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         self.corrupt = 0
 
-    def drain(self, session: StageSession) -> None:
-        assert session.input is not None
-        frame = session.input.acquire_latest()
-        if frame is None:
-            return
-        number = check_frame(frame.array)
-        if not session.input.release(frame):
-            return
-        if number is None or number != frame.frame_number:
+    def new_state(self, session: StageSession[None], previous: None) -> None:
+        return None
+
+    def step(self, session: StageSession[None], frame: ReadFrame, out: WriteSlot | None) -> Checked:
+        return Checked(frame.frame_number, check_frame(frame.array))
+
+    def commit(self, session: StageSession[None], outcome: Checked, out: WriteSlot | None) -> None:
+        if outcome.carried != outcome.frame_number:
             self.corrupt += 1
-            logger.error("session %s: corrupt frame %d", session.session_id, frame.frame_number)
+            logger.error("session %s: corrupt frame %d", session.session_id, outcome.frame_number)
             return
         session.frames_done += 1
         self.frames_done += 1
 
-    def handle_other(self, msg: p.InboxMessage) -> None:
-        raise ValueError(f"testsink does not take {type(msg).__name__}")
+
+@dataclass(slots=True, frozen=True)
+class Checked:
+    frame_number: int
+    #: The number the frame's bytes carry; None when they disagree with each other.
+    carried: int | None

@@ -101,7 +101,7 @@ class PipelineGenerator:
             self.pipeline.update(self._session, config, changed)
             self._applied = params
         for _ in range(MAX_EMPTY_CALLS):
-            results = self.pipeline([Request(self._session, None, state.frame_number)])
+            results = self.pipeline([Request("dreams", self._session, None, state.frame_number)])
             result = next((r for r in results if r.frame is not None), None)
             if result is not None:
                 break

@@ -52,7 +52,7 @@ def frames(n: int, seed: int = 0) -> list[np.ndarray]:
 
 def step(pipe: Any, state: Any, rgb: np.ndarray | None, tag: Any) -> Any:
     inp = None if rgb is None else pipe.prepare(state, rgb)
-    results = pipe([Request(state, inp, tag)])
+    results = pipe([Request("s", state, inp, tag)])
     assert len(results) <= 1
     return results[0] if results else None
 
@@ -181,9 +181,14 @@ def test_two_sessions_batched_never_see_each_other(sd: Any) -> None:
     before = sd.unet_calls
     together_a, together_b = [], []
     for i, (fa, fb) in enumerate(zip(inputs, other_inputs, strict=True)):
-        res = sd([Request(a, sd.prepare(a, fa), ("a", i)), Request(b, sd.prepare(b, fb), ("b", i))])
-        by_state = {id(r.state): r for r in res}
-        ra, rb = by_state[id(a)], by_state[id(b)]
+        res = sd(
+            [
+                Request("a", a, sd.prepare(a, fa), ("a", i)),
+                Request("b", b, sd.prepare(b, fb), ("b", i)),
+            ]
+        )
+        by_session = {r.session_id: r for r in res}
+        ra, rb = by_session["a"], by_session["b"]
         together_a.append(None if ra.frame is None else ra.frame.cpu().numpy())
         together_b.append(None if rb.frame is None else rb.frame.cpu().numpy())
         if ra.frame is not None:

@@ -313,7 +313,7 @@ def test_results_older_than_the_bound_are_dropped(make: Any) -> None:
     h.push(gray())
     _, out, _ = h.latest_output()
     assert (out.reshape(-1)[8:] == 128).all()  # 2.1 s old: dropped
-    assert h.core.states[SESSION].stale_dropped == 1
+    assert h.core.sessions[SESSION].state.stale_dropped == 1
 
 
 def test_bad_parameter_update_changes_nothing_and_says_why(make: Any) -> None:
@@ -322,9 +322,9 @@ def test_bad_parameter_update_changes_nothing_and_says_why(make: Any) -> None:
     h.update(temperature=7, feature="caption")
     (error,) = h.outbox.outputs("error")
     assert "temperature" in error.data
-    assert h.core.states[SESSION].config.feature.value == "detect"
+    assert h.core.sessions[SESSION].state.config.feature.value == "detect"
     h.update(prompts=[{"text": "x"}], overlay_opacity=0.5)  # other pipelines' keys ignored
-    assert h.core.states[SESSION].config.overlay_opacity == 0.5
+    assert h.core.sessions[SESSION].state.config.overlay_opacity == 0.5
 
 
 def test_stage_output_frame_is_the_frame_the_model_saw(make: Any) -> None:

@@ -51,7 +51,7 @@ def pipes(models: Path) -> Iterator[dict[str, Any]]:
 def text(pipe: Any, state: Any, n: int, start: int = 0) -> list[Any]:
     out = []
     for i in range(start, start + n):
-        (r,) = pipe([Request(state, None, i)])
+        (r,) = pipe([Request("s", state, None, i)])
         out.append(r)
     return out
 
@@ -89,7 +89,7 @@ def test_streamdiffusionv2_video_mode_keeps_tags_and_cadence(pipes: dict[str, An
     state = pipe.new_session("v", SIZE, SIZE, config("streamdiffusionv2"))
     results = []
     for i, f in enumerate(moving_frames(13, 2)):
-        (r,) = pipe([Request(state, pipe.prepare(state, f), i)])
+        (r,) = pipe([Request("s", state, pipe.prepare(state, f), i)])
         results.append(r)
     # Block 1 is five frames (two latents, as Scope's), then four frames per block.
     assert all(r.frame is None for r in results[:4])
@@ -117,7 +117,7 @@ def test_output_depends_on_prompt_and_seed_reproduces(pipes: dict[str, Any]) -> 
 def video(pipe: Any, state: Any, n: int, start: int = 0) -> list[Any]:
     out = []
     for i, f in enumerate(moving_frames(n, 1, seed=start), start):
-        (r,) = pipe([Request(state, pipe.prepare(state, f), i)])
+        (r,) = pipe([Request("s", state, pipe.prepare(state, f), i)])
         out.append(r)
     return out
 
@@ -220,7 +220,7 @@ def test_noise_controller_lowers_noise_when_motion_rises(pipes: dict[str, Any]) 
         state = pipe.new_session("n", SIZE, SIZE, config("streamdiffusionv2", **params))
         out = []
         for i, f in enumerate(moving_frames(9, step)):
-            (r,) = pipe([Request(state, pipe.prepare(state, f), i)])
+            (r,) = pipe([Request("s", state, pipe.prepare(state, f), i)])
             if r.frame is not None:
                 out.append(r.info["noise_scale"])
         return out
@@ -242,7 +242,7 @@ def test_two_sessions_keep_separate_caches(pipes: dict[str, Any]) -> None:
     b = pipe.new_session("b", SIZE, SIZE, dog)
     together_a, together_b = [], []
     for i in range(21):
-        ra, rb = pipe([Request(a, None, ("a", i)), Request(b, None, ("b", i))])
+        ra, rb = pipe([Request("a", a, None, ("a", i)), Request("b", b, None, ("b", i))])
         assert ra.tag == ("a", i) and rb.tag == ("b", i)
         together_a.append(ra.frame.numpy())
         together_b.append(rb.frame.numpy())
@@ -286,7 +286,7 @@ def text_ahead(pipe: Any, state: Any, n: int, start: int = 0) -> list[Any]:
     for i in range(start, start + n):
         while True:
             in_flight = state.ahead
-            (r,) = pipe([Request(state, None, i)])
+            (r,) = pipe([Request("s", state, None, i)])
             if r.frame is not None:
                 break
             assert in_flight is not None and r.info == {"warming_up": True}
@@ -306,7 +306,7 @@ def test_blocks_ahead_give_the_same_frames_while_the_next_block_is_made(
     ahead = pipe.new_session("ahead", SIZE, SIZE, config("longlive"))
     pipe.prefetch = True
     try:
-        (first,) = pipe([Request(ahead, None, 0)])
+        (first,) = pipe([Request("s", ahead, None, 0)])
         # The first block was made for this call; the second is under way before it is asked for.
         assert first.info["block"] == 1 and ahead.ahead is not None
         pipe.settle(ahead)
@@ -352,12 +352,12 @@ def test_a_tick_does_not_wait_for_the_block_in_flight(pipes: dict[str, Any]) -> 
     try:
         first = text(pipe, state, 9)  # block 1 on the call; block 2 submitted, held
         assert all(r.frame is not None for r in first) and state.ahead is not None
-        (r,) = pipe([Request(state, None, 9)])
+        (r,) = pipe([Request("s", state, None, 9)])
         assert r.frame is None and r.info == {"warming_up": True}
         assert not state.ahead.done()  # returned while the block is still held
         release.set()
         state.ahead.result()
-        (r,) = pipe([Request(state, None, 10)])
+        (r,) = pipe([Request("s", state, None, 10)])
         assert r.frame is not None and r.info["block"] == 2
     finally:
         release.set()

@@ -9,6 +9,7 @@ asked for a keyframe, which it turns into an RTCP PLI upstream.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import msgspec
 import numpy as np
@@ -23,19 +24,27 @@ from shm.ring import N_STAMPS, FrameMeta, Stage
 KEYFRAME_REQUEST_INTERVAL_S = 0.25
 
 
-class DecodeStage(RingStage):
+@dataclass(slots=True)
+class DecodeState:
+    codec: str
+    frame_number: int = 0
+    keyframe_asked: float = 0.0
+
+
+class DecodeStage(RingStage[DecodeState]):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         self.core = DecodeCore()
         self.keyframe_target = msgspec.convert(spec.options, DecodeOptions).keyframe_target
 
-    def on_session_started(self, session: StageSession) -> None:
-        codec = session.codec
+    def new_state(
+        self, session: StageSession[DecodeState], previous: DecodeState | None
+    ) -> DecodeState:
         self.core.close_session(session.session_id)
-        self.core.open_session(session.session_id, codec, session.width, session.height)
-        session.state.update(codec=codec, frame_number=0, keyframe_asked=0.0)
+        self.core.open_session(session.session_id, session.codec, session.width, session.height)
+        return DecodeState(session.codec)
 
-    def on_session_ended(self, session: StageSession) -> None:
+    def end_state(self, session: StageSession[DecodeState]) -> None:
         self.core.close_session(session.session_id)
 
     def close(self) -> None:
@@ -44,14 +53,13 @@ class DecodeStage(RingStage):
     def handle_other(self, msg: p.InboxMessage) -> None:
         if not isinstance(msg, p.EncodedFrame):
             raise ValueError(f"decode does not take {type(msg).__name__}")
-        session = self.sessions.get(msg.session_id)
-        if session is None:
-            raise KeyError(f"unknown session {msg.session_id!r}")
-        if msg.codec != session.state["codec"]:
+        session = self.session(msg.session_id)
+        state = session.state
+        if msg.codec != state.codec:
             # The browser may switch between negotiated codecs: follow it.
             self.core.close_session(session.session_id)
             self.core.open_session(session.session_id, msg.codec, session.width, session.height)
-            session.state["codec"] = msg.codec
+            state.codec = msg.codec
         assert session.output is not None
         stamps = np.zeros(N_STAMPS, dtype=np.int64)
         stamps[Stage.RTP_ARRIVAL] = msg.rtp_arrival_ns
@@ -72,14 +80,14 @@ class DecodeStage(RingStage):
                 p.FramesDropped(session_id=session.session_id, stage="decode", count=1),
             )
             return
-        number = session.state["frame_number"]
-        session.state["frame_number"] = number + 1
+        number = state.frame_number
+        state.frame_number = number + 1
         pts = decoded[-1].pts if decoded[-1].pts is not None else msg.pts
         self.publish(session, slot, FrameMeta(number, pts, stamps))
 
-    def _ask_keyframe(self, session: StageSession) -> None:
+    def _ask_keyframe(self, session: StageSession[DecodeState]) -> None:
         now = time.monotonic()
-        if now - session.state["keyframe_asked"] < KEYFRAME_REQUEST_INTERVAL_S:
+        if now - session.state.keyframe_asked < KEYFRAME_REQUEST_INTERVAL_S:
             return
-        session.state["keyframe_asked"] = now
+        session.state.keyframe_asked = now
         self.outbox.send(self.keyframe_target, p.KeyframeNeeded(session_id=session.session_id))

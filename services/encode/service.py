@@ -7,18 +7,29 @@ Keyframe requests (PLI/FIR from the viewer) and bitrate estimates (REMB) arrive 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import msgspec
+import numpy as np
 
 from services import protocol as p
-from services.encode.core import EncodeCore
+from services.encode.core import EncodeCore, EncodedPacket
 from services.options import EncodeOptions
 from services.runtime import Outbox, ServiceSpec
 from services.stage import RingStage, StageSession
-from shm.ring import Stage
+from shm.ring import ReadFrame, Stage, WriteSlot
 
 
-class EncodeStage(RingStage):
+@dataclass(slots=True)
+class Encoded:
+    """One frame's packets (none: the encoder dropped it), sent only if the frame was intact."""
+
+    frame_number: int
+    stamps: np.ndarray
+    packets: list[EncodedPacket]
+
+
+class EncodeStage(RingStage[None]):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         options = msgspec.convert(spec.options, EncodeOptions)
@@ -29,7 +40,8 @@ class EncodeStage(RingStage):
         )
         self.initial_bitrate_bps = options.start_bitrate_bps
 
-    def on_session_started(self, session: StageSession) -> None:
+    def new_state(self, session: StageSession[None], previous: None) -> None:
+        """The encoder context lives in :class:`EncodeCore`, keyed by session."""
         self.core.close_session(session.session_id)
         self.core.open_session(
             session.session_id,
@@ -39,38 +51,32 @@ class EncodeStage(RingStage):
             bitrate_bps=self.initial_bitrate_bps,
         )
 
-    def on_session_ended(self, session: StageSession) -> None:
+    def end_state(self, session: StageSession[None]) -> None:
         self.core.close_session(session.session_id)
 
     def close(self) -> None:
         self.core.close()
 
-    def drain(self, session: StageSession) -> None:
-        assert session.input is not None
-        frame = session.input.acquire_latest()
-        if frame is None:
-            return
+    def step(self, session: StageSession[None], frame: ReadFrame, out: WriteSlot | None) -> Encoded:
         stamps = frame.stamps
         stamps[Stage.ENCODE_START] = time.monotonic_ns()
-        try:
-            packets = self.core.encode(session.session_id, frame.array, frame.pts)
-        finally:
-            intact = session.input.release(frame)
+        packets = self.core.encode(session.session_id, frame.array, frame.pts)
         stamps[Stage.ENCODE_END] = time.monotonic_ns()
-        if not intact:
-            return
+        return Encoded(frame.frame_number, stamps, packets)
+
+    def commit(self, session: StageSession[None], outcome: Encoded, out: WriteSlot | None) -> None:
         session.frames_done += 1
         self.frames_done += 1
         target = session.downstream
         if target is None:
             return
-        if not packets:  # the encoder dropped the frame (rate control): lost here
+        if not outcome.packets:  # the encoder dropped the frame (rate control): lost here
             self.outbox.send(
                 target, p.FramesDropped(session_id=session.session_id, stage="encode", count=1)
             )
             return
-        stamp_list = stamps.tolist()
-        for packet in packets:
+        stamp_list = outcome.stamps.tolist()
+        for packet in outcome.packets:
             self.outbox.send(
                 target,
                 p.EncodedPacket(
@@ -78,7 +84,7 @@ class EncodeStage(RingStage):
                     data=packet.data,
                     pts=packet.pts,
                     keyframe=packet.keyframe,
-                    frame_number=frame.frame_number,
+                    frame_number=outcome.frame_number,
                     stamps=stamp_list,
                 ),
             )
@@ -93,6 +99,4 @@ class EncodeStage(RingStage):
                 raise ValueError(f"encode does not take {type(msg).__name__}")
 
     def _known(self, session_id: str) -> str:
-        if session_id not in self.sessions:
-            raise KeyError(f"unknown session {session_id!r}")
-        return session_id
+        return self.session(session_id).session_id

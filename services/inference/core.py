@@ -82,7 +82,7 @@ def warm_up(pipeline: Pipeline, spec: PipelineSpec, load_config: Any) -> None:
             if spec.default_mode == "video":
                 rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
                 frames = pipeline.prepare(state, rgb)
-            pipeline([Request(state, frames, i)])
+            pipeline([Request("warm-up", state, frames, i)])
     finally:
         pipeline.end_session(state)
 
@@ -93,7 +93,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 @dataclass(eq=False)
-class SessionInfo:
+class InferenceState:
+    """What the inference stage keeps per session."""
+
     mode: str
     config: dict[str, Any]
     pipeline_state: Any
@@ -105,7 +107,7 @@ class SessionInfo:
     last_info: dict[str, Any] | None = None
 
 
-class InferenceCore(RingStage):
+class InferenceCore(RingStage[InferenceState]):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         options = msgspec.convert(spec.options, InferenceOptions)
@@ -141,22 +143,11 @@ class InferenceCore(RingStage):
 
     # ------------------------------------------------------------ sessions
 
-    def start_session(self, msg: p.StartSession) -> None:
-        if msg.session_id in self.sessions:  # sent again after a restart elsewhere: start afresh
-            self.end_session(msg.session_id)
-        try:
-            super().start_session(msg)
-        except Exception:
-            session = self.sessions.pop(msg.session_id, None)
-            if session is not None:
-                session.close()
-            raise
-
-    def _info(self, session: StageSession) -> SessionInfo:
-        info: SessionInfo = session.state["inference"]
-        return info
-
-    def on_session_started(self, session: StageSession) -> None:
+    def new_state(
+        self, session: StageSession[InferenceState], previous: InferenceState | None
+    ) -> InferenceState:
+        """A fresh pipeline state (StartSession again, after a restart elsewhere, starts
+        afresh: the previous one was ended with its session)."""
         spec = self.pipeline_spec
         # Frames in: video. No input ring: this stage generates (text). The ``mode`` parameter
         # is the session's (every stage of a chain gets the same parameters).
@@ -174,7 +165,7 @@ class InferenceCore(RingStage):
         state = self.pipeline.new_session(session.session_id, session.width, session.height, config)
         merged["reset_cache"] = False if "reset_cache" in fields else merged.get("reset_cache")
         merged = {k: v for k, v in merged.items() if v is not None or k in params}
-        session.state["inference"] = SessionInfo(
+        return InferenceState(
             mode=mode,
             config=merged,
             pipeline_state=state,
@@ -182,26 +173,13 @@ class InferenceCore(RingStage):
             next_due=time.monotonic(),
         )
 
-    def on_session_ended(self, session: StageSession) -> None:
-        info = session.state.get("inference")
-        if info is not None and info.failed is None:
-            self.pipeline.end_session(info.pipeline_state)
+    def end_state(self, session: StageSession[InferenceState]) -> None:
+        if session.state.failed is None:
+            self.pipeline.end_session(session.state.pipeline_state)
 
-    def on_parameters(self, session: StageSession, changed: dict[str, Any]) -> None:
-        self.update_parameters(session, changed)
-
-    def handle_other(self, msg: p.InboxMessage) -> None:
-        if isinstance(msg, p.UpdateParameters):  # for runtimes whose RingStage does not
-            session = self.sessions.get(msg.session_id)
-            if session is None:
-                raise KeyError(f"unknown session {msg.session_id!r}")
-            self.update_parameters(session, msg.params)
-            return
-        super().handle_other(msg)
-
-    def update_parameters(self, session: StageSession, changed: dict[str, Any]) -> None:
+    def on_parameters(self, session: StageSession[InferenceState], changed: dict[str, Any]) -> None:
         """Merge new values (newest wins); the pipeline applies them on the next frame."""
-        info = self._info(session)
+        info = session.state
         if info.failed is not None:
             return
         spec = self.pipeline_spec
@@ -217,7 +195,9 @@ class InferenceCore(RingStage):
         if info.config.get("reset_cache"):
             info.config["reset_cache"] = False
 
-    def _known(self, session: StageSession, params: dict[str, Any]) -> dict[str, Any]:
+    def _known(
+        self, session: StageSession[InferenceState], params: dict[str, Any]
+    ) -> dict[str, Any]:
         """The parameters this pipeline has. The same parameters go to every stage of a
         session (signalling has validated them against the session's pipeline), so others are
         not this stage's business."""
@@ -227,10 +207,10 @@ class InferenceCore(RingStage):
             logger.debug("session %s: ignoring %s", session.session_id, ", ".join(unknown))
         return {k: v for k, v in params.items() if k in fields}
 
-    def _paused(self, info: SessionInfo) -> bool:
+    def _paused(self, info: InferenceState) -> bool:
         return bool(info.config.get("paused", False))
 
-    def _tell(self, session: StageSession, kind: str, data: Any) -> None:
+    def _tell(self, session: StageSession[InferenceState], kind: str, data: Any) -> None:
         self.outbox.send(
             self.notify,
             p.StageOutput(
@@ -240,7 +220,7 @@ class InferenceCore(RingStage):
 
     # ------------------------------------------------------------ video sessions
 
-    def drain(self, session: StageSession) -> None:
+    def drain(self, session: StageSession[InferenceState]) -> None:
         """A frame arrived: note it; :meth:`tick` runs the model once the inbox is drained, so
         heartbeats are answered between model calls and waiting sessions share a call."""
         self._pending.add(session.session_id)
@@ -251,27 +231,26 @@ class InferenceCore(RingStage):
     def _run_video(self) -> None:
         """Every video session with a frame waiting, one pipeline call per resolution."""
         pending, self._pending = self._pending, set()
-        groups: dict[tuple[int, int], list[StageSession]] = {}
+        groups: dict[tuple[int, int], list[StageSession[InferenceState]]] = {}
         for sid in pending:
             s = self.sessions.get(sid)
             if s is None or s.input is None:
                 continue
-            info = self._info(s)
+            info = s.state
             if info.mode == "video" and info.failed is None and s.input.has_new():
                 groups.setdefault((s.width, s.height), []).append(s)
         for group in groups.values():
             self._run_video_group(group)
 
-    def _run_video_group(self, group: list[StageSession]) -> None:
+    def _run_video_group(self, group: list[StageSession[InferenceState]]) -> None:
         requests: list[Request] = []
-        owners: dict[int, StageSession] = {}
-        held: dict[int, ReadFrame] = {}
+        held: dict[str, ReadFrame] = {}
         for s in group:
             assert s.input is not None
             frame = s.input.acquire_latest()
             if frame is None:
                 continue
-            info = self._info(s)
+            info = s.state
             stamps = frame.stamps
             stamp(stamps, Stage.INFERENCE_START)
             if self._paused(info):
@@ -283,21 +262,18 @@ class InferenceCore(RingStage):
                 s.input.release(frame)
                 raise
             if self.pipeline.copies_input:
-                if not s.input.release(frame):
+                if not self.release(s, frame):
                     continue  # overwritten while we copied it: never reaches the model
             else:
-                held[id(info.pipeline_state)] = frame
+                held[s.session_id] = frame
             tag = FrameMeta(frame.frame_number, frame.pts, stamps)
-            requests.append(Request(info.pipeline_state, prepared, tag))
-            owners[id(info.pipeline_state)] = s
+            requests.append(Request(s.session_id, info.pipeline_state, prepared, tag))
         try:
             if requests:
-                self._run(requests, owners, held)
+                self._run(requests, held)
         finally:
-            for key, frame in held.items():  # inputs held but not turned into an output
-                owner_input = owners[key].input
-                if owner_input is not None:
-                    owner_input.release(frame)
+            for session_id, frame in held.items():  # inputs held but not turned into an output
+                self.release(self.sessions[session_id], frame)
 
     # ------------------------------------------------------------ text sessions
 
@@ -309,10 +285,10 @@ class InferenceCore(RingStage):
 
     def _run_text(self) -> float | None:
         now = time.monotonic()
-        due: dict[tuple[int, int], list[StageSession]] = {}
+        due: dict[tuple[int, int], list[StageSession[InferenceState]]] = {}
         waits: list[float] = []
         for s in self.sessions.values():
-            info = self._info(s)
+            info = s.state
             if info.mode != "text" or info.failed is not None or s.output is None:
                 continue
             if self._paused(info):
@@ -324,33 +300,27 @@ class InferenceCore(RingStage):
                 waits.append(info.next_due - now)
         for group in due.values():
             requests: list[Request] = []
-            owners: dict[int, StageSession] = {}
             for s in group:
-                info = self._info(s)
+                info = s.state
                 stamps = np.zeros(N_STAMPS, dtype=np.int64)
                 stamp(stamps, Stage.GENERATION_START)
                 stamps[Stage.INFERENCE_START] = stamps[Stage.GENERATION_START]
                 pts = (int(stamps[Stage.GENERATION_START]) - info.started_ns) * 90_000 // 10**9
-                requests.append(
-                    Request(info.pipeline_state, None, FrameMeta(info.generated, pts, stamps))
-                )
-                owners[id(info.pipeline_state)] = s
-            self._run(requests, owners, {})
+                tag = FrameMeta(info.generated, pts, stamps)
+                requests.append(Request(s.session_id, info.pipeline_state, None, tag))
+            self._run(requests, {})
             after = time.monotonic()
             for s in group:
-                info = self._info(s)
+                info = s.state
                 info.next_due = max(info.next_due + 1.0 / self.text_fps, after)
                 waits.append(info.next_due - after)
         return max(0.0, min(waits)) if waits else None
 
     # ------------------------------------------------------------ the call
 
-    def _run(
-        self,
-        requests: list[Request],
-        owners: dict[int, StageSession],
-        held: dict[int, ReadFrame],
-    ) -> None:
+    def _run(self, requests: list[Request], held: dict[str, ReadFrame]) -> None:
+        """One pipeline call; results go to their sessions by id (``held``: inputs still in
+        use, released once their output is filled)."""
         model_start = time.monotonic_ns()
         try:
             results = self.pipeline(requests)
@@ -365,21 +335,21 @@ class InferenceCore(RingStage):
                 reason = f"{self.pipeline_spec.id} failed: {type(exc).__name__}: {exc}"
                 logger.exception("pipeline call failed")
             for r in requests:
-                self._fail(owners[id(r.state)], reason)
+                self._fail(self.sessions[r.session_id], reason)
             self.pipeline.free_memory()
             return
         model_end = time.monotonic_ns()
         for res in results:
             if res.frame is None:
                 continue
-            session = owners[id(res.state)]
+            session = self.sessions[res.session_id]
             self._publish_result(
-                session, res, model_start, model_end, held.pop(id(res.state), None)
+                session, res, model_start, model_end, held.pop(res.session_id, None)
             )
 
     def _publish_result(
         self,
-        session: StageSession,
+        session: StageSession[InferenceState],
         res: Result,
         model_start: int,
         model_end: int,
@@ -396,18 +366,18 @@ class InferenceCore(RingStage):
         width, height = int(res.frame.shape[1]), int(res.frame.shape[0])
         slot = session.output.begin(width, height)
         copy_frame(slot.array, res.frame)
-        if held is not None and session.input is not None and not session.input.release(held):
+        if held is not None and not self.release(session, held):
             return  # the input was torn while we used it: drop the output
         stamp(stamps, Stage.INFERENCE_END)
         self.publish(session, slot, FrameMeta(meta.frame_number, meta.pts, stamps))
-        info = self._info(session)
+        info = session.state
         info.generated += 1
         if res.info and res.info != info.last_info:
             info.last_info = res.info
             self._tell(session, "fetch_output", {"frame_number": meta.frame_number, **res.info})
 
-    def _fail(self, session: StageSession, reason: str) -> None:
-        info = self._info(session)
+    def _fail(self, session: StageSession[InferenceState], reason: str) -> None:
+        info = session.state
         if info.failed is not None:
             return
         info.failed = reason

@@ -183,7 +183,7 @@ class DreamPipeline(d.SDTurboPipeline):
             s.frames += 1
             # The same for every frame of an interval: the client hears of each keyframe once.
             info = {"keyframe_number": s.keyframe_number, "generation_time_ms": s.keyframe_ms}
-            results.append(Result(s, img, r.tag, info))
+            results.append(Result(r.session_id, img, r.tag, info))
         return results
 
     def free_memory(self) -> None:

@@ -17,7 +17,7 @@ class PassthroughPipeline(Pipeline):
         return {"session_id": session_id}
 
     def __call__(self, requests: Sequence[Request]) -> list[Result]:
-        return [Result(r.state, r.frames, r.tag) for r in requests]
+        return [Result(r.session_id, r.frames, r.tag) for r in requests]
 
 
 def load(spec: PipelineSpec, load_params: Any, models_dir: Path) -> PassthroughPipeline:

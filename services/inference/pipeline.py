@@ -139,9 +139,10 @@ class PipelineSpec:
 
 @dataclass(eq=False)
 class Request:
-    """One session's share of a call: its state, its input (None in text mode) and a tag
-    the result must carry back (the frame's metadata)."""
+    """One session's share of a call: its id and state, its input (None in text mode) and a
+    tag the result must carry back (the frame's metadata)."""
 
+    session_id: str
     state: Any
     frames: Any
     tag: Any
@@ -149,10 +150,10 @@ class Request:
 
 @dataclass(eq=False)
 class Result:
-    """One output frame of a session, with the tag of the input it derives from and
+    """One output frame of a session (by id), with the tag of the input it derives from and
     per-frame facts for the client (e.g. ``keyframe_number``)."""
 
-    state: Any
+    session_id: str
     frame: Any
     tag: Any
     info: dict[str, Any] | None = None

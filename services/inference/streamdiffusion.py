@@ -131,7 +131,7 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
         for r in requests:
             s: SDSession = r.state
             if self._skip(s, r.frames):
-                results.append(Result(s, s.prev_output, r.tag, {"skipped": True}))
+                results.append(Result(r.session_id, s.prev_output, r.tag, {"skipped": True}))
             else:
                 work.append(r)
         if not work:
@@ -183,12 +183,12 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
             if count == n:
                 finished.append((s, x0_s[n - 1 : n], s.tags.pop()))
             else:
-                results.append(Result(s, None, None, {"warming_up": True}))
+                results.append(Result(s.session_id, None, None, {"warming_up": True}))
         if finished:
             images = d.decode_latents(c, torch.cat([lat for _, lat, _ in finished]))
             for (s, _, tag), img in zip(finished, images, strict=True):
                 s.prev_output = img
-                results.append(Result(s, img, tag))
+                results.append(Result(s.session_id, img, tag))
         return results
 
     def free_memory(self) -> None:

@@ -85,7 +85,7 @@ class TestcardPipeline(Pipeline):
             frame = np.empty((s.height, s.width, 3), dtype=np.uint8)
             frame[:] = s.step()
             draw_frame_number(frame, s.frames)
-            results.append(Result(s, frame, r.tag))
+            results.append(Result(r.session_id, frame, r.tag))
             s.frames += 1
         return results
 

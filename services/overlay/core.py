@@ -37,7 +37,7 @@ from services.overlay.model import FeatureRequest, VisionModel, make_model, run_
 from services.overlay.worker import InferenceJob, InferenceOutcome, InferenceWorker
 from services.runtime import Outbox, ServiceSpec
 from services.stage import RingStage, StageSession
-from shm.ring import FrameMeta, Stage, stamp
+from shm.ring import FrameMeta, ReadFrame, Stage, WriteSlot, stamp
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,16 @@ class OverlayState:
     stale_dropped: int = 0
 
 
-class OverlayCore(RingStage):
+@dataclass(slots=True)
+class Drawn:
+    """A frame drawn into its output slot: published, and its due job submitted, only if the
+    input frame was intact."""
+
+    meta: FrameMeta
+    job: InferenceJob | None
+
+
+class OverlayCore(RingStage[OverlayState]):
     """The ``overlay`` service core: one model, any number of sessions."""
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox, model: VisionModel | None = None) -> None:
@@ -83,7 +92,6 @@ class OverlayCore(RingStage):
                 self.options.model, models_dir, compile_model, dict(self.options.model_options)
             )
         self.model = model
-        self.states: dict[str, OverlayState] = {}
         self.clock = time.monotonic  # result ages; tests move it
         self._seq = 0
         self.worker = InferenceWorker(self._infer, name=f"{spec.name}.model")
@@ -96,40 +104,31 @@ class OverlayCore(RingStage):
     def start_session(self, msg: p.StartSession) -> None:
         if not msg.input_ring or not msg.output_ring:
             raise ValueError("overlay needs an input ring and an output ring")
-        config = parse_config(msg.params)  # a bad value fails the session, naming the field
-        old = self.states.get(msg.session_id)
-        if old is not None:
-            config = old.config  # StartSession again (a restart): later updates are newer
-        self.worker.cancel(msg.session_id)
         super().start_session(msg)
-        self.states[msg.session_id] = OverlayState(config=config)
 
-    def on_session_ended(self, session: StageSession) -> None:
-        self.states.pop(session.session_id, None)
+    def new_state(
+        self, session: StageSession[OverlayState], previous: OverlayState | None
+    ) -> OverlayState:
+        config = parse_config(session.params)  # a bad value fails the session, naming the field
+        if previous is not None:
+            config = previous.config  # StartSession again (a restart): later updates are newer
+        self.worker.cancel(session.session_id)
+        return OverlayState(config=config)
+
+    def end_state(self, session: StageSession[OverlayState]) -> None:
         self.worker.cancel(session.session_id)
 
     # ------------------------------------------------------------ messages
 
-    def on_parameters(self, session: StageSession, changed: dict[str, Any]) -> None:
-        """``UpdateParameters`` for a session (routed here by :class:`RingStage`)."""
-        self.update_parameters(session.session_id, changed)
-
-    def handle_other(self, msg: p.InboxMessage) -> None:
-        match msg:
-            case p.UpdateParameters(session_id=session_id, params=params):
-                if session_id not in self.sessions:
-                    raise KeyError(f"unknown session {session_id!r}")
-                self.update_parameters(session_id, params)
-            case _:
-                super().handle_other(msg)
-
-    def update_parameters(self, session_id: str, params: dict[str, Any]) -> None:
+    def on_parameters(self, session: StageSession[OverlayState], changed: dict[str, Any]) -> None:
         """Newest value of each key wins; a bad value changes nothing and tells the client."""
-        state = self.states[session_id]
+        state = session.state
         try:
-            config = parse_config(params, state.config)
+            config = parse_config(changed, state.config)
         except msgspec.ValidationError as exc:
-            self._send(p.StageOutput(session_id, self.spec.name, "error", f"parameters: {exc}"))
+            self._send(
+                p.StageOutput(session.session_id, self.spec.name, "error", f"parameters: {exc}")
+            )
             return
         if config.result_key() != state.config.result_key():
             state.result = None  # never draw a result of other settings
@@ -146,34 +145,32 @@ class OverlayCore(RingStage):
 
     # ------------------------------------------------------------ frames
 
-    def drain(self, session: StageSession) -> None:
-        assert session.input is not None and session.output is not None
-        frame = session.input.acquire_latest()
-        if frame is None:
-            return
-        state = self.states[session.session_id]
+    def step(
+        self, session: StageSession[OverlayState], frame: ReadFrame, out: WriteSlot | None
+    ) -> Drawn:
+        assert out is not None
+        state = session.state
         stamps = frame.stamps
         stamp(stamps, Stage.OVERLAY_START)
-        try:
-            job = self._schedule(session.session_id, state, frame.array, frame.frame_number)
-            self.collect()
-            slot = session.output.begin(session.width, session.height)
-            np.copyto(slot.array, frame.array, casting="no")
-            plan = self._plan(state, session.width, session.height)
-            if plan is not None:
-                plan.draw(slot.array)
-        except BaseException:
-            session.input.release(frame)
-            raise
+        job = self._schedule(session.session_id, state, frame.array, frame.frame_number)
+        self.collect()
+        np.copyto(out.array, frame.array, casting="no")
+        plan = self._plan(state, session.width, session.height)
+        if plan is not None:
+            plan.draw(out.array)
         stamp(stamps, Stage.OVERLAY_END)
-        if not session.input.release(frame):
-            logger.debug("session %s: frame %d torn, discarded", session.session_id, frame.seq)
-            if job is not None:
-                state.submitted_key = None  # the due inference happens on the next frame
-            return
-        if job is not None:
-            self.worker.submit(job)
-        self.publish(session, slot, FrameMeta(frame.frame_number, frame.pts, stamps))
+        return Drawn(FrameMeta(frame.frame_number, frame.pts, stamps), job)
+
+    def commit(
+        self, session: StageSession[OverlayState], outcome: Drawn, out: WriteSlot | None
+    ) -> None:
+        if outcome.job is not None:
+            self.worker.submit(outcome.job)
+        super().commit(session, outcome.meta, out)
+
+    def on_torn(self, session: StageSession[OverlayState], outcome: Drawn) -> None:
+        if outcome.job is not None:
+            session.state.submitted_key = None  # the due inference happens on the next frame
 
     def _schedule(
         self, session_id: str, state: OverlayState, rgb: np.ndarray, frame_number: int
@@ -232,10 +229,9 @@ class OverlayCore(RingStage):
     def collect(self) -> None:
         """Take finished inferences into the sessions' state and tell the clients."""
         for outcome in self.worker.poll():
-            state = self.states.get(outcome.session_id)
-            if state is None:
-                continue
-            self._accept(outcome, state)
+            session = self.sessions.get(outcome.session_id)
+            if session is not None:
+                self._accept(outcome, session.state)
 
     def _accept(self, outcome: InferenceOutcome, state: OverlayState) -> None:
         if outcome.key != state.config.result_key():

@@ -272,14 +272,14 @@ class WanPipeline(Pipeline):
                     if not s.ahead.done():
                         # The block is still being made: this tick gets no frame, and the
                         # service loop stays free for heartbeats and other sessions.
-                        results.append(Result(s, None, None, {"warming_up": True}))
+                        results.append(Result(s.session_id, None, None, {"warming_up": True}))
                         continue
                     self.settle(s)  # done: its failure, if any, is raised here
                 if not s.out:
                     with self._model_lock:
                         s.out.extend(self._text_block(s))
                 frame, _, block = s.out.popleft()
-                results.append(Result(s, frame, r.tag, {"block": block}))
+                results.append(Result(s.session_id, frame, r.tag, {"block": block}))
                 if self.prefetch and s.ahead is None and len(s.out) < 4 * self.block_frames:
                     s.ahead = self._worker.submit(self._text_block_ahead, s)
                 continue
@@ -291,9 +291,9 @@ class WanPipeline(Pipeline):
             if s.out:
                 frame, tag, block = s.out.popleft()
                 info = {"block": block, "noise_scale": s.noise_level}
-                results.append(Result(s, frame, tag, info))
+                results.append(Result(s.session_id, frame, tag, info))
             else:
-                results.append(Result(s, None, None, {"warming_up": True}))
+                results.append(Result(s.session_id, None, None, {"warming_up": True}))
         return results
 
     def _frames_needed(self, s: WanSession) -> int:
