@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from services.overlay.config import PIPELINE_ID as OVERLAY_PIPELINE_ID
+from services.topology import SIGNALLING
 
 #: Encoder bitrates (bits per second): where a session starts and the range REMB moves it in.
 #: 1 Mbps suits 512x512 to 720p VP8 at 30 fps; aiortc starts at 0.5 and caps at 1.5.
@@ -20,7 +21,6 @@ MAX_BITRATE_BPS = 3_000_000
 #: As aiortc's VP8 ``kf_max_dist``: a keyframe this often at most; PLI asks for the rest.
 KEYFRAME_INTERVAL_FRAMES = 3000
 #: Who hears a stage's results and errors, and asks for keyframes.
-SIGNALLING = "signalling"
 #: The most frames a second a text-mode session gets from an inference process.
 TEXT_FPS = 30.0
 

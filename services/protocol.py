@@ -109,12 +109,17 @@ class Shutdown(msgspec.Struct, tag=True, forbid_unknown_fields=True):
 
 
 class OpenSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
-    """Allocate the rings of a chain of stages and start the session in each."""
+    """Allocate the rings of a session's chain and start the session in each stage.
+
+    The chain is the supervisor's to plan (:func:`services.topology.plan_chain`) from
+    ``pipeline_ids``, the session's pipelines in order; ``stages`` instead names the services
+    outright (synthetic chains in tests and benchmarks)."""
 
     session_id: str
-    stages: list[str]
     width: int
     height: int
+    pipeline_ids: list[str] = []
+    stages: list[str] = []
     sink: str | None = None
     params: dict[str, Any] = {}
     mode: str = "video"
@@ -211,6 +216,8 @@ class Ack(msgspec.Struct, tag=True, forbid_unknown_fields=True):
 
 class SessionOpened(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     session_id: str
+    #: The processes the session's frames pass, in order; ``rings[i]`` joins stage i to i+1.
+    stages: list[str]
     rings: list[str]
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from services import protocol as p
+from services import topology
+from services.models.store import resolve_models_dir
 from services.runtime import ServiceSpec, log_file
 from signalling.api import ApiConfig, StudioState, add_api_routes
 from signalling.backend import SignallingBackend
@@ -21,7 +24,7 @@ from signalling.metrics_routes import add_metrics_routes
 from signalling.models import ModelsLink
 from signalling.outputs import add_output_routes
 from signalling.pipelines import PipelineCatalog
-from signalling.sessions import DEFAULT_CONNECT_TIMEOUT_S, SessionManager
+from signalling.sessions import DEFAULT_CONNECT_TIMEOUT_S, Session, SessionManager
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +58,13 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
     admin = AdminLink(control.ctx, spec.run_dir)
     outbox = AsyncOutbox(control.ctx, spec.run_dir)
     catalog = PipelineCatalog()
-    models = ModelsLink(Path(str(options.get("models_dir", "~/.dreamwire/models"))).expanduser())
+    models = ModelsLink(resolve_models_dir(options.get("models_dir")))
     backend: SignallingBackend
 
-    async def open_chain(*args: object) -> None:
-        await backend.open_chain(*args)  # type: ignore[arg-type]
+    async def open_chain(
+        session: Session, width: int, height: int, params: dict[str, Any]
+    ) -> list[str]:
+        return await backend.open_chain(session, width, height, params)
 
     async def close_chain(session_id: str) -> None:
         await backend.close_chain(session_id)
@@ -85,7 +90,7 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
             case p.StageOutput():
                 sessions.on_stage_output(msg)
             case p.FramesDropped(session_id=session_id, stage=stage, count=count):
-                if stage not in ("decode", "encode") or not 0 < count <= MAX_DROP_REPORT:
+                if stage not in topology.MEDIA_KINDS or not 0 < count <= MAX_DROP_REPORT:
                     raise ValueError(f"drops: {count} at {stage!r} is not a drop report")
                 sessions.metrics.dropped(session_id, stage, count)
             case _:

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from services import protocol as p
+from services import topology
 from signalling.api.errors import (
     ConcurrencyLimitReached,
     InvalidParameters,
@@ -32,8 +33,6 @@ from signalling.sessions import Session, SessionManager, SessionPlan
 from signalling.webrtc.offer_limits import check_offer
 
 logger = logging.getLogger(__name__)
-
-SIGNALLING = "signalling"
 
 
 class SessionRefused(RuntimeError):
@@ -111,36 +110,16 @@ class SignallingBackend:
             )
         if any(s.status == "loading" for s in states):
             raise NoPipelineLoaded("Pipeline is still loading. Wait for status 'loaded'.")
-        loaded = [s for s in states if s.status == "loaded"]
+        loaded = {s.pipeline_id: s for s in states if s.status == "loaded"}
         if not loaded:
             raise NoPipelineLoaded()
-        if asked is not None:
-            by_id = {s.pipeline_id: s for s in loaded}
-            if missing := [pid for pid in asked if pid not in by_id]:
-                raise InvalidParameters(
-                    f"initialParameters.pipeline_ids: {', '.join(missing)} not loaded "
-                    f"(loaded: {', '.join(by_id)})"
-                )
-            loaded = [by_id[pid] for pid in dict.fromkeys(asked)]
-        models = [s for s in loaded if not self.catalog.is_overlay(s.pipeline_id)]
-        overlays = [s for s in loaded if self.catalog.is_overlay(s.pipeline_id)]
-        if asked is not None and (len(models) > 1 or len(overlays) > 1):
-            raise InvalidParameters(
-                "initialParameters.pipeline_ids: a session runs one model pipeline and at most "
-                f"one overlay, got {', '.join(asked)}"
-            )
-        chain = [*models[:1], *overlays[:1]]
-        first = chain[0]
+        try:
+            chain = topology.plan_chain(list(loaded), asked)
+        except topology.ChainError as exc:
+            raise InvalidParameters(f"initialParameters.{exc}") from None
+        first = loaded[chain.pipeline_id]
         info = self.catalog.info(first.pipeline_id, first.load_params)
-        processing = [f"inference/{s.pipeline_id}" for s in models[:1]]
-        processing += ["overlay" for _ in overlays[:1]]
-        return SessionPlan(
-            pipeline_ids=tuple(s.pipeline_id for s in chain),
-            processing=tuple(processing),
-            width=info.width,
-            height=info.height,
-            modes=info.modes,
-        )
+        return SessionPlan(chain=chain, width=info.width, height=info.height, modes=info.modes)
 
     # ------------------------------------------------------------------ sessions
 
@@ -165,7 +144,7 @@ class SignallingBackend:
         self, offer: WebRtcOfferRequest, intent: Intent, params: dict[str, Any]
     ) -> WebRtcOfferResponse:
         plan = await self._session_plan(intent.pipeline_ids)
-        checked = self.catalog.sort(plan.pipeline_ids, params)
+        checked = self.catalog.sort(plan.chain.pipeline_ids, params)
         if checked.errors:
             raise InvalidParameters(
                 "initialParameters." + "; initialParameters.".join(checked.errors)
@@ -191,22 +170,26 @@ class SignallingBackend:
 
     async def open_chain(
         self, session: Session, width: int, height: int, params: dict[str, Any]
-    ) -> None:
+    ) -> list[str]:
+        """The supervisor plans the session's processes from its pipelines and makes its
+        rings; returns the stages its frames pass."""
         reply = await self.admin.request(
             p.OpenSession(
                 session_id=session.session_id,
-                stages=session.stages,
+                pipeline_ids=list(session.pipeline_ids),
                 width=width,
                 height=height,
-                sink=SIGNALLING,
+                sink=topology.SIGNALLING,
                 params=params,
-                owner=SIGNALLING,
+                owner=topology.SIGNALLING,
                 mode=session.mode,
                 codec=session.codec,
             )
         )
         if isinstance(reply, p.Rejected):
             raise SessionRefused(reply.reason)
+        assert isinstance(reply, p.SessionOpened)
+        return list(reply.stages)
 
     async def close_chain(self, session_id: str) -> None:
         await self.admin.request(p.CloseSession(session_id=session_id))
@@ -246,7 +229,8 @@ class SignallingBackend:
             s.pipeline_id: s.error or "failed" for s in report.pipelines if s.status == "error"
         }
         ok = not errors and all(
-            state in ("ready",) or name.startswith("inference/") for name, state in services.items()
+            state == "ready" or topology.kind_of_service(name) == "inference"
+            for name, state in services.items()
         )
         detail: dict[str, Any] = {"services": services, "sessions": len(self.sessions)}
         if errors:

@@ -44,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from services import protocol as p
+from services import topology
 from shm.ring import Stage
 from signalling.metrics_schema import (
     LatencyStats,
@@ -159,7 +160,7 @@ def segment_info(name: str) -> SegmentInfo:
 def process_of(segment: str, pipeline_id: str) -> str:
     """The process a segment happens in, as ``supervisor status`` names it."""
     process = _SEGMENT_BY_NAME[segment].process
-    return f"inference/{pipeline_id}" if process == "inference" else process
+    return topology.inference_service(pipeline_id) if process == "inference" else process
 
 
 def present_stamps(stamps: Sequence[int]) -> list[tuple[Stage, int]]:

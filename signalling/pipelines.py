@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from services import topology
+
 
 class ParameterError(ValueError):
     """A parameter does not fit the pipeline's schema; the message is ``"<field>: <what>"``."""
@@ -87,7 +89,7 @@ class PipelineCatalog:
         return bool(_registry().is_known(pipeline_id))
 
     def is_overlay(self, pipeline_id: str) -> bool:
-        return bool(_registry().get(pipeline_id).extra.get("stage") == "overlay")
+        return topology.is_overlay(pipeline_id)
 
     def fields(self, pipeline_id: str) -> set[str]:
         return {f.name for f in msgspec.structs.fields(_registry().get(pipeline_id).config)}

@@ -28,6 +28,8 @@ from aiortc import (
 from aiortc.sdp import candidate_from_sdp
 
 from services import protocol as p
+from services import topology
+from services.topology import Chain
 from signalling.api.types import IceCandidate
 from signalling.links import AsyncOutbox
 from signalling.metrics import MetricsAggregator
@@ -45,8 +47,6 @@ from signalling.webrtc import (
 
 logger = logging.getLogger(__name__)
 
-DECODE = "decode"
-ENCODE = "encode"
 PARAMETERS_CHANNEL = "parameters"
 STOPPED_LINGER_S = 2.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -67,23 +67,17 @@ def parse_parameters_message(raw: str | bytes) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class SessionPlan:
-    """What the loaded pipelines make of a new session (computed by the backend)."""
+    """What a new session will be: its chain's pipelines (the supervisor plans the processes
+    and rings from them when the session opens), its size and the modes it can run in."""
 
-    #: The session's pipelines, in chain order (e.g. ``["streamdiffusion", "moondream"]``).
-    pipeline_ids: tuple[str, ...]
-    #: The processes its frames pass, per mode, between decode (video) and encode.
-    processing: tuple[str, ...]
+    chain: Chain
     width: int
     height: int
     modes: tuple[str, ...]
 
     @property
     def pipeline_id(self) -> str:
-        return self.pipeline_ids[0]
-
-    def stages(self, mode: str) -> list[str]:
-        head = [DECODE] if mode == "video" else []
-        return [*head, *self.processing, ENCODE]
+        return self.chain.pipeline_id
 
 
 @dataclass
@@ -131,7 +125,8 @@ class Session:
             self.pending_messages.append(text)
 
 
-OpenChain = Callable[[Session, int, int, dict[str, Any]], Awaitable[None]]
+#: Opens the session's chain (supervisor): returns the stages its frames pass.
+OpenChain = Callable[[Session, int, int, dict[str, Any]], Awaitable[list[str]]]
 CloseChain = Callable[[str], Awaitable[None]]
 
 
@@ -221,7 +216,6 @@ class SessionManager:
         direction = "sendrecv" if mode == "video" else "sendonly"
         transceiver = pc.addTransceiver(track, direction=direction)
         track.attach_sender(transceiver.sender)
-        stages = plan.stages(mode)
         session = Session(
             session_id,
             pipeline_id,
@@ -229,9 +223,9 @@ class SessionManager:
             pc,
             track,
             transceiver,
-            stages,
-            parameter_targets=plan.processing,
-            pipeline_ids=plan.pipeline_ids,
+            [],
+            parameter_targets=plan.chain.processing,
+            pipeline_ids=plan.chain.pipeline_ids,
             nodes=dict(nodes or {}),
         )
         session.params = dict(initial_params)
@@ -252,15 +246,14 @@ class SessionManager:
             await pc.close()
             raise
         self.sessions[session_id] = session
-        self.metrics.session_opened(session_id, pipeline_id, mode, stages)
         self._wire_events(session)
         try:
-            await self._open_chain(session, width, height, dict(initial_params))
+            session.stages = await self._open_chain(session, width, height, dict(initial_params))
         except Exception:
             self.sessions.pop(session_id, None)
-            self.metrics.session_closed(session_id)
             await pc.close()
             raise
+        self.metrics.session_opened(session_id, pipeline_id, mode, session.stages)
         self._spawn(self._close_unconnected(session), f"session-{session_id[:6]}.connect")
         if mode == "video":
             session.drain = start_drain(
@@ -316,7 +309,7 @@ class SessionManager:
     def _forward_frame(self, session: Session, frame: EncodedVideoFrame) -> None:
         session.frames_in += 1
         forwarded = self.outbox.send(
-            DECODE,
+            topology.DECODE,
             p.EncodedFrame(
                 session_id=session.session_id,
                 codec=frame.codec,
@@ -331,10 +324,10 @@ class SessionManager:
 
     def _keyframe_to_encode(self, session_id: str, reason: str) -> None:
         logger.debug("session %s: keyframe requested (%s)", session_id, reason)
-        self.outbox.send(ENCODE, p.KeyframeNeeded(session_id=session_id))
+        self.outbox.send(topology.ENCODE, p.KeyframeNeeded(session_id=session_id))
 
     def _bitrate_to_encode(self, session_id: str, bps: int) -> None:
-        self.outbox.send(ENCODE, p.BitrateChanged(session_id=session_id, bitrate_bps=bps))
+        self.outbox.send(topology.ENCODE, p.BitrateChanged(session_id=session_id, bitrate_bps=bps))
 
     def on_packet(self, msg: p.EncodedPacket) -> None:
         session = self.sessions.get(msg.session_id)

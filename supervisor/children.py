@@ -14,6 +14,7 @@ from collections import deque
 
 import msgspec
 
+from services import topology
 from services.runtime import SPEC_ENV, ServiceSpec
 from supervisor.config import RestartPolicy
 
@@ -31,7 +32,7 @@ class State(enum.StrEnum):
 
 def module_for(kind: str) -> str:
     """signalling has its own asyncio entry; every other kind runs on services.main."""
-    return "signalling.main" if kind == "signalling" else "services.main"
+    return "signalling.main" if kind == topology.SIGNALLING else "services.main"
 
 
 class Child:
@@ -41,9 +42,9 @@ class Child:
         self.spec = spec
         #: Processes started by a pipeline load (inference, overlay): a failed load is final
         #: (status ``error``) until the next load request.
-        self.is_pipeline = spec.kind in ("inference", "overlay")
+        self.is_pipeline = spec.kind in topology.PIPELINE_KINDS
         #: The WebRTC media stages: they answer between frames of a few milliseconds.
-        self.is_media = spec.kind in ("decode", "encode")
+        self.is_media = spec.kind in topology.MEDIA_KINDS
         #: Its connection on control.sock, once its Hello proved it (None before).
         self.route: bytes | None = None
         #: A crash of an inference process ends its sessions (their model state is gone);

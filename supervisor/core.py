@@ -22,6 +22,7 @@ import msgspec
 import zmq
 
 from services import protocol as p
+from services import topology
 from services.models.store import resolve_models_dir
 from services.runtime import ServiceSpec, add_log_file, admin_endpoint, control_endpoint
 from shm.ring import FrameRing, ring_bytes
@@ -36,19 +37,6 @@ from supervisor.procstats import ProcessSampler
 from supervisor.rundir import Run, create_run, reclaim_stale, shm_free_bytes
 
 logger = logging.getLogger(__name__)
-
-
-OVERLAY = "overlay"
-
-
-def service_of_pipeline(pipeline_id: str) -> str:
-    """The process a pipeline runs in: ``overlay`` for overlay stages, else its own
-    ``inference/<id>``."""
-    from services.inference import registry
-
-    if registry.is_known(pipeline_id) and registry.get(pipeline_id).extra.get("stage") == OVERLAY:
-        return OVERLAY
-    return f"inference/{pipeline_id}"
 
 
 class StartupError(RuntimeError):
@@ -153,8 +141,8 @@ class Supervisor:
         plan = [self._pipeline_service(p.PipelineLoad(pid)) for pid in cfg.pipelines]
         if cfg.media:
             decode, encode = msgspec.to_builtins(cfg.decode), msgspec.to_builtins(cfg.encode)
-            plan.append(ServiceConfig("decode", "decode", decode, cfg.restart))
-            plan.append(ServiceConfig("encode", "encode", encode, cfg.restart))
+            plan.append(ServiceConfig(topology.DECODE, topology.DECODE, decode, cfg.restart))
+            plan.append(ServiceConfig(topology.ENCODE, topology.ENCODE, encode, cfg.restart))
         plan += cfg.services
         if cfg.signalling:
             options = {
@@ -167,7 +155,9 @@ class Supervisor:
                 "api": msgspec.to_builtins(cfg.api),
                 "dreams": msgspec.to_builtins(cfg.dreams),
             }
-            plan.append(ServiceConfig("signalling", "signalling", options, cfg.restart))
+            plan.append(
+                ServiceConfig(topology.SIGNALLING, topology.SIGNALLING, options, cfg.restart)
+            )
         return plan
 
     def _pipeline_service(self, load: p.PipelineLoad) -> ServiceConfig:
@@ -176,9 +166,9 @@ class Supervisor:
             "load_params": dict(load.load_params),
             "models_dir": str(self.models_dir),
         }
-        name = service_of_pipeline(load.pipeline_id)
-        kind = "overlay" if name == OVERLAY else "inference"
-        if kind == "overlay" and self.config.overlay_model:
+        name = topology.service_of_pipeline(load.pipeline_id)
+        kind = topology.kind_of_service(name)
+        if kind == topology.OVERLAY and self.config.overlay_model:
             options["model"] = self.config.overlay_model
             options["model_options"] = dict(self.config.overlay_model_options)
         return ServiceConfig(name, kind, options, self.config.restart)
@@ -566,7 +556,7 @@ class Supervisor:
             pid = load.pipeline_id
             if not pid or not all(c.isalnum() or c in "-_." for c in pid) or len(pid) > 64:
                 raise ValueError(f"invalid pipeline id {pid!r}")
-            wanted[service_of_pipeline(pid)] = load
+            wanted[topology.service_of_pipeline(pid)] = load
         for name, child in list(self.children.items()):
             if not child.is_pipeline or child.removing:
                 continue
@@ -615,7 +605,7 @@ class Supervisor:
     def pipeline_states(self) -> list[p.PipelineState]:
         states = []
         for pid in self.pipeline_order:
-            child = self.children.get(service_of_pipeline(pid))
+            child = self.children.get(topology.service_of_pipeline(pid))
             if child is None or child.removing:
                 continue
             status = {
@@ -691,8 +681,9 @@ class Supervisor:
             raise ValueError(f"session {req.session_id!r} already exists")
         if not req.session_id.replace("-", "").isalnum() or len(req.session_id) > 64:
             raise ValueError("session_id must be 1-64 letters, digits or '-'")
-        unknown = [s for s in req.stages if s not in self.children]
-        if unknown or not req.stages:
+        stages = self._stages(req)
+        unknown = [s for s in stages if s not in self.children]
+        if unknown or not stages:
             raise ValueError(
                 f"unknown stage(s): {', '.join(unknown) or '(none given)'}"
                 f" (this server runs: {', '.join(self.children) or 'nothing'})"
@@ -704,7 +695,7 @@ class Supervisor:
             )
         session = Session(
             req.session_id,
-            list(req.stages),
+            stages,
             req.width,
             req.height,
             req.sink,
@@ -714,7 +705,7 @@ class Supervisor:
             codec=req.codec,
         )
         try:
-            for i in range(len(req.stages) - 1):
+            for i in range(len(stages) - 1):
                 session.rings.append(
                     FrameRing.create(
                         self.run.run_id,
@@ -730,8 +721,19 @@ class Supervisor:
         for stage in session.stages:
             if self.children[stage].state is State.READY:
                 self._send(stage, session.start_message(stage))
-        logger.info("session %s opened: %s", req.session_id, " → ".join(req.stages))
-        return p.SessionOpened(session_id=req.session_id, rings=[r.name for r in session.rings])
+        logger.info("session %s opened: %s", req.session_id, " → ".join(stages))
+        return p.SessionOpened(
+            session_id=req.session_id, stages=stages, rings=[r.name for r in session.rings]
+        )
+
+    def _stages(self, req: p.OpenSession) -> list[str]:
+        """The session's chain: planned from its pipelines (among those loaded), or named."""
+        if req.stages:
+            if req.pipeline_ids:
+                raise ValueError("give pipeline_ids or stages, not both")
+            return list(req.stages)
+        loaded = [s.pipeline_id for s in self.pipeline_states() if s.status == "loaded"]
+        return topology.plan_chain(loaded, req.pipeline_ids or None).stages(req.mode)
 
     def close_session(self, session_id: str) -> None:
         session = self.sessions.pop(session_id)

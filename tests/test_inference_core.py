@@ -325,7 +325,12 @@ options = {{ fps = 30 }}
     run = start_supervisor(config)
     video = ["testsrc", "inference/streamdiffusion", "inference/passthrough"]
     reply = run.request(p.OpenSession(session_id="v1", stages=video, width=SIZE, height=SIZE))
-    assert isinstance(reply, p.SessionOpened), reply
+    assert isinstance(reply, p.SessionOpened) and reply.stages == video, reply
+    # A chain the supervisor plans from pipelines: only loaded ones, and it says which are.
+    asked = p.OpenSession(session_id="n1", pipeline_ids=["moondream"], width=SIZE, height=SIZE)
+    reply = run.request(asked)
+    assert isinstance(reply, p.Rejected), reply
+    assert reply.reason.startswith("pipeline_ids: moondream not loaded (loaded: passthrough,")
     text = ["inference/testcard", "inference/passthrough"]
     reply = run.request(
         p.OpenSession(session_id="t1", stages=text, width=128, height=96, params={"mode": "text"})

@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 
 from services import protocol as p
+from services import topology
 from services.models.store import resolve_models_dir
 from services.options import OverlayOptions
 from services.overlay.config import MoondreamConfig, parse_config
@@ -41,7 +42,7 @@ from shm.ring import FrameMeta, ReadFrame, Stage, WriteSlot, stamp
 
 logger = logging.getLogger(__name__)
 
-CLIENT_SERVICE = "signalling"
+CLIENT_SERVICE = topology.SIGNALLING
 #: How often the loop looks for finished inferences while one runs and no frame arrives.
 RESULT_POLL_S = 0.01
 

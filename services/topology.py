@@ -1,0 +1,89 @@
+"""Who is who in a running system, and what chain of stages a session's frames pass.
+
+Torch-free: the supervisor, signalling and the services all import it. Service names are made
+here and nowhere else; :func:`plan_chain` turns the loaded pipelines (and those a client asked
+for) into a :class:`Chain`: its pipelines in order, the processes its frames pass, and which of
+them take the session's runtime parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+SIGNALLING = "signalling"
+DECODE = "decode"
+ENCODE = "encode"
+#: The Moondream overlay: one process for every overlay pipeline.
+OVERLAY = "overlay"
+INFERENCE_PREFIX = "inference/"
+#: Kinds of service process (``ServiceSpec.kind``); an inference service is named per pipeline.
+MEDIA_KINDS = frozenset({DECODE, ENCODE})
+PIPELINE_KINDS = frozenset({"inference", OVERLAY})
+
+
+def inference_service(pipeline_id: str) -> str:
+    return INFERENCE_PREFIX + pipeline_id
+
+
+def is_overlay(pipeline_id: str) -> bool:
+    """An overlay pipeline draws on the frames of another (or the camera's), in ``overlay``."""
+    from services.inference import registry
+
+    return (
+        registry.is_known(pipeline_id) and registry.get(pipeline_id).extra.get("stage") == OVERLAY
+    )
+
+
+def service_of_pipeline(pipeline_id: str) -> str:
+    """The process a pipeline runs in: ``overlay``, or its own ``inference/<id>``."""
+    return OVERLAY if is_overlay(pipeline_id) else inference_service(pipeline_id)
+
+
+def kind_of_service(name: str) -> str:
+    return "inference" if name.startswith(INFERENCE_PREFIX) else name
+
+
+class ChainError(ValueError):
+    """The asked pipelines make no chain; the message names ``pipeline_ids``."""
+
+
+class Chain(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A session's path: its pipelines in order and the processes between decode and encode."""
+
+    pipeline_ids: tuple[str, ...]
+    #: The pipeline processes its frames pass; they take the session's runtime parameters.
+    processing: tuple[str, ...]
+
+    @property
+    def pipeline_id(self) -> str:
+        return self.pipeline_ids[0]
+
+    def stages(self, mode: str) -> list[str]:
+        """Every process a frame passes: decode (video only), the pipelines, encode."""
+        head = [DECODE] if mode == "video" else []
+        return [*head, *self.processing, ENCODE]
+
+
+def plan_chain(loaded: Sequence[str], asked: Sequence[str] | None = None) -> Chain:
+    """The chain the loaded pipelines make (or those of them ``asked`` for): the first model
+    pipeline runs in its inference process; an overlay comes after it, or alone on the camera."""
+    if not loaded:
+        raise ChainError("pipeline_ids: no pipeline is loaded")
+    chosen = list(dict.fromkeys(loaded))
+    if asked is not None:
+        if missing := [pid for pid in asked if pid not in chosen]:
+            raise ChainError(
+                f"pipeline_ids: {', '.join(missing)} not loaded (loaded: {', '.join(chosen)})"
+            )
+        chosen = list(dict.fromkeys(asked))
+    models = [pid for pid in chosen if not is_overlay(pid)]
+    overlays = [pid for pid in chosen if is_overlay(pid)]
+    if asked is not None and (len(models) > 1 or len(overlays) > 1):
+        raise ChainError(
+            "pipeline_ids: a session runs one model pipeline and at most one overlay, "
+            f"got {', '.join(asked)}"
+        )
+    pipelines = (*models[:1], *overlays[:1])
+    return Chain(pipeline_ids=pipelines, processing=tuple(map(service_of_pipeline, pipelines)))
