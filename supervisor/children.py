@@ -1,22 +1,22 @@
-"""Child processes of the supervisor: spawn, state, restart policy with backoff."""
+"""One supervised service as the supervisor's logic sees it: a state machine, no process.
+
+Every transition of a child is a method here, given the time: started (a pid), ready, heartbeat
+answers, a word of failure, asked to stop, exited, and the restart policy with backoff. The
+process itself (``Popen``, its pidfd) belongs to :mod:`supervisor.process`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import enum
+import hmac
 import logging
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections import deque
 
-import msgspec
-
+from services import protocol as p
 from services import topology
-from services.runtime import SPEC_ENV, ServiceSpec
-from supervisor.config import RestartPolicy
+from services.runtime import ServiceSpec
+from supervisor.config import Config, RestartPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -30,37 +30,34 @@ class State(enum.StrEnum):
     STOPPED = "stopped"
 
 
-def module_for(kind: str) -> str:
-    """signalling has its own asyncio entry; every other kind runs on services.main."""
-    return "signalling.main" if kind == topology.SIGNALLING else "services.main"
-
-
 class Child:
-    """One supervised service: a process that comes and goes, and its bookkeeping."""
+    """One supervised service: the process that comes and goes under its name, and why."""
 
     def __init__(self, spec: ServiceSpec, policy: RestartPolicy) -> None:
         self.spec = spec
+        self.name = spec.name
+        self.policy = policy
         #: Processes started by a pipeline load (inference, overlay): a failed load is final
         #: (status ``error``) until the next load request.
         self.is_pipeline = spec.kind in topology.PIPELINE_KINDS
         #: The WebRTC media stages: they answer between frames of a few milliseconds.
         self.is_media = spec.kind in topology.MEDIA_KINDS
-        #: Its connection on control.sock, once its Hello proved it (None before).
-        self.route: bytes | None = None
         #: A crash of an inference process ends its sessions (their model state is gone);
         #: decode, encode and overlay carry their sessions on after a restart.
         self.fatal_to_sessions = spec.kind == "inference"
-        self.removing = False
-        self.name = spec.name
-        self.policy = policy
         self.state = State.STOPPED
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.pidfd: int | None = None
+        #: The running process's pid (None: none runs).
+        self.pid: int | None = None
+        #: Its connection on control.sock, once its Hello proved it (None before).
+        self.route: bytes | None = None
+        #: Unloaded: it is stopping for good and leaves the table when it exits.
+        self.removing = False
         self.started_at = 0.0
         self.ready_at = 0.0
         self.restarts = 0
         self.restart_times: deque[float] = deque()
         self.restart_due = 0.0
+        self.stop_deadline = 0.0
         self.last_error = ""
         self.failure_reason = ""  # what the process said (ServiceFailed) before it died
         self.kill_reason = ""  # why the supervisor killed it (no heartbeat, no progress)
@@ -74,58 +71,78 @@ class Child:
         self.rejected = 0
         self.sessions = 0
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+    # ------------------------------------------------------------ the process's life
 
-    def spawn(self) -> None:
-        env = dict(os.environ)
-        env[SPEC_ENV] = msgspec.json.encode(self.spec).decode()
+    def started(self, pid: int, now: float) -> None:
+        self.pid = pid
         self.route = None  # the new process proves itself anew
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module_for(self.spec.kind)],
-            env=env,
-            close_fds=True,
-        )
-        try:
-            self.pidfd = os.pidfd_open(self.proc.pid)
-        except (AttributeError, OSError):
-            self.pidfd = None  # polled instead (non-Linux / old kernel)
-        now = time.monotonic()
         self.failure_reason = ""
         self.kill_reason = ""
         self.state = State.STARTING
-        self.started_at = now
+        self.started_at = self.last_ack = self.progress_at = now
+        self.unanswered_since = None
+        logger.info("started %s (pid %d)", self.name, pid)
+
+    def proven(self, hello: p.Hello, secret: str, route: bytes) -> bool:
+        """A Hello from the process this child started, with the run's secret: its
+        connection becomes the child's route."""
+        if self.pid is None or self.pid != hello.pid:
+            return False
+        if not hmac.compare_digest(hello.secret.encode(), secret.encode()):
+            return False
+        self.route = route
+        return True
+
+    def ready(self, now: float) -> None:
+        self.state = State.READY
+        self.ready_at = self.last_ack = self.progress_at = now
+        self.unanswered_since = None
+        logger.info("%s ready in %.2f s", self.name, now - self.started_at)
+
+    def heartbeat_sent(self, now: float) -> None:
+        if self.unanswered_since is None:
+            self.unanswered_since = now
+
+    def acked(self, ack: p.HeartbeatAck, now: float) -> None:
         self.last_ack = now
         self.unanswered_since = None
-        self.progress_at = now
-        logger.info("started %s (pid %d)", self.name, self.proc.pid)
+        if ack.frames_done != self.frames_done or ack.frames_waiting == 0:
+            self.progress_at = now
+        self.frames_done = ack.frames_done
+        self.rejected = ack.rejected
+        self.sessions = ack.sessions
 
-    def exited(self) -> int | None:
-        """The exit status once the process is gone (reaps it), else None."""
-        if self.proc is None:
+    def said_failed(self, reason: str) -> None:
+        self.failure_reason = reason
+        logger.error("%s failed: %s", self.name, reason)
+
+    def stop(self, now: float, timeout_s: float, *, removing: bool = False) -> None:
+        """Asked to stop (a Stop message is on its way): killed if still alive at the deadline."""
+        self.state = State.STOPPING
+        self.removing = self.removing or removing
+        self.stop_deadline = now + timeout_s
+
+    def exited(self, code: int, now: float) -> str | None:
+        """The process is gone: None if it was asked to, else why it died (restart decided)."""
+        self.pid = None
+        self.route = None
+        if self.state is State.STOPPING:
+            self.state = State.STOPPED
+            logger.info("%s stopped", self.name)
             return None
-        return self.proc.poll()
+        reason = self.failure_reason or self.kill_reason
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        why = f"{self.name} died ({how})" + (f": {reason}" if reason else "")
+        logger.error("%s", why)
+        self.schedule_restart(why, now)
+        return why
 
-    def reap(self) -> None:
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
-        self.proc = None
+    def retry(self) -> None:
+        """Asked to load again after a failed load: the restart budget starts afresh."""
+        self.restart_times.clear()
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-
-    def schedule_restart(self, reason: str) -> bool:
+    def schedule_restart(self, reason: str, now: float) -> bool:
         """Record a failure; schedule a restart or mark failed. True when one is scheduled."""
-        now = time.monotonic()
         self.last_error = reason
         if self.is_pipeline and (self.state is State.STARTING or self.failure_reason):
             # A load that fails, or a process that said why it gives up (CUDA out of memory,
@@ -157,7 +174,53 @@ class Child:
         logger.warning("%s: %s; restarting in %.2f s", self.name, reason, delay)
         return True
 
-    def uptime_s(self) -> float:
+    # ------------------------------------------------------------ judged on the clock
+
+    def next_due(self) -> float | None:
+        """When this child next needs looking at by the clock (restart, stop deadline)."""
+        if self.state is State.RESTARTING:
+            return self.restart_due
+        if self.state is State.STOPPING and self.pid is not None and not self.kill_reason:
+            return self.stop_deadline
+        return None
+
+    def overdue(self, now: float, config: Config) -> str | None:
+        """Why it must be killed now (once: then None until it exits), if it must."""
+        if self.pid is None or self.kill_reason:
+            return None  # not running, or killed already and its exit not yet seen
+        if self.state is State.STARTING:
+            limit = config.load_timeout_s if self.is_pipeline else config.ready_timeout_s
+            if now - self.started_at > limit:
+                self.kill_reason = "not ready in time"
+        elif self.state is State.READY:
+            self.kill_reason = self._unresponsive(now, config) or ""
+        elif self.state is State.STOPPING and now > self.stop_deadline:
+            self.kill_reason = "did not stop in time"
+        if self.kill_reason:
+            logger.error("%s: %s; killing it", self.name, self.kill_reason)
+        return self.kill_reason or None
+
+    def _unresponsive(self, now: float, config: Config) -> str | None:
+        """A live process is not a live loop: stages that stop answering or progressing."""
+        timeout_s, stall_s = config.heartbeat_timeout_s, config.stall_timeout_s
+        if self.is_pipeline:
+            # Heartbeats are answered between model calls, and one call may be long (a block of
+            # a causal video model on a small GPU, a session's first call).
+            timeout_s = max(timeout_s, config.model_heartbeat_timeout_s)
+            stall_s = max(stall_s, config.model_heartbeat_timeout_s)
+        elif self.is_media:
+            timeout_s = min(timeout_s, config.media_heartbeat_timeout_s)
+        unanswered_s = 0.0 if self.unanswered_since is None else now - self.unanswered_since
+        # Stalls are judged on the process's own latest report (frames waiting, none done
+        # since progress_at), not on the clock now: a late report is the heartbeat's business.
+        stalled_s = self.last_ack - self.progress_at
+        if unanswered_s > timeout_s:
+            return f"no heartbeat answered for {unanswered_s:.1f} s"
+        if stalled_s > stall_s:
+            return f"frames waiting but none done for {stalled_s:.1f} s"
+        return None
+
+    def uptime_s(self, now: float) -> float:
         if self.state not in (State.READY, State.STARTING):
             return 0.0
-        return time.monotonic() - self.started_at
+        return now - self.started_at

@@ -11,7 +11,7 @@ from services import protocol as p
 from services.runtime import configure_logging
 from supervisor.client import AdminClient, SupervisorUnreachable, find_run_dirs
 from supervisor.config import default_run_base, load_config
-from supervisor.core import StartupError, Supervisor
+from supervisor.process import StartupError, Supervisor
 from supervisor.profile import add_profile_parser
 from supervisor.worker import add_worker_parser
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -15,7 +14,7 @@ from services.inference.wan import specs as ws
 from services.options import START_BITRATE_BPS, EncodeOptions
 from services.runtime import ServiceSpec
 from supervisor.config import load_config
-from supervisor.core import Supervisor
+from supervisor.core import service_plan
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,8 +37,7 @@ def spec(options: dict[str, Any]) -> ServiceSpec:
 
 def plan(config: Any) -> dict[str, Any]:
     """The supervisor's service plan for ``config`` (without starting a supervisor)."""
-    holder = SimpleNamespace(config=config, models_dir=Path("/models"))
-    return {svc.name: svc for svc in Supervisor._service_plan(holder)}  # type: ignore[arg-type]
+    return {svc.name: svc for svc in service_plan(config, Path("/models"))}
 
 
 def test_the_config_trees_encode_section_reaches_the_encoder() -> None:

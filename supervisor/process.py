@@ -1,0 +1,351 @@
+"""The supervisor process: sockets, child processes and the clock around :class:`SupervisorCore`.
+
+One thread, one ``zmq.Poller`` (kept, not rebuilt) over: the control ROUTER (services), the
+admin ROUTER (CLI and tests), every child's pidfd (a death is noticed at once), and a wake-up
+socket the SIGINT/SIGTERM handler writes to. What to do about each event is the core's answer
+(:mod:`supervisor.core`); this module only carries its effects out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from services import protocol as p
+from services import topology
+from services.models.store import resolve_models_dir
+from services.runtime import (
+    SPEC_ENV,
+    ServiceSpec,
+    add_log_file,
+    admin_endpoint,
+    control_endpoint,
+)
+from shm.ring import FrameRing, RingStats, ring_bytes
+from supervisor.children import Child, State
+from supervisor.config import Config, default_run_base
+from supervisor.core import (
+    Effect,
+    Kill,
+    RunInfo,
+    Send,
+    Spawn,
+    StopRequested,
+    SupervisorCore,
+    service_plan,
+)
+from supervisor.procstats import ProcessSampler
+from supervisor.rundir import Run, create_run, reclaim_stale, shm_free_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The system could not be brought up; the message says why."""
+
+
+class SharedRings:
+    """The core's rings in shared memory, owned (created and unlinked) by this process."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.rings: dict[str, FrameRing] = {}
+
+    def create(self, key: str, slots: int, nbytes: int) -> str:
+        ring = FrameRing.create(self.run_id, key, slots, nbytes)
+        self.rings[ring.name] = ring
+        return ring.name
+
+    def free(self, name: str) -> None:
+        ring = self.rings.pop(name, None)
+        if ring is not None:
+            ring.unlink()
+            ring.close()
+
+    def stats(self, name: str) -> RingStats:
+        return self.rings[name].stats()
+
+
+@dataclass
+class ChildProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    #: Readable when the process exits (None: polled instead, on old kernels).
+    pidfd: int | None
+
+
+def module_for(kind: str) -> str:
+    """signalling has its own asyncio entry; every other kind runs on services.main."""
+    return "signalling.main" if kind == topology.SIGNALLING else "services.main"
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.base = (
+            default_run_base() if config.run_dir is None else Path(config.run_dir).expanduser()
+        )
+        self.models_dir = resolve_models_dir(config.models_dir)
+        self.run: Run | None = None
+        self.core: SupervisorCore | None = None
+        self.procs: dict[int, ChildProcess] = {}
+        self._log_handler: logging.Handler | None = None
+        self._stop_reason: str | None = None
+        #: Handed to every child in its spec; a Hello must carry it.
+        self.secret = secrets.token_hex(16)
+        self.sampler = ProcessSampler()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.control_codec = p.supervisor_control_codec()
+        self.admin_codec = p.admin_server_codec()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.poller = zmq.Poller()
+
+    @property
+    def children(self) -> dict[str, Child]:
+        return {} if self.core is None else self.core.children
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        reclaim_stale(self.base)
+        self._check_shm()
+        self.run = run = create_run(self.base)
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        # No ROUTER_HANDOVER: each process connects under its own name#pid identity, and the
+        # route to a service moves only when its Hello proves it (pid and the run's secret).
+        self.control.bind(control_endpoint(run.path))
+        self.admin = self.ctx.socket(zmq.ROUTER)
+        self.admin.setsockopt(zmq.LINGER, 0)
+        self.admin.bind(admin_endpoint(run.path))
+        for sock in (self.control, self.admin, self._wake_r):
+            self.poller.register(sock, zmq.POLLIN)
+        run.write_info(
+            {
+                "run_id": run.run_id,
+                "pid": os.getpid(),
+                "host": self.config.host,
+                "port": self.config.port,
+                "run_dir": str(run.path),
+                "started": time.time(),
+            }
+        )
+        self._log_handler = add_log_file(run.path, "supervisor")
+        logger.info("run %s in %s", run.run_id, run.path)
+        info = RunInfo(
+            run.run_id, str(run.path), os.getpid(), self.secret, self.models_dir, time.monotonic()
+        )
+        self.core = SupervisorCore(self.config, info, SharedRings(run.run_id), self.sampler.sample)
+        for svc in service_plan(self.config, self.models_dir):
+            self._apply(self.core.add(svc))
+            self._wait_ready(self.core.children[svc.name])
+        self.core.phase = "running"
+
+    def _check_shm(self) -> None:
+        cfg = self.config
+        needed = ring_bytes(cfg.ring_slots, cfg.max_frame_width * cfg.max_frame_height * 3) * 2
+        free = shm_free_bytes()
+        if free < needed:
+            raise StartupError(
+                f"/dev/shm has {free // 2**20} MiB free but one session at "
+                f"{cfg.max_frame_width}x{cfg.max_frame_height} needs {needed // 2**20} MiB: "
+                "give the container more shared memory (docker run --shm-size=1g) "
+                "or lower max_frame_width/max_frame_height"
+            )
+
+    def _wait_ready(self, child: Child) -> None:
+        cfg = self.config
+        limit = cfg.load_timeout_s if child.is_pipeline else cfg.ready_timeout_s
+        deadline = time.monotonic() + limit
+        while child.state is not State.READY:
+            if self._stop_reason is not None:
+                raise StartupError(f"stopped while starting {child.name}")
+            if child.state is State.FAILED:
+                if child.is_pipeline:
+                    return  # reported as the pipeline's error status; the server still serves
+                raise StartupError(f"{child.name} failed to start: {child.last_error}")
+            if time.monotonic() > deadline:
+                raise StartupError(f"{child.name} was not ready within {limit:.0f} s")
+            self.run_once(0.1)
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+        def on_signal(signum: int, frame: object) -> None:
+            self.request_stop(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_reason is not None
+
+    def request_stop(self, reason: str) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    def serve_forever(self) -> None:
+        while self._stop_reason is None:
+            self.run_once(self.config.heartbeat_interval_s)
+        logger.info("stopping (%s)", self._stop_reason)
+
+    def shutdown(self) -> None:
+        """Stop every child (Stop → SIGTERM → SIGKILL, one deadline), free every segment."""
+        core = self.core
+        if core is not None:
+            self._apply(core.begin_shutdown(self._stop_reason or "shutdown", time.monotonic()))
+            self._wait_exit(time.monotonic() + self.config.stop_timeout_s)
+            for pid in list(self.procs):
+                self._signal(pid, signal.SIGTERM)
+            self._wait_exit(time.monotonic() + 1.0)
+            for pid in list(self.procs):
+                self._signal(pid, signal.SIGKILL)
+            self._wait_exit(time.monotonic() + 1.0)
+            core.close_all()
+        for sock in (getattr(self, "control", None), getattr(self, "admin", None)):
+            if sock is not None:
+                sock.close(linger=0)
+        self.ctx.term()
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        if self.run is not None:
+            self.run.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wait_exit(self, deadline: float) -> None:
+        for pid, proc in list(self.procs.items()):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.popen.wait(max(0.0, deadline - time.monotonic()))
+                self._reaped(pid, code)
+
+    # ------------------------------------------------------------------ effects
+
+    def _apply(self, effects: list[Effect]) -> None:
+        assert self.core is not None
+        for effect in effects:
+            match effect:
+                case Send(route=route, message=message):
+                    try:
+                        self.control.send_multipart(
+                            [route, self.control_codec.encode(message)], zmq.NOBLOCK
+                        )
+                    except zmq.ZMQError as exc:
+                        logger.warning("could not send %s: %s", type(message).__name__, exc)
+                case Spawn(spec=spec):
+                    self.core.spawned(spec.name, self._spawn(spec), time.monotonic())
+                case Kill(pid=pid, signal=sig):
+                    self._signal(pid, sig)
+                case StopRequested(reason=reason):
+                    self.request_stop(reason)
+
+    def _spawn(self, spec: ServiceSpec) -> int:
+        env = dict(os.environ)
+        env[SPEC_ENV] = msgspec.json.encode(spec).decode()
+        popen = subprocess.Popen(
+            [sys.executable, "-m", module_for(spec.kind)], env=env, close_fds=True
+        )
+        try:
+            pidfd: int | None = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):
+            pidfd = None  # polled instead (non-Linux / old kernel)
+        if pidfd is not None:
+            self.poller.register(pidfd, zmq.POLLIN)
+        self.procs[popen.pid] = ChildProcess(spec.name, popen, pidfd)
+        return popen.pid
+
+    def _signal(self, pid: int, sig: signal.Signals) -> None:
+        proc = self.procs.get(pid)
+        if proc is not None and proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(sig)
+
+    def _reaped(self, pid: int, code: int) -> None:
+        proc = self.procs.pop(pid)
+        if proc.pidfd is not None:
+            self.poller.unregister(proc.pidfd)
+            os.close(proc.pidfd)
+        assert self.core is not None
+        self._apply(self.core.exited(pid, code, time.monotonic()))
+
+    # ------------------------------------------------------------------ loop
+
+    def run_once(self, timeout_s: float) -> None:
+        assert self.core is not None
+        now = time.monotonic()
+        timeout_s = min(timeout_s, max(0.0, self.core.next_timer(now) - now))
+        events = dict(self.poller.poll(int(timeout_s * 1000)))
+        if self._wake_r.fileno() in events:
+            self._drain_wakeups()
+        if self.control in events:
+            self._drain_control()
+        for pid, proc in list(self.procs.items()):
+            code = proc.popen.poll()
+            if code is not None:
+                self._reaped(pid, code)
+        if self.admin in events:
+            self._drain_admin()
+        self._apply(self.core.timers(time.monotonic()))
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain_control(self) -> None:
+        assert self.core is not None
+        while True:
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.core.reject(f"control message with {len(frames)} frames")
+                continue
+            identity, raw = frames
+            try:
+                msg = self.control_codec.decode(raw)
+            except p.MessageRejected as exc:
+                self.core.reject(f"control message from {identity!r}: {exc}")
+                continue
+            self._apply(self.core.control(identity, msg, time.monotonic()))
+
+    def _drain_admin(self) -> None:
+        assert self.core is not None
+        while True:
+            try:
+                frames = self.admin.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 3:
+                self.core.reject(f"admin message with {len(frames)} frames")
+                continue
+            envelope, raw = frames[:-1], frames[-1]
+            try:
+                request = self.admin_codec.decode(raw)
+            except p.MessageRejected as exc:
+                self.core.reject(f"admin message: {exc}")
+                reply: p.AdminReply = p.Rejected(reason=str(exc))
+            else:
+                reply, effects = self.core.admin(request, time.monotonic())
+                self._apply(effects)
+            self.admin.send_multipart([*envelope, self.admin_codec.encode(reply)])

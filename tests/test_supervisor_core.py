@@ -1,0 +1,233 @@
+"""The supervisor's logic in one process, on a fake clock: what it does about each event.
+
+These drive :class:`SupervisorCore` directly (no sockets, no processes): the effects it
+returns are what the process layer would carry out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services import protocol as p
+from shm.ring import RingStats
+from supervisor.children import State
+from supervisor.config import Config, RestartPolicy, ServiceConfig
+from supervisor.core import Kill, RunInfo, Send, Spawn, StopRequested, SupervisorCore
+
+pytestmark = pytest.mark.timeout(30)
+
+SECRET = "s3cret"
+POLICY = RestartPolicy(max_restarts=2, window_s=60.0, backoff_initial_s=0.5, backoff_max_s=5.0)
+
+
+class DictRings:
+    """Rings as names in a dict: what was made and freed."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, int] = {}
+        self.freed: list[str] = []
+
+    def create(self, key: str, slots: int, nbytes: int) -> str:
+        name = f"ring.{key}"
+        self.live[name] = nbytes
+        return name
+
+    def free(self, name: str) -> None:
+        del self.live[name]
+        self.freed.append(name)
+
+    def stats(self, name: str) -> RingStats:
+        return RingStats(published=3, consumed=2, skipped=1, torn=0, pending=0)
+
+
+class Rig:
+    """A core and the processes it asked for: pids are handed out as a process layer would."""
+
+    def __init__(self, **config: Any) -> None:
+        self.config = Config(signalling=False, media=False, heartbeat_interval_s=1.0, **config)
+        run = RunInfo("run1", "/run", 1, SECRET, Path("/models"), started=0.0)
+        self.rings = DictRings()
+        self.core = SupervisorCore(self.config, run, self.rings)
+        self.next_pid = 100
+        self.now = 0.0
+
+    def apply(self, effects: list[Any]) -> list[Any]:
+        """Carry out Spawns (a new pid each); return every effect for the test to look at."""
+        for effect in effects:
+            if isinstance(effect, Spawn):
+                self.next_pid += 1
+                self.core.spawned(effect.spec.name, self.next_pid, self.now)
+        return effects
+
+    def add(self, name: str, kind: str = "testsrc") -> None:
+        self.apply(self.core.add(ServiceConfig(name, kind, restart=POLICY)))
+        self.hello_ready(name)
+
+    def hello_ready(self, name: str) -> None:
+        child = self.core.children[name]
+        assert child.pid is not None
+        route = name.encode()
+        hello = p.Hello(service=name, pid=child.pid, secret=SECRET)
+        assert self.core.control(route, hello, self.now) == []
+        self.apply(self.core.control(route, p.Ready(name), self.now))
+
+    def tick(self, to: float) -> list[Any]:
+        self.now = to
+        return self.apply(self.core.timers(to))
+
+    def open(self, stages: list[str], owner: str | None = None) -> p.SessionOpened:
+        req = p.OpenSession("s1", 64, 32, stages=stages, sink="signalling", owner=owner)
+        reply, effects = self.core.admin(req, self.now)
+        assert isinstance(reply, p.SessionOpened), reply
+        self.opened_effects = effects
+        return reply
+
+
+def sent(effects: list[Any], kind: type) -> list[tuple[bytes, Any]]:
+    return [
+        (e.route, e.message) for e in effects if isinstance(e, Send) and isinstance(e.message, kind)
+    ]
+
+
+def test_a_hello_must_prove_pid_and_secret() -> None:
+    rig = Rig()
+    rig.apply(rig.core.add(ServiceConfig("src", "testsrc")))
+    child = rig.core.children["src"]
+    assert child.state is State.STARTING and child.pid == 101
+    assert rig.core.control(b"x", p.Hello("src", 101, "wrong"), 0.0) == []
+    assert rig.core.control(b"y", p.Hello("src", 999, SECRET), 0.0) == []
+    assert child.route is None and rig.core.rejected == 2
+    rig.core.control(b"x", p.Ready("src"), 0.0)  # an unproven peer's Ready changes nothing
+    assert child.state is State.STARTING and rig.core.rejected == 3
+    rig.hello_ready("src")
+    assert child.state is State.READY and child.route == b"src"
+
+
+def test_heartbeats_go_to_ready_children_and_a_silent_media_stage_is_killed_once() -> None:
+    rig = Rig(media_heartbeat_timeout_s=1.5)
+    rig.add("decode", kind="decode")
+    beats = sent(rig.tick(0.0), p.Heartbeat)
+    assert beats == [(b"decode", p.Heartbeat(seq=1))]
+    assert rig.tick(0.5) == []  # the next heartbeat is due at 1.0
+    assert [m.seq for _, m in sent(rig.tick(1.0), p.Heartbeat)] == [2]
+    assert not any(isinstance(e, Kill) for e in rig.tick(1.4))
+    effects = rig.tick(1.6)  # first heartbeat unanswered for 1.6 s > 1.5 s
+    assert Kill(101) in effects
+    assert Kill(101) not in rig.tick(1.7)  # killed once; its exit is awaited
+    assert "no heartbeat answered" in rig.core.children["decode"].kill_reason
+
+
+def test_an_answering_child_is_never_killed() -> None:
+    rig = Rig(media_heartbeat_timeout_s=1.5)
+    rig.add("encode", kind="encode")
+    for step in range(20):
+        t = step * 1.0
+        rig.tick(t)
+        ack = p.HeartbeatAck(
+            seq=step + 1, frames_done=step, frames_waiting=0, rejected=0, sessions=0
+        )
+        rig.core.control(b"encode", ack, t + 0.1)
+    assert rig.core.children["encode"].state is State.READY
+    assert not rig.core.children["encode"].kill_reason
+
+
+def test_a_crash_restarts_with_backoff_until_the_budget_is_spent() -> None:
+    rig = Rig()
+    rig.add("src")
+    rig.now = 10.0
+    assert rig.core.exited(101, -9, 10.0) == []
+    child = rig.core.children["src"]
+    assert child.state is State.RESTARTING and child.restart_due == pytest.approx(10.5)
+    assert "killed by SIGKILL" in child.last_error
+    assert not any(isinstance(e, Spawn) for e in rig.tick(10.4))
+    assert any(isinstance(e, Spawn) for e in rig.tick(10.5))
+    assert child.state is State.STARTING and child.pid == 102
+    rig.core.exited(102, 1, 11.0)
+    assert child.restart_due == pytest.approx(12.0)  # backoff doubles
+    rig.tick(12.0)
+    rig.core.exited(103, 1, 12.5)  # a third failure within the window: given up
+    assert child.state is State.FAILED and child.restarts == 2
+
+
+def test_session_rings_wiring_and_a_stage_that_comes_back() -> None:
+    rig = Rig()
+    for name in ("src", "mid", "sink"):
+        rig.add(name)
+    reply = rig.open(["src", "mid", "sink"], owner="owner")
+    assert reply.stages == ["src", "mid", "sink"]
+    assert reply.rings == ["ring.s1.0", "ring.s1.1"] and rig.rings.live["ring.s1.0"] == 64 * 32 * 3
+    starts = dict(sent(rig.opened_effects, p.StartSession))
+    assert starts[b"src"].input_ring is None and starts[b"src"].output_ring == "ring.s1.0"
+    assert starts[b"mid"].input_ring == "ring.s1.0" and starts[b"mid"].downstream == "sink"
+    assert starts[b"sink"].output_ring is None and starts[b"sink"].downstream == "signalling"
+    # mid crashes and restarts: once Ready again it is given the session anew.
+    rig.core.exited(rig.core.children["mid"].pid or 0, -11, 1.0)
+    rig.tick(2.0)
+    mid = rig.core.children["mid"]
+    route = b"mid2"
+    rig.core.control(route, p.Hello("mid", mid.pid or 0, SECRET), 2.0)
+    again = sent(rig.core.control(route, p.Ready("mid"), 2.0), p.StartSession)
+    assert again == [(route, starts[b"mid"])]
+    status = rig.core.status(3.0)
+    assert [r.producer for r in status.rings] == ["src", "mid"] and status.sessions == ["s1"]
+    closed = rig.core.admin(p.CloseSession("s1"), 3.0)
+    assert closed[0] == p.Ack() and len(sent(closed[1], p.EndSession)) == 3
+    assert rig.rings.live == {} and sorted(rig.rings.freed) == reply.rings
+
+
+def test_an_inference_crash_fails_its_sessions_and_an_owner_crash_closes_them() -> None:
+    rig = Rig()
+    rig.add("owner")
+    rig.add("inference/x", kind="inference")
+    rig.add("sink")
+    rig.open(["inference/x", "sink"], owner="owner")
+    effects = rig.core.exited(rig.core.children["inference/x"].pid or 0, -9, 1.0)
+    ((route, failed),) = sent(effects, p.SessionFailed)
+    assert route == b"owner" and failed.service == "inference/x"
+    assert "inference/x died (killed by SIGKILL)" in failed.reason
+    effects = rig.core.exited(rig.core.children["owner"].pid or 0, 1, 2.0)
+    assert [r for r, _ in sent(effects, p.EndSession)] == [b"sink"]  # inference/x is down
+    assert rig.core.sessions == {} and rig.rings.live == {}
+
+
+def test_unload_stops_then_kills_and_a_failed_load_can_be_asked_again() -> None:
+    rig = Rig(stop_timeout_s=3.0)
+    loads = [p.PipelineLoad("passthrough")]
+    reply, effects = rig.core.admin(p.LoadPipelines(loads), 0.0)
+    assert reply == p.Ack() and [e.spec.name for e in rig.apply(effects)] == [
+        "inference/passthrough"
+    ]
+    child = rig.core.children["inference/passthrough"]
+    rig.core.exited(child.pid or 0, 1, 1.0)  # died while loading: the pipeline's error
+    assert child.state is State.FAILED
+    assert rig.core.pipeline_states()[0].status == "error"
+    _, effects = rig.core.admin(p.LoadPipelines(loads), 2.0)  # asked again: tried once more
+    rig.apply(effects)
+    assert child.state is State.STARTING
+    rig.hello_ready("inference/passthrough")
+    assert rig.core.pipeline_states()[0].status == "loaded"
+    _, effects = rig.core.admin(p.LoadPipelines([]), 5.0)
+    assert sent(effects, p.Stop) == [(b"inference/passthrough", p.Stop(reason="unloaded"))]
+    assert child.state is State.STOPPING and rig.core.pipeline_states() == []
+    assert Kill(child.pid or 0) not in rig.tick(7.9)
+    assert Kill(child.pid or 0) in rig.tick(8.1)  # ignored Stop for longer than 3 s
+    rig.core.exited(child.pid or 0, -9, 8.2)
+    assert "inference/passthrough" not in rig.core.children
+
+
+def test_bad_requests_are_refused_with_the_reason() -> None:
+    rig = Rig()
+    rig.add("src")
+    reply, _ = rig.core.admin(p.OpenSession("s1", 64, 32, stages=["src", "gone"]), 0.0)
+    assert isinstance(reply, p.Rejected) and "unknown stage(s): gone" in reply.reason
+    reply, _ = rig.core.admin(p.OpenSession("s1", 64, 32, pipeline_ids=["krea"]), 0.0)
+    assert isinstance(reply, p.Rejected) and reply.reason == "pipeline_ids: no pipeline is loaded"
+    reply, _ = rig.core.admin(p.OpenSession("s 1", 64, 32, stages=["src"]), 0.0)
+    assert isinstance(reply, p.Rejected) and "session_id" in reply.reason
+    reply, _ = rig.core.admin(p.LoadPipelines([p.PipelineLoad("../x")]), 0.0)
+    assert isinstance(reply, p.Rejected) and "invalid pipeline id" in reply.reason
+    assert rig.core.admin(p.Shutdown(reason="bye"), 0.0) == (p.Ack(), [StopRequested("bye")])
+    assert rig.rings.live == {}
