@@ -7,13 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
+from dreams.worker import add_worker_parser
 from services import protocol as p
 from services.runtime import configure_logging
 from supervisor.client import AdminClient, SupervisorUnreachable, find_run_dirs
 from supervisor.config import default_run_base, load_config
 from supervisor.process import StartupError, Supervisor
 from supervisor.profile import add_profile_parser
-from supervisor.worker import add_worker_parser
 
 logger = logging.getLogger("supervisor")
 

@@ -15,6 +15,7 @@ import requests
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from dreams.worker import encode_webp
 from services.testpattern import draw_frame_number, read_frame_number
 from signalling.dreams import (
     DreamsConfig,
@@ -24,7 +25,6 @@ from signalling.dreams import (
     add_dreams_routes,
     close_dreams,
 )
-from supervisor.worker import encode_webp
 
 WIDTH, HEIGHT = 256, 128
 FPS = 10.0

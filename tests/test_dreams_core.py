@@ -9,11 +9,12 @@ import msgspec
 import pytest
 from dreams_helpers import HEIGHT, WIDTH, decode_number, numbered_webp
 
+from dreams.generators import TestcardGenerator, WorkerOptions
+from dreams.wire import DreamState, webp_size
+from dreams.worker import WorkerCore
 from signalling.dreams.frames import Frame, FrameCache, Playback
 from signalling.dreams.ratelimit import RateLimiter
 from signalling.dreams.snapshot import load_snapshot, write_snapshot
-from signalling.dreams.wire import webp_size
-from supervisor.worker import DreamState, TestcardGenerator, WorkerCore, WorkerOptions
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -15,8 +15,8 @@ import pytest
 from conftest import SupervisorRun, async_wait_until, pid_alive
 from dreams_helpers import decode_number, poll_frames
 
+from dreams.wire import DreamState
 from signalling.dreams.frames import Playback
-from supervisor.worker import DreamState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,7 +46,7 @@ worker_args = ["--keyframe-interval", "5"]
 
 
 def worker_pids(server: SupervisorRun) -> list[int]:
-    """Local workers: the children of signalling that run ``supervisor.worker``."""
+    """Local workers: the children of signalling that run ``dreams.worker``."""
     signalling = server.service("signalling").pid
     pids = []
     for proc in Path("/proc").iterdir():
@@ -54,7 +54,7 @@ def worker_pids(server: SupervisorRun) -> list[int]:
             continue
         try:
             ppid = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
-            if ppid == signalling and b"supervisor.worker" in (proc / "cmdline").read_bytes():
+            if ppid == signalling and b"dreams.worker" in (proc / "cmdline").read_bytes():
                 pids.append(int(proc.name))
         except (OSError, IndexError, ValueError):
             continue  # exited meanwhile

@@ -18,10 +18,10 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from dreams_helpers import decode_number, dreams_config, numbered_webp, serve_dreams
 
+from dreams.wire import MsgType
 from signalling.dreams import AUTH_TOKEN_ENV, ExternalWorker
 from signalling.dreams.config import DreamsConfig, resolve_auth_token
 from signalling.dreams.routes import _authorize_worker
-from signalling.dreams.wire import MsgType
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,7 +50,7 @@ async def test_token_missing_or_wrong_is_refused_right_one_accepted() -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "supervisor.worker",
+            "dreams.worker",
             "--connect",
             url,
             env={"PATH": "/usr/bin:/bin", AUTH_TOKEN_ENV: "wrong"},

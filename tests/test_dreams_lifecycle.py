@@ -14,8 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from dreams_helpers import decode_number, dreams_config, serve_dreams
 
+from dreams.wire import DreamState
 from signalling.dreams import LocalWorkerLauncher
-from supervisor.worker import DreamState
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,16 +18,10 @@ import numpy as np
 import pytest
 from dreams_helpers import decode_number, dreams_config, serve_dreams
 
+from dreams.generators import Rendered, WorkerOptions, register_generator
+from dreams.wire import DreamState
+from dreams.worker import WorkerCore, make_generator, run_worker
 from signalling.dreams import ExternalWorker, LauncherConfig, LocalWorkerLauncher
-from supervisor.worker import (
-    DreamState,
-    Rendered,
-    WorkerCore,
-    WorkerOptions,
-    make_generator,
-    register_generator,
-    run_worker,
-)
 
 pytestmark = pytest.mark.timeout(120)
 

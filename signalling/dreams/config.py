@@ -8,12 +8,12 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from dreams.wire import AUTH_TOKEN_ENV
 from signalling.dreams.client_ip import parse_networks
 
 __all__ = ["AUTH_TOKEN_ENV", "DreamsConfig", "LauncherConfig", "resolve_auth_token"]
 
 #: Shared secret of the GPU worker link, on the hub and on the worker (as the Dreams API says).
-AUTH_TOKEN_ENV = "DREAM_GEN_AUTH_TOKEN"
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -22,7 +22,7 @@ Count = Annotated[int, msgspec.Meta(ge=1)]
 class LauncherConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """Who starts and stops the generator.
 
-    * ``local``: the hub runs ``python -m supervisor.worker --connect <connect_url>`` as a child
+    * ``local``: the hub runs ``python -m dreams.worker --connect <connect_url>`` as a child
       process while someone watches, and stops it after the grace period.
     * ``external``: a worker started by someone else (``supervisor worker --connect`` on a GPU
       host) connects when it likes; the hub pauses it (0x10) when nobody watches and resumes it

@@ -17,7 +17,7 @@ import base64
 import collections
 from dataclasses import dataclass, field
 
-from signalling.dreams.wire import MsgType
+from dreams.wire import MsgType
 
 __all__ = ["Frame", "FrameCache", "Playback", "RateMeter"]
 

@@ -35,12 +35,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from dreams.wire import MsgType, WorkerStatus, webp_size
 from signalling.dreams.config import DreamsConfig
 from signalling.dreams.frames import Frame, FrameCache, Playback, RateMeter
 from signalling.dreams.launcher import Launcher
 from signalling.dreams.links import ProtocolError, ViewerChannel, WorkerLink
 from signalling.dreams.snapshot import load_snapshot, write_snapshot
-from signalling.dreams.wire import MsgType, WorkerStatus, webp_size
 
 __all__ = ["DreamsHub"]
 

@@ -55,7 +55,7 @@ __all__ = ["ExternalWorker", "Launcher", "LocalWorkerLauncher"]
 
 logger = logging.getLogger(__name__)
 
-WORKER_MODULE = "supervisor.worker"
+WORKER_MODULE = "dreams.worker"
 EXIT_WAIT_S = 2.0
 
 
@@ -102,7 +102,7 @@ class ExternalWorker(Launcher):
 
 
 class LocalWorkerLauncher(Launcher):
-    """Runs ``python -m supervisor.worker --connect URL`` as a child process of the server."""
+    """Runs ``python -m dreams.worker --connect URL`` as a child process of the server."""
 
     provider = "local"
 

@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from signalling.dreams.wire import MsgType, control
+from dreams.wire import MsgType, control
 
 __all__ = ["ProtocolError", "ViewerChannel", "WorkerLink"]
 

@@ -1,8 +1,8 @@
 """``supervisor worker --generator pipeline:<id>``: a Dreams worker running one of dreamwire's
 text-mode inference pipelines (``dream``; ``testcard`` for tests) in its own process.
 
-Imported by :func:`supervisor.worker.find_generator` only when such a generator is asked for,
-so the hub (which imports ``supervisor.worker``'s protocol) never loads pipeline code.
+Imported by :func:`dreams.worker.find_generator` only when such a generator is asked for,
+so a worker of another generator never loads pipeline code.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from dreams.generators import Generator, GeneratorFactory, Rendered, WorkerOptions
+from dreams.wire import DreamState
 from services.inference import registry
 from services.inference.pipeline import Request
 from services.models.store import resolve_models_dir
-from supervisor.worker import DreamState, Generator, GeneratorFactory, Rendered, WorkerOptions
 
 __all__ = ["PipelineGenerator", "load_params_for", "pipeline_factory"]
 
-logger = logging.getLogger("supervisor.worker")
+logger = logging.getLogger("dreams.worker")
 
 #: A pipeline may yield no frame for a call (warming up); more calls than this without one fail.
 MAX_EMPTY_CALLS = 8

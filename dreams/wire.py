@@ -22,6 +22,8 @@ import struct
 import msgspec
 
 __all__ = [
+    "AUTH_TOKEN_ENV",
+    "DreamState",
     "MsgType",
     "WorkerStatus",
     "control",
@@ -94,3 +96,19 @@ def webp_size(data: bytes | memoryview) -> tuple[int, int]:
         h = int.from_bytes(head[27:30], "little") + 1
         return w, h
     raise ValueError(f"unknown WebP chunk {chunk!r}")
+
+
+#: The environment variable holding the token a worker presents to ``/ws/gpu``.
+AUTH_TOKEN_ENV = "DREAM_GEN_AUTH_TOKEN"
+DEFAULT_PROMPT = "a quiet dream of drifting light"
+
+
+class DreamState(msgspec.Struct, kw_only=True):
+    """What a worker saves (0x02) and restores (0x14)."""
+
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+    #: Number of the next frame to generate.
+    frame_number: int = 1
+    keyframe_number: int = 0
+    generator: str = "testcard"

@@ -12,7 +12,7 @@ none). A lost connection is retried with backoff (1 s doubling to 30 s); a refus
 The state (:class:`DreamState`: prompt, seed, frame and keyframe counters) is msgpack. The
 built-in generator ``testcard`` draws the frame number (``services.testpattern``) on a moving
 pattern. ``pipeline:<id>`` runs a text-mode inference pipeline of the registry (``dream``;
-``testcard`` for tests) in this process (``supervisor.worker_pipeline``; ``--models-dir``,
+``testcard`` for tests) in this process (``dreams.pipeline``; ``--models-dir``,
 ``--load-params``). Other generators register themselves with :func:`register_generator`.
 A generator that raises makes the worker report the error (0x04 ``error``) and exit 1.
 
@@ -29,172 +29,56 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import av
 import msgspec
 import numpy as np
 
+from dreams.generators import (
+    DEFAULT_WEBP_METHOD,
+    Generator,
+    GeneratorFactory,
+    WorkerOptions,
+    registered,
+    registered_names,
+)
+from dreams.wire import AUTH_TOKEN_ENV, DEFAULT_PROMPT, DreamState, MsgType, control
 from services.runtime import configure_logging, die_with_parent
-from services.testpattern import draw_frame_number
-from signalling.dreams.config import AUTH_TOKEN_ENV
-from signalling.dreams.wire import MsgType, control
 
 __all__ = [
-    "DreamState",
-    "Generator",
-    "Rendered",
-    "TestcardGenerator",
     "WorkerCore",
-    "WorkerOptions",
     "add_worker_parser",
     "encode_webp",
-    "register_generator",
+    "find_generator",
     "run_worker",
 ]
 
-logger = logging.getLogger("supervisor.worker")
+logger = logging.getLogger("dreams.worker")
 
-HEARTBEAT_INTERVAL_S = 5.0
 INITIAL_COMMAND_WAIT_S = 2.0
 RECONNECT_INITIAL_S = 1.0
 RECONNECT_MAX_S = 30.0
 MAX_HUB_MESSAGE_BYTES = 4 * 1024 * 1024
 EXIT_REFUSED = 2
 CLOSE_TIMEOUT_S = 2.0
-DEFAULT_WEBP_METHOD = 2
 #: A worker stalled this long or less (a busy machine) catches up, keeping its average rate
 #: (the hub's playback queue absorbs the burst); further behind, it drops the debt.
 MAX_CATCH_UP_S = 1.0
-DEFAULT_PROMPT = "a quiet dream of drifting light"
 PIPELINE_PREFIX = "pipeline:"
-
-
-class DreamState(msgspec.Struct, kw_only=True):
-    """What a worker saves (0x02) and restores (0x14)."""
-
-    prompt: str = DEFAULT_PROMPT
-    seed: int = 0
-    #: Number of the next frame to generate.
-    frame_number: int = 1
-    keyframe_number: int = 0
-    generator: str = "testcard"
-
-
-@dataclass(frozen=True, slots=True)
-class Rendered:
-    """One generated frame and what its generator knows about it (None: the worker decides:
-    keyframes every ``keyframe_interval`` frames, the time it took to render and encode)."""
-
-    rgb: np.ndarray
-    keyframe_number: int | None = None
-    generation_time_ms: float | None = None
-
-
-class Generator(Protocol):
-    """Makes the frames of a dream: RGB uint8 (height, width, 3) for the state's frame (whose
-    prompt and seed it follows). Called from one worker thread at a time."""
-
-    width: int
-    height: int
-
-    def render(self, state: DreamState) -> Rendered: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerOptions:
-    connect: str
-    token: str = ""
-    generator: str = "testcard"
-    fps: float = 5.0
-    width: int = 1024
-    height: int = 512
-    quality: int = 80
-    webp_method: int = DEFAULT_WEBP_METHOD
-    keyframe_interval: int = 20
-    texture: int = 0
-    prompt: str | None = None
-    seed: int | None = None
-    heartbeat_s: float = HEARTBEAT_INTERVAL_S
-    once: bool = False
-    #: ``pipeline:<id>`` generators: where the models are (None: the default models dir) and
-    #: the pipeline's load parameters.
-    models_dir: str | None = None
-    load_params: Mapping[str, Any] | None = None
-
-
-class TestcardGenerator:
-    """A slowly drifting colour field, new colours every keyframe, the frame number drawn in
-    the top third (readable after WebP with ``services.testpattern.read_frame_number``).
-
-    ``texture`` (0-127) adds fixed noise so frames weigh what real ones do (about 50 KB at
-    1024x512 with 10); 0 keeps them small."""
-
-    CELL_PX = 8
-    __test__ = False  # not a pytest test class, despite its name
-
-    def __init__(
-        self, width: int, height: int, keyframe_interval: int = 20, texture: int = 0
-    ) -> None:
-        self.width = width
-        self.height = height
-        self.keyframe_interval = keyframe_interval
-        cells_y = -(-height // self.CELL_PX)
-        cells_x = -(-width // self.CELL_PX)
-        y, x = np.mgrid[0:cells_y, 0:cells_x].astype(np.float32)
-        self._x = x / cells_x
-        self._y = y / cells_y
-        self._noise: np.ndarray | None = None
-        if texture > 0:
-            noise = np.random.default_rng(0).integers(-texture, texture + 1, (height, width, 1))
-            self._noise = noise.astype(np.int16)
-
-    def render(self, state: DreamState) -> Rendered:
-        keyframe = (state.frame_number - 1) // self.keyframe_interval
-        rng = np.random.default_rng([state.seed, keyframe])
-        phase = rng.uniform(0, 2 * np.pi, 3).astype(np.float32)
-        t = np.float32((state.frame_number % self.keyframe_interval) / self.keyframe_interval)
-        small = np.empty((*self._x.shape, 3), np.uint8)
-        for c in range(3):
-            wave = np.sin(6.0 * self._x + 4.0 * self._y * (c + 1) + phase[c] + 2 * np.pi * t)
-            small[..., c] = (127.5 + 100.0 * wave).astype(np.uint8)
-        big = small.repeat(self.CELL_PX, axis=0).repeat(self.CELL_PX, axis=1)
-        rgb = np.ascontiguousarray(big[: self.height, : self.width])
-        if self._noise is not None:
-            rgb = np.clip(rgb + self._noise, 0, 255).astype(np.uint8)
-        draw_frame_number(rgb, state.frame_number)
-        return Rendered(rgb, keyframe)
-
-    def close(self) -> None:
-        pass
-
-
-GeneratorFactory = Callable[[WorkerOptions], Generator]
-_GENERATORS: dict[str, GeneratorFactory] = {
-    "testcard": lambda o: TestcardGenerator(o.width, o.height, o.keyframe_interval, o.texture),
-}
-
-
-def register_generator(name: str, factory: GeneratorFactory) -> None:
-    """Make ``--generator name`` available (an inference pipeline: ``pipeline:<id>``)."""
-    _GENERATORS[name] = factory
 
 
 def find_generator(name: str) -> GeneratorFactory:
     """The factory of ``--generator name``; ``ValueError`` naming the known ones."""
-    factory = _GENERATORS.get(name)
+    factory = registered(name)
     if factory is not None:
         return factory
     if name.startswith(PIPELINE_PREFIX):  # imported only by pipeline workers
-        from supervisor.worker_pipeline import pipeline_factory
+        from dreams.pipeline import pipeline_factory
 
         return pipeline_factory(name.removeprefix(PIPELINE_PREFIX))
-    known = ", ".join([*sorted(_GENERATORS), f"{PIPELINE_PREFIX}<id>"])
+    known = ", ".join([*registered_names(), f"{PIPELINE_PREFIX}<id>"])
     raise ValueError(f"unknown generator {name!r} (known: {known})")
 
 
@@ -562,7 +446,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         find_generator(options.generator)
         if options.generator.startswith(PIPELINE_PREFIX):
-            from supervisor.worker_pipeline import load_params_for
+            from dreams.pipeline import load_params_for
 
             pipeline_id = options.generator.removeprefix(PIPELINE_PREFIX)
             load_params_for(pipeline_id, options.load_params, options.width, options.height)
