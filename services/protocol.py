@@ -95,7 +95,16 @@ class EndSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
 
 
 ServiceToSupervisor = Hello | Ready | HeartbeatAck | ServiceFailed | SessionFailed | SessionStarted
-SupervisorToService = Heartbeat | Stop | StartSession | EndSession | SessionFailed
+
+
+class WorkerExited(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """A Dreams worker the supervisor started for this service ended by itself."""
+
+    name: str
+    reason: str
+
+
+SupervisorToService = Heartbeat | Stop | StartSession | EndSession | SessionFailed | WorkerExited
 
 # ---------------------------------------------------------------- admin: CLI → supervisor
 
@@ -144,7 +153,27 @@ class LoadPipelines(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     pipelines: list[PipelineLoad]
 
 
-AdminRequest = GetStatus | Shutdown | OpenSession | CloseSession | LoadPipelines
+class StartWorker(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """Start a Dreams worker (``python -m dreams.worker *args``) as a child of the supervisor;
+    ``owner`` hears ``WorkerExited`` if it ends without being stopped. A worker of that name
+    still running is replaced."""
+
+    name: str
+    args: list[str]
+    #: Given to the worker in its environment, never on its command line.
+    token: str = ""
+    owner: str | None = None
+
+
+class StopWorker(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """SIGTERM the worker, SIGKILL at the stop deadline; nothing to do if it is gone."""
+
+    name: str
+
+
+AdminRequest = (
+    GetStatus | Shutdown | OpenSession | CloseSession | LoadPipelines | StartWorker | StopWorker
+)
 
 # ---------------------------------------------------------------- admin: supervisor → CLI
 

@@ -18,6 +18,9 @@ ENCODE = "encode"
 #: The Moondream overlay: one process for every overlay pipeline.
 OVERLAY = "overlay"
 INFERENCE_PREFIX = "inference/"
+#: A Dreams worker the supervisor runs for signalling's hub (``dreams-worker/<name>``): not a
+#: service of the control protocol, a plain child process.
+DREAMS_WORKER = "dreams-worker"
 #: Kinds of service process (``ServiceSpec.kind``); an inference service is named per pipeline.
 MEDIA_KINDS = frozenset({DECODE, ENCODE})
 PIPELINE_KINDS = frozenset({"inference", OVERLAY})
@@ -41,8 +44,15 @@ def service_of_pipeline(pipeline_id: str) -> str:
     return OVERLAY if is_overlay(pipeline_id) else inference_service(pipeline_id)
 
 
+def dreams_worker_service(name: str) -> str:
+    return f"{DREAMS_WORKER}/{name}"
+
+
 def kind_of_service(name: str) -> str:
-    return "inference" if name.startswith(INFERENCE_PREFIX) else name
+    for kind in ("inference", DREAMS_WORKER):
+        if name.startswith(kind + "/"):
+            return kind
+    return name
 
 
 class ChainError(ValueError):

@@ -18,6 +18,7 @@ from signalling.api import ApiConfig, StudioState, add_api_routes
 from signalling.backend import SignallingBackend
 from signalling.control import ControlLink
 from signalling.dreams.config import DreamsConfig
+from signalling.dreams.launcher import SupervisedWorker
 from signalling.dreams.routes import add_dreams_routes
 from signalling.links import AdminLink, AsyncOutbox
 from signalling.metrics_routes import add_metrics_routes
@@ -111,7 +112,9 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
     add_page_routes(app)
     add_output_routes(app, sessions)
     dreams_config = msgspec.convert(options.get("dreams", {}), DreamsConfig)
-    add_dreams_routes(app, dreams_config)
+    hub = add_dreams_routes(app, dreams_config, supervisor=admin)
+    if isinstance(hub.launcher, SupervisedWorker):
+        control.on_worker_exited = hub.launcher.exited
     add_metrics_routes(app, sessions.metrics, admin.status)  # /api/v1/metrics, /metrics
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -41,6 +41,8 @@ class ControlLink:
         self.frames_done = 0
         self.stopped = asyncio.Event()
         self.on_session_failed: Callable[[p.SessionFailed], Awaitable[None]] | None = None
+        #: A Dreams worker the supervisor ran for us ended by itself.
+        self.on_worker_exited: Callable[[p.WorkerExited], None] | None = None
         self.on_inbox: Callable[[p.InboxMessage], Awaitable[None]] | None = None
         self.session_count: Callable[[], int] = lambda: 0
 
@@ -93,6 +95,9 @@ class ControlLink:
                 case p.SessionFailed():
                     if self.on_session_failed is not None:
                         await self.on_session_failed(msg)
+                case p.WorkerExited():
+                    if self.on_worker_exited is not None:
+                        self.on_worker_exited(msg)
                 case _:
                     self.rejected += 1
                     logger.warning("rejected %s: signalling does not take it", type(msg).__name__)

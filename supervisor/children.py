@@ -45,6 +45,11 @@ class Child:
         #: A crash of an inference process ends its sessions (their model state is gone);
         #: decode, encode and overlay carry their sessions on after a restart.
         self.fatal_to_sessions = spec.kind == "inference"
+        #: Speaks the control protocol (Hello, Ready, heartbeats). A Dreams worker does not:
+        #: it is up once started, and its owner decides whether to start it again.
+        self.controlled = spec.kind != topology.DREAMS_WORKER
+        #: The service told when an uncontrolled child ends by itself.
+        self.owner: str | None = None
         self.state = State.STOPPED
         #: The running process's pid (None: none runs).
         self.pid: int | None = None
@@ -82,6 +87,8 @@ class Child:
         self.started_at = self.last_ack = self.progress_at = now
         self.unanswered_since = None
         logger.info("started %s (pid %d)", self.name, pid)
+        if not self.controlled:
+            self.state = State.READY
 
     def proven(self, hello: p.Hello, secret: str, route: bytes) -> bool:
         """A Hello from the process this child started, with the run's secret: its
@@ -100,7 +107,7 @@ class Child:
         logger.info("%s ready in %.2f s", self.name, now - self.started_at)
 
     def heartbeat_sent(self, now: float) -> None:
-        if self.unanswered_since is None:
+        if self.controlled and self.unanswered_since is None:
             self.unanswered_since = now
 
     def acked(self, ack: p.HeartbeatAck, now: float) -> None:
@@ -144,6 +151,9 @@ class Child:
     def schedule_restart(self, reason: str, now: float) -> bool:
         """Record a failure; schedule a restart or mark failed. True when one is scheduled."""
         self.last_error = reason
+        if not self.controlled:
+            self.state = State.FAILED  # its owner starts another if it wants one
+            return False
         if self.is_pipeline and (self.state is State.STARTING or self.failure_reason):
             # A load that fails, or a process that said why it gives up (CUDA out of memory,
             # say), is reported as the pipeline's error; a crash without a word restarts.
@@ -192,7 +202,7 @@ class Child:
             limit = config.load_timeout_s if self.is_pipeline else config.ready_timeout_s
             if now - self.started_at > limit:
                 self.kill_reason = "not ready in time"
-        elif self.state is State.READY:
+        elif self.state is State.READY and self.controlled:
             self.kill_reason = self._unresponsive(now, config) or ""
         elif self.state is State.STOPPING and now > self.stop_deadline:
             self.kill_reason = "did not stop in time"

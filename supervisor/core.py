@@ -210,6 +210,9 @@ class SupervisorCore:
             if child.removing:
                 del self.children[child.name]
             return []
+        if not child.controlled:  # a Dreams worker: gone; its owner decides what next
+            del self.children[child.name]
+            return self._send_to(child.owner or "", p.WorkerExited(child.name, why))
         return self._child_down(child, why)
 
     def _child_down(self, child: Child, reason: str) -> list[Effect]:
@@ -355,6 +358,13 @@ class SupervisorCore:
                     return p.Ack(), self.load_pipelines(loads, now)
                 except ValueError as exc:
                     return p.Rejected(reason=str(exc)), []
+            case p.StartWorker():
+                try:
+                    return p.Ack(), self.start_worker(request, now)
+                except ValueError as exc:
+                    return p.Rejected(reason=str(exc)), []
+            case p.StopWorker(name=name):
+                return p.Ack(), self.stop_worker(name, now)
         return p.Rejected(reason="unhandled request"), []
 
     # ------------------------------------------------------------ pipelines
@@ -404,6 +414,30 @@ class SupervisorCore:
         effects += self._send(child, p.Stop(reason="unloaded"))
         child.stop(now, self.config.stop_timeout_s, removing=True)
         return effects
+
+    # ------------------------------------------------------------ Dreams workers
+
+    def start_worker(self, req: p.StartWorker, now: float) -> list[Effect]:
+        if not req.name or not all(c.isalnum() or c in "-_." for c in req.name):
+            raise ValueError(f"invalid worker name {req.name!r}")
+        name = topology.dreams_worker_service(req.name)
+        effects: list[Effect] = []
+        current = self.children.pop(name, None)
+        if current is not None and current.pid is not None:
+            self.retiring[current.pid] = current  # replaced: its exit is no news
+            effects.append(Kill(current.pid))
+        options = {"args": list(req.args), "token": req.token}
+        svc = ServiceConfig(name, topology.DREAMS_WORKER, options, self.config.restart)
+        effects += self.add(svc)
+        self.children[name].owner = req.owner
+        return effects
+
+    def stop_worker(self, name: str, now: float) -> list[Effect]:
+        child = self.children.get(topology.dreams_worker_service(name))
+        if child is None or child.pid is None or child.state is State.STOPPING:
+            return []
+        child.stop(now, self.config.stop_timeout_s, removing=True)
+        return [Kill(child.pid, signal.SIGTERM)]
 
     def pipeline_states(self) -> list[p.PipelineState]:
         states = []

@@ -23,6 +23,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from dreams.wire import AUTH_TOKEN_ENV
 from services import protocol as p
 from services import topology
 from services.models.store import resolve_models_dir
@@ -86,9 +87,14 @@ class ChildProcess:
     pidfd: int | None
 
 
-def module_for(kind: str) -> str:
-    """signalling has its own asyncio entry; every other kind runs on services.main."""
-    return "signalling.main" if kind == topology.SIGNALLING else "services.main"
+def command_for(spec: ServiceSpec) -> list[str]:
+    """signalling has its own asyncio entry, a Dreams worker its command line; every other
+    kind runs on services.main."""
+    if spec.kind == topology.DREAMS_WORKER:
+        args = [str(a) for a in spec.options.get("args", [])]
+        return [sys.executable, "-m", "dreams.worker", *args, "--die-with-parent", str(os.getpid())]
+    module = "signalling.main" if spec.kind == topology.SIGNALLING else "services.main"
+    return [sys.executable, "-m", module]
 
 
 class Supervisor:
@@ -257,11 +263,13 @@ class Supervisor:
                     self.request_stop(reason)
 
     def _spawn(self, spec: ServiceSpec) -> int:
-        env = dict(os.environ)
-        env[SPEC_ENV] = msgspec.json.encode(spec).decode()
-        popen = subprocess.Popen(
-            [sys.executable, "-m", module_for(spec.kind)], env=env, close_fds=True
-        )
+        env = {k: v for k, v in os.environ.items() if k != AUTH_TOKEN_ENV}
+        if spec.kind == topology.DREAMS_WORKER:
+            if token := spec.options.get("token"):  # never on the command line (ps shows it)
+                env[AUTH_TOKEN_ENV] = str(token)
+        else:
+            env[SPEC_ENV] = msgspec.json.encode(spec).decode()
+        popen = subprocess.Popen(command_for(spec), env=env, close_fds=True)
         try:
             pidfd: int | None = os.pidfd_open(popen.pid)
         except (AttributeError, OSError):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,18 +48,17 @@ worker_args = ["--keyframe-interval", "5"]
 
 
 def worker_pids(server: SupervisorRun) -> list[int]:
-    """Local workers: the children of signalling that run ``dreams.worker``."""
-    signalling = server.service("signalling").pid
+    """Local workers: children of the supervisor (the one process manager) running
+    ``dreams.worker``, each listed by ``supervisor status`` under its pid."""
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in server.child_pids():
         try:
-            ppid = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
-            if ppid == signalling and b"dreams.worker" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except (OSError, IndexError, ValueError):
+            if b"dreams.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
             continue  # exited meanwhile
+    listed = [s.pid for s in server.status().services if s.name == "dreams-worker/dreams"]
+    assert set(pids) <= set(listed), (pids, listed)
     return pids
 
 
@@ -139,6 +140,19 @@ async def test_viewers_wake_the_worker_grace_stops_it_next_viewer_resumes(
             }
             resumed = early + await drawn_numbers(ws, 5 - len(early))
             workers = worker_pids(server)
+            assert len(workers) == 1
+            # A worker that dies under a viewer: the supervisor tells the hub, which starts
+            # another; the viewer keeps getting frames (the new worker's drawn from its last
+            # checkpoint on, so after what was queued they run on, one by one).
+            os.kill(workers[0], signal.SIGKILL)
+
+            def replaced() -> bool:
+                return bool(worker_pids(server)) and worker_pids(server) != workers
+
+            await async_wait_until(replaced, STOP_TIMEOUT_S, "a new worker after the crash")
+            after = await drawn_numbers(ws, 5)
+            assert after[-1] == after[-2] + 1 == after[-3] + 2, after
+            workers += worker_pids(server)
         # One unbroken run of frames: the cached last one at once (the snapshot names the frame
         # after it; a frame in flight at the shutdown may make it that one; a viewer who came
         # during the stop may also get the frames still queued for playback), then the new
@@ -147,7 +161,6 @@ async def test_viewers_wake_the_worker_grace_stops_it_next_viewer_resumes(
         assert resumed[0] <= saved.frame_number < resumed[-1], (resumed, saved)
         queued_at_most = Playback(target_fps=10.0, buffer_seconds=0.2).max_depth
         assert saved.frame_number - resumed[0] <= 1 + queued_at_most, (resumed, saved)
-        assert len(workers) == 1
 
     assert await asyncio.to_thread(server.stop) == 0
     assert not any(pid_alive(pid) for pid in workers)

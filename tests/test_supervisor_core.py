@@ -6,6 +6,7 @@ returns are what the process layer would carry out.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,36 @@ def test_bad_requests_are_refused_with_the_reason() -> None:
     assert isinstance(reply, p.Rejected) and "invalid pipeline id" in reply.reason
     assert rig.core.admin(p.Shutdown(reason="bye"), 0.0) == (p.Ack(), [StopRequested("bye")])
     assert rig.rings.live == {}
+
+
+def test_a_dreams_worker_is_a_plain_child_its_owner_hears_of() -> None:
+    rig = Rig(stop_timeout_s=3.0)
+    rig.add("signalling", kind="signalling")
+    start = p.StartWorker("dreams", ["--connect", "ws://x/ws/gpu"], token="t", owner="signalling")
+    reply, effects = rig.core.admin(start, 0.0)
+    (spawn,) = rig.apply(effects)
+    assert reply == p.Ack() and spawn.spec.options == {"args": start.args, "token": "t"}
+    worker = rig.core.children["dreams-worker/dreams"]
+    assert worker.state is State.READY  # no Hello: up once started
+    for t in (1.0, 2.0, 30.0, 60.0):  # no heartbeats, so never killed for silence
+        effects = rig.tick(t)
+        assert Kill(worker.pid or 0) not in effects
+        assert not [e for e in sent(effects, p.Heartbeat) if e[0] != b"signalling"]
+        ack = p.HeartbeatAck(seq=0, frames_done=0, frames_waiting=0, rejected=0, sessions=0)
+        rig.core.control(b"signalling", ack, t)
+    effects = rig.core.exited(worker.pid or 0, -9, 61.0)
+    assert sent(effects, p.WorkerExited) == [
+        (
+            b"signalling",
+            p.WorkerExited("dreams-worker/dreams", "dreams-worker/dreams died (killed by SIGKILL)"),
+        )
+    ]
+    assert "dreams-worker/dreams" not in rig.core.children  # not restarted: the hub decides
+    rig.apply(rig.core.admin(start, 62.0)[1])
+    pid = rig.core.children["dreams-worker/dreams"].pid or 0
+    reply, effects = rig.core.admin(p.StopWorker("dreams"), 63.0)
+    assert effects == [Kill(pid, signal.SIGTERM)]
+    assert Kill(pid) in rig.tick(66.5)  # still there after the stop deadline
+    assert rig.core.exited(pid, -9, 66.6) == []  # asked for: no news to the owner
+    assert rig.core.admin(p.StopWorker("dreams"), 67.0) == (p.Ack(), [])
+    assert isinstance(rig.core.admin(p.StartWorker("../x", []), 67.0)[0], p.Rejected)

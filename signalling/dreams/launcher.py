@@ -48,15 +48,23 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Protocol
 
-from signalling.dreams.config import AUTH_TOKEN_ENV, LauncherConfig
+from dreams.wire import AUTH_TOKEN_ENV
+from services import protocol as p
+from services import topology
+from signalling.dreams.config import LauncherConfig
 
-__all__ = ["ExternalWorker", "Launcher", "LocalWorkerLauncher"]
+__all__ = ["ExternalWorker", "Launcher", "LocalWorkerLauncher", "SupervisedWorker", "WorkerCommand"]
 
 logger = logging.getLogger(__name__)
 
 WORKER_MODULE = "dreams.worker"
 EXIT_WAIT_S = 2.0
+
+
+class AdminRequester(Protocol):
+    async def request(self, message: p.AdminRequest) -> p.AdminReply: ...
 
 
 class Launcher(ABC):
@@ -101,26 +109,85 @@ class ExternalWorker(Launcher):
         return False
 
 
-class LocalWorkerLauncher(Launcher):
-    """Runs ``python -m dreams.worker --connect URL`` as a child process of the server."""
+class WorkerCommand:
+    """The arguments of a local worker (``python -m dreams.worker …``) from the config."""
 
-    provider = "local"
-
-    def __init__(
-        self,
-        config: LauncherConfig,
-        *,
-        fps: float,
-        width: int,
-        height: int,
-        token: str,
-        python: str = sys.executable,
-    ) -> None:
-        super().__init__()
+    def __init__(self, config: LauncherConfig, *, fps: float, width: int, height: int) -> None:
         self.config = config
         self.fps = fps
         self.width = width
         self.height = height
+
+    def args(self, connect_url: str) -> list[str]:
+        return [
+            "--connect",
+            self.config.connect_url or connect_url,
+            "--generator",
+            self.config.generator,
+            "--fps",
+            str(self.fps),
+            "--width",
+            str(self.width),
+            "--height",
+            str(self.height),
+            *self.config.worker_args,
+        ]
+
+
+class SupervisedWorker(Launcher):
+    """A local worker run by the supervisor (``StartWorker``/``StopWorker``), the one process
+    manager of ``supervisor start``; its unasked-for end arrives as ``WorkerExited``."""
+
+    provider = "local"
+    NAME = "dreams"
+
+    def __init__(self, command: WorkerCommand, token: str, admin: AdminRequester) -> None:
+        super().__init__()
+        self.command = command
+        self.token = token
+        self.admin = admin
+        self.starts = 0
+        self._running = False
+
+    async def start(self, connect_url: str) -> None:
+        request = p.StartWorker(
+            self.NAME, self.command.args(connect_url), self.token, owner=topology.SIGNALLING
+        )
+        reply = await self.admin.request(request)
+        if isinstance(reply, p.Rejected):
+            raise RuntimeError(f"the supervisor refused the worker: {reply.reason}")
+        self.starts += 1
+        self._running = True
+        logger.info("asked the supervisor for a local worker: %s", " ".join(request.args))
+
+    def exited(self, msg: p.WorkerExited) -> None:
+        """Control message from the supervisor: the worker ended by itself."""
+        if msg.name != topology.dreams_worker_service(self.NAME) or not self._running:
+            return
+        self._running = False
+        logger.warning("local worker ended: %s", msg.reason)
+        self.on_exit(msg.reason)
+
+    def running(self) -> bool:
+        return self._running
+
+    async def stop(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        await self.admin.request(p.StopWorker(self.NAME))
+
+
+class LocalWorkerLauncher(Launcher):
+    """Runs ``python -m dreams.worker --connect URL`` as a child process of the hub: for a hub
+    served without a supervisor (``python -m signalling.dreams``, tests of the hub)."""
+
+    provider = "local"
+
+    def __init__(self, command: WorkerCommand, *, token: str, python: str = sys.executable) -> None:
+        super().__init__()
+        self.config = command.config
+        self.worker = command
         self.token = token
         self.python = python
         self.starts = 0
@@ -132,24 +199,8 @@ class LocalWorkerLauncher(Launcher):
         return self._proc.pid if self._proc is not None else None
 
     def command(self, connect_url: str) -> list[str]:
-        return [
-            self.python,
-            "-m",
-            WORKER_MODULE,
-            "--connect",
-            self.config.connect_url or connect_url,
-            "--generator",
-            self.config.generator,
-            "--fps",
-            str(self.fps),
-            "--width",
-            str(self.width),
-            "--height",
-            str(self.height),
-            "--die-with-parent",
-            str(os.getpid()),
-            *self.config.worker_args,
-        ]
+        args = self.worker.args(connect_url)
+        return [self.python, "-m", WORKER_MODULE, *args, "--die-with-parent", str(os.getpid())]
 
     async def start(self, connect_url: str) -> None:
         await self.stop()

@@ -34,7 +34,14 @@ from signalling.dreams.client_ip import Network, client_ip, parse_networks
 from signalling.dreams.config import DreamsConfig, resolve_auth_token
 from signalling.dreams.frames import Frame
 from signalling.dreams.hub import DreamsHub
-from signalling.dreams.launcher import ExternalWorker, Launcher, LocalWorkerLauncher
+from signalling.dreams.launcher import (
+    AdminRequester,
+    ExternalWorker,
+    Launcher,
+    LocalWorkerLauncher,
+    SupervisedWorker,
+    WorkerCommand,
+)
 from signalling.dreams.links import ProtocolError, ViewerChannel, WorkerLink
 from signalling.dreams.page import render_page
 from signalling.dreams.ratelimit import RateLimiter
@@ -451,28 +458,38 @@ async def close_dreams(app: web.Application) -> None:
         await app[DREAMS].hub.close()
 
 
-def make_launcher(config: DreamsConfig, token: str) -> Launcher:
+def make_launcher(
+    config: DreamsConfig, token: str, supervisor: AdminRequester | None = None
+) -> Launcher:
+    """The launcher ``config.launcher`` describes: a local worker is the supervisor's child
+    when there is one (``supervisor start``), else the hub's own."""
     if config.launcher.kind == "external":
         return ExternalWorker()
-    return LocalWorkerLauncher(
-        config.launcher,
-        fps=config.target_fps,
-        width=config.width,
-        height=config.height,
-        token=token,
+    command = WorkerCommand(
+        config.launcher, fps=config.target_fps, width=config.width, height=config.height
     )
+    if supervisor is not None:
+        return SupervisedWorker(command, token, supervisor)
+    return LocalWorkerLauncher(command, token=token)
 
 
 def add_dreams_routes(
-    app: web.Application, config: DreamsConfig | None = None, *, launcher: Launcher | None = None
+    app: web.Application,
+    config: DreamsConfig | None = None,
+    *,
+    launcher: Launcher | None = None,
+    supervisor: AdminRequester | None = None,
 ) -> DreamsHub:
     """Register the Dreams API on ``app`` (not yet started); returns the hub.
 
     ``launcher`` replaces the one ``config.launcher`` describes (a cloud launcher, or local
-    mode driving dreamwire's own inference service and calling ``hub.publish_frame``)."""
+    mode driving dreamwire's own inference service and calling ``hub.publish_frame``);
+    ``supervisor`` runs a local worker."""
     config = config or DreamsConfig()
     token = resolve_auth_token(config)
-    hub = DreamsHub(config, launcher if launcher is not None else make_launcher(config, token))
+    if launcher is None:
+        launcher = make_launcher(config, token, supervisor)
+    hub = DreamsHub(config, launcher)
     if config.launcher.connect_url:
         hub.connect_url = config.launcher.connect_url
     app[DREAMS] = DreamsRoutes(
