@@ -163,7 +163,7 @@ class GeneratorFailed(Exception):
     """The generator raised: the worker exits (1) rather than retry it."""
 
 
-class _Session:
+class _HubLink:
     """One connection to the hub."""
 
     def __init__(self, core: WorkerCore, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -316,7 +316,7 @@ async def _serve(options: WorkerOptions, core: WorkerCore, stop: asyncio.Event) 
                 ) as ws:
                     logger.info("connected to %s", options.connect)
                     backoff = RECONNECT_INITIAL_S
-                    session = _Session(core, ws)
+                    session = _HubLink(core, ws)
                     run = asyncio.create_task(session.run(), name="worker.session")
                     stopped = asyncio.create_task(stop.wait(), name="worker.stop")
                     await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -155,14 +155,14 @@ def bench_fps(seconds: float, fps: float, delay_s: float, width: int, height: in
             core.tick()
             time.sleep(max(0.0, started + n * period - time.monotonic()))
         elapsed = time.monotonic() - started
-        core.worker.wait_idle(5 * delay_s + 1)
+        core.runner.wait_idle(5 * delay_s + 1)
         core.tick()
         print(
             f"fps with a {delay_s * 1e3:.0f} ms model on every frame, {width}x{height}, "
             f"{elapsed:.1f} s: input {n / elapsed:.1f} fps, output {outbox.frames / elapsed:.1f} "
             f"fps, model calls {model.calls} ({model.calls / elapsed:.1f}/s), "
             f"results sent {outbox.results}, frames replaced while waiting "
-            f"{core.worker.replaced}"
+            f"{core.runner.replaced}"
         )
     finally:
         core.end_session("bench")

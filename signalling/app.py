@@ -25,7 +25,7 @@ from signalling.metrics_routes import add_metrics_routes
 from signalling.models import ModelsLink
 from signalling.outputs import add_output_routes
 from signalling.pipelines import PipelineCatalog
-from signalling.sessions import DEFAULT_CONNECT_TIMEOUT_S, Session, SessionManager
+from signalling.sessions import DEFAULT_CONNECT_TIMEOUT_S, PeerSession, SessionManager
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
     backend: SignallingBackend
 
     async def open_chain(
-        session: Session, width: int, height: int, params: dict[str, Any]
+        session: PeerSession, width: int, height: int, params: dict[str, Any]
     ) -> list[str]:
         return await backend.open_chain(session, width, height, params)
 

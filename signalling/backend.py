@@ -29,7 +29,7 @@ from signalling.intent import Intent, offer_mode, read_intent
 from signalling.links import AdminLink
 from signalling.models import ModelsLink
 from signalling.pipelines import ParameterError, PipelineCatalog
-from signalling.sessions import Session, SessionManager, SessionPlan
+from signalling.sessions import PeerSession, SessionManager, SessionPlan
 from signalling.webrtc.offer_limits import check_offer
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class SignallingBackend:
         return WebRtcOfferResponse(sdp=answer.sdp, type=answer.type, sessionId=session_id)
 
     async def open_chain(
-        self, session: Session, width: int, height: int, params: dict[str, Any]
+        self, session: PeerSession, width: int, height: int, params: dict[str, Any]
     ) -> list[str]:
         """The supervisor plans the session's processes from its pipelines and makes its
         rings; returns the stages its frames pass."""

@@ -81,7 +81,10 @@ class SessionPlan:
 
 
 @dataclass
-class Session:
+class PeerSession:
+    """A client's session as signalling keeps it: the peer connection, its track and channel,
+    and the stages its frames pass (planned by the supervisor)."""
+
     session_id: str
     pipeline_id: str
     mode: str  # "video" | "text"
@@ -126,7 +129,7 @@ class Session:
 
 
 #: Opens the session's chain (supervisor): returns the stages its frames pass.
-OpenChain = Callable[[Session, int, int, dict[str, Any]], Awaitable[list[str]]]
+OpenChain = Callable[[PeerSession, int, int, dict[str, Any]], Awaitable[list[str]]]
 CloseChain = Callable[[str], Awaitable[None]]
 
 
@@ -149,7 +152,7 @@ class SessionManager:
         self._open_chain = open_chain
         self._close_chain = close_chain
         self._ice_servers = ice_servers or []
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, PeerSession] = {}
         self.connect_timeout_s = connect_timeout_s
         #: Offers being negotiated: they hold a slot before they are sessions.
         self.reserved = 0
@@ -174,7 +177,7 @@ class SessionManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _close_unconnected(self, session: Session) -> None:
+    async def _close_unconnected(self, session: PeerSession) -> None:
         await asyncio.sleep(self.connect_timeout_s)
         if not session.closed and session.pc.connectionState != "connected":
             logger.warning(
@@ -216,7 +219,7 @@ class SessionManager:
         direction = "sendrecv" if mode == "video" else "sendonly"
         transceiver = pc.addTransceiver(track, direction=direction)
         track.attach_sender(transceiver.sender)
-        session = Session(
+        session = PeerSession(
             session_id,
             pipeline_id,
             mode,
@@ -272,7 +275,7 @@ class SessionManager:
         )
         return session_id, pc.localDescription
 
-    def _wire_events(self, session: Session) -> None:
+    def _wire_events(self, session: PeerSession) -> None:
         pc = session.pc
 
         @pc.on("datachannel")
@@ -306,7 +309,7 @@ class SessionManager:
 
     # ------------------------------------------------------------------ media
 
-    def _forward_frame(self, session: Session, frame: EncodedVideoFrame) -> None:
+    def _forward_frame(self, session: PeerSession, frame: EncodedVideoFrame) -> None:
         session.frames_in += 1
         forwarded = self.outbox.send(
             topology.DECODE,
@@ -357,7 +360,7 @@ class SessionManager:
 
     # ------------------------------------------------------------------ parameters
 
-    def on_parameters_message(self, session: Session, raw: str | bytes) -> None:
+    def on_parameters_message(self, session: PeerSession, raw: str | bytes) -> None:
         """Scope's parameter policy: known keys apply, a bad value is an error naming it (the
         others still apply), unknown keys are ignored and reported once. ``node_id`` (Scope
         0.2) sends the message to that node's pipeline alone."""
@@ -382,7 +385,9 @@ class SessionManager:
         for target in targets:
             self.outbox.send(target, update)
 
-    def _addressed(self, session: Session, node_id: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def _addressed(
+        self, session: PeerSession, node_id: Any
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(pipelines, processes) a message is for: the whole chain, or one graph node."""
         if node_id is None:
             return session.pipeline_ids, session.parameter_targets
@@ -397,7 +402,7 @@ class SessionManager:
         index = session.pipeline_ids.index(pipeline_id)
         return (pipeline_id,), (session.parameter_targets[index],)
 
-    def _report_unknown(self, session: Session, keys: tuple[str, ...]) -> None:
+    def _report_unknown(self, session: PeerSession, keys: tuple[str, ...]) -> None:
         chain = ", ".join(session.pipeline_ids)
         self._warn_once(
             session,
@@ -405,7 +410,7 @@ class SessionManager:
             lambda new: f"ignored parameters no pipeline of this session has ({chain}): {new}",
         )
 
-    def _report_load_time(self, session: Session, keys: tuple[str, ...]) -> None:
+    def _report_load_time(self, session: PeerSession, keys: tuple[str, ...]) -> None:
         self._warn_once(
             session,
             keys,
@@ -413,7 +418,7 @@ class SessionManager:
         )
 
     def _warn_once(
-        self, session: Session, keys: tuple[str, ...], text: Callable[[str], str]
+        self, session: PeerSession, keys: tuple[str, ...], text: Callable[[str], str]
     ) -> None:
         """Log and tell the client, as a FastRTC ``warning``, about keys not reported yet."""
         new = [k for k in keys if k not in session.reported]
@@ -469,7 +474,7 @@ class SessionManager:
         logger.info("session %s closed", session_id)
         return True
 
-    async def _close_pc_later(self, session: Session, delay_s: float) -> None:
+    async def _close_pc_later(self, session: PeerSession, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         await session.pc.close()
 

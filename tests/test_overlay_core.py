@@ -96,7 +96,7 @@ class Harness:
 
     def settle(self) -> None:
         """Wait for the model to finish what it was given, then let the core collect it."""
-        assert self.core.worker.wait_idle(IDLE_TIMEOUT_S)
+        assert self.core.runner.wait_idle(IDLE_TIMEOUT_S)
         self.core.tick()
 
     def latest_output(self) -> tuple[int, np.ndarray, np.ndarray]:
@@ -209,7 +209,7 @@ def test_every_frame_goes_out_at_once_while_the_model_is_busy(make: Any) -> None
     assert h.core.frames_done == 60
     # One call in flight, the newest frame waiting (59 replaced the ones before it).
     assert model.frames == [0]
-    assert h.core.worker.replaced == 58
+    assert h.core.runner.replaced == 58
     model.gate.set()
     h.settle()
     assert model.frames == [0, 59]

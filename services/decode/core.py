@@ -67,7 +67,7 @@ class DecodeStats:
 
 
 @dataclasses.dataclass(slots=True)
-class _Session:
+class _Stream:
     codec_context: VideoCodecContext
     width: int
     height: int
@@ -77,7 +77,7 @@ class _Session:
     stats: DecodeStats = dataclasses.field(default_factory=DecodeStats)
 
 
-class DecodeCore(PerSession[_Session]):
+class DecodeCore(PerSession[_Stream]):
     """Per-session decoders. Not thread-safe: call from one thread."""
 
     holds = "decoder"
@@ -91,7 +91,7 @@ class DecodeCore(PerSession[_Session]):
             raise ValueError(f"session {session_id!r} is already open")
         context = av.CodecContext.create(name, "r")
         assert isinstance(context, VideoCodecContext)
-        session = _Session(context, width, height, VideoReformatter())
+        session = _Stream(context, width, height, VideoReformatter())
         session.stats.keyframe_requests = 1  # keyframe_wanted starts raised
         self._sessions[session_id] = session
         logger.debug("session %s: decoding %s to %dx%d", session_id, codec, width, height)
@@ -159,7 +159,7 @@ class DecodeCore(PerSession[_Session]):
         return decoded
 
     def _to_rgb(
-        self, session: _Session, frame: VideoFrame, pts: int | None, out: DestFactory | None
+        self, session: _Stream, frame: VideoFrame, pts: int | None, out: DestFactory | None
     ) -> DecodedFrame:
         rgb_frame = session.reformatter.reformat(
             frame, width=session.width, height=session.height, format="rgb24"
@@ -176,12 +176,12 @@ class DecodeCore(PerSession[_Session]):
         frame_pts = frame.pts if frame.pts is not None else pts
         return DecodedFrame(rgb=rgb, pts=frame_pts, keyframe=bool(frame.key_frame))
 
-    def _error(self, session_id: str, session: _Session, reason: str) -> None:
+    def _error(self, session_id: str, session: _Stream, reason: str) -> None:
         session.stats.errors += 1
         logger.debug("session %s: decode error: %s", session_id, reason)
         self._want_keyframe(session)
 
-    def _want_keyframe(self, session: _Session) -> None:
+    def _want_keyframe(self, session: _Stream) -> None:
         if not session.keyframe_wanted:
             session.keyframe_wanted = True
             session.stats.keyframe_requests += 1

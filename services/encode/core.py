@@ -83,7 +83,7 @@ class EncodedPacket:
 
 
 @dataclasses.dataclass(slots=True)
-class _Session:
+class _Stream:
     codec: CodecName
     width: int
     height: int
@@ -118,7 +118,7 @@ def _h264_level(width: int, height: int, fps: int) -> str:
     return "5.2"
 
 
-class EncodeCore(PerSession[_Session]):
+class EncodeCore(PerSession[_Stream]):
     """Per-session encoders. Not thread-safe: call from one thread.
 
     Bitrates are clamped to [``min_bitrate_bps``, ``max_bitrate_bps``].
@@ -161,7 +161,7 @@ class EncodeCore(PerSession[_Session]):
             raise ValueError(f"fps must be positive, got {fps}")
         if session_id in self._sessions:
             raise ValueError(f"session {session_id!r} is already open")
-        self._sessions[session_id] = _Session(
+        self._sessions[session_id] = _Stream(
             codec=name, width=width, height=height, fps=fps, bitrate_bps=self._clamp(bitrate_bps)
         )
         logger.debug("session %s: encoding %s %dx%d@%d", session_id, codec, width, height, fps)
@@ -228,7 +228,7 @@ class EncodeCore(PerSession[_Session]):
             del session.pending_pts[next(iter(session.pending_pts))]
         return packets
 
-    def _context(self, session_id: str, session: _Session) -> VideoCodecContext:
+    def _context(self, session_id: str, session: _Stream) -> VideoCodecContext:
         context = session.context
         if context is not None and (
             abs(session.bitrate_bps - session.context_bitrate_bps) / session.context_bitrate_bps
@@ -248,7 +248,7 @@ class EncodeCore(PerSession[_Session]):
         session.pending_pts.clear()
         return context
 
-    def _create_context(self, session: _Session) -> VideoCodecContext:
+    def _create_context(self, session: _Stream) -> VideoCodecContext:
         bitrate = session.bitrate_bps
         if session.codec == "VP8":
             context = av.CodecContext.create("libvpx", "w")

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class DreamSession:
+class DreamPipelineState:
     session_id: str
     width: int
     height: int
@@ -57,13 +57,13 @@ class DreamPipeline(d.SDTurboPipeline):
 
     def new_session(
         self, session_id: str, width: int, height: int, config: DreamConfig
-    ) -> DreamSession:
+    ) -> DreamPipelineState:
         track = d.PromptTrack(self.prompts, config.prompts, config.prompt_interpolation_method)
         if config.transition is not None:
             track.start_transition(config.transition, config.prompt_interpolation_method)
-        return DreamSession(session_id, width, height, config, track)
+        return DreamPipelineState(session_id, width, height, config, track)
 
-    def update(self, state: DreamSession, config: DreamConfig, changed: set[str]) -> None:
+    def update(self, state: DreamPipelineState, config: DreamConfig, changed: set[str]) -> None:
         old, state.config = state.config, config
         d.follow_prompts(state.prompt, config, changed)
         if d.restarts_noise(old, config):
@@ -71,12 +71,12 @@ class DreamPipeline(d.SDTurboPipeline):
             state.keyframe_number = 0
             state.position = 0
 
-    def end_session(self, state: DreamSession) -> None:
+    def end_session(self, state: DreamPipelineState) -> None:
         state.key_a = state.key_b = state.emb_b = state.shown = None
 
     # ------------------------------------------------------------ generation
 
-    def _walk_noise(self, s: DreamSession, keyframe: int) -> torch.Tensor:
+    def _walk_noise(self, s: DreamPipelineState, keyframe: int) -> torch.Tensor:
         shape = d.latent_shape(self.c, s.width, s.height)
         p = keyframe * s.config.noise_walk_speed
         base = math.floor(p)
@@ -87,7 +87,9 @@ class DreamPipeline(d.SDTurboPipeline):
         flat = d.slerp(a.flatten(), b.flatten(), p - base)
         return flat.view(1, *shape)
 
-    def _keyframes(self, jobs: list[tuple[DreamSession, int, torch.Tensor]]) -> list[torch.Tensor]:
+    def _keyframes(
+        self, jobs: list[tuple[DreamPipelineState, int, torch.Tensor]]
+    ) -> list[torch.Tensor]:
         """Text to image for several sessions at once, step by step (rows batched per step)."""
         c = self.c
         noise = [self._walk_noise(s, k) for s, k, _ in jobs]
@@ -122,9 +124,9 @@ class DreamPipeline(d.SDTurboPipeline):
     def __call__(self, requests: Sequence[Request]) -> list[Result]:
         started = time.perf_counter()
         c = self.c
-        sessions: list[DreamSession] = [r.state for r in requests]
+        sessions: list[DreamPipelineState] = [r.state for r in requests]
         embs = [s.prompt.step() for s in sessions]
-        jobs: list[tuple[DreamSession, int, torch.Tensor]] = []
+        jobs: list[tuple[DreamPipelineState, int, torch.Tensor]] = []
         for s, emb in zip(sessions, embs, strict=True):
             k = s.config.keyframe_interval
             if s.key_b is None:

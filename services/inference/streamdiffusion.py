@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class SDSession:
+class SDState:
     session_id: str
     width: int
     height: int
@@ -67,7 +67,7 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
 
     # ------------------------------------------------------------ sessions
 
-    def _fresh_noise(self, s: SDSession) -> None:
+    def _fresh_noise(self, s: SDState) -> None:
         shape = d.latent_shape(self.c, s.width, s.height)
         n = len(s.config.denoising_step_list)
         s.noise = torch.stack(
@@ -80,26 +80,26 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
 
     def new_session(
         self, session_id: str, width: int, height: int, config: StreamDiffusionConfig
-    ) -> SDSession:
+    ) -> SDState:
         track = d.PromptTrack(self.prompts, config.prompts, config.prompt_interpolation_method)
-        s = SDSession(session_id, width, height, config, track, torch.empty(0))
+        s = SDState(session_id, width, height, config, track, torch.empty(0))
         self._fresh_noise(s)
         if config.transition is not None:
             track.start_transition(config.transition, config.prompt_interpolation_method)
         return s
 
-    def update(self, state: SDSession, config: StreamDiffusionConfig, changed: set[str]) -> None:
+    def update(self, state: SDState, config: StreamDiffusionConfig, changed: set[str]) -> None:
         old, state.config = state.config, config
         d.follow_prompts(state.prompt, config, changed)
         if d.restarts_noise(old, config):
             self._fresh_noise(state)
 
-    def end_session(self, state: SDSession) -> None:
+    def end_session(self, state: SDState) -> None:
         state.buffer.clear()
         state.tags.clear()
         state.prev_input = state.prev_output = None
 
-    def prepare(self, state: SDSession, rgb: Any) -> torch.Tensor:
+    def prepare(self, state: SDState, rgb: Any) -> torch.Tensor:
         # The one host->device copy; on CPU a copy too, so the ring slot can go back at once.
         t = torch.from_numpy(rgb)
         if self.device.device.type == "cuda":
@@ -108,7 +108,7 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
 
     # ------------------------------------------------------------ the call
 
-    def _skip(self, s: SDSession, frame: torch.Tensor) -> bool:
+    def _skip(self, s: SDState, frame: torch.Tensor) -> bool:
         cfg = s.config
         small = frame[::8, ::8].float()
         skip = False
@@ -129,7 +129,7 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
         results: list[Result] = []
         work: list[Request] = []
         for r in requests:
-            s: SDSession = r.state
+            s: SDState = r.state
             if self._skip(s, r.frames):
                 results.append(Result(r.session_id, s.prev_output, r.tag, {"skipped": True}))
             else:
@@ -162,7 +162,7 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
         out = d.run_unet(c, x_t, t, torch.stack(embs))
         self.unet_calls += 1
         x0 = d.predict_x0(c, x_t, t, out)
-        finished: list[tuple[SDSession, torch.Tensor, Any]] = []
+        finished: list[tuple[SDState, torch.Tensor, Any]] = []
         for r, (start, count) in zip(work, spans, strict=True):
             s = r.state
             steps = s.steps

@@ -40,7 +40,7 @@ def _mix(a: Color, b: Color, f: float) -> Color:
 
 
 @dataclass(eq=False)
-class TestcardSession:
+class TestcardState:
     width: int
     height: int
     color: Color
@@ -63,12 +63,12 @@ class TestcardPipeline(Pipeline):
 
     def new_session(
         self, session_id: str, width: int, height: int, config: TestcardConfig
-    ) -> TestcardSession:
-        state = TestcardSession(width, height, prompt_color(config.prompts))
+    ) -> TestcardState:
+        state = TestcardState(width, height, prompt_color(config.prompts))
         self.update(state, config, {"transition"})
         return state
 
-    def update(self, state: TestcardSession, config: TestcardConfig, changed: set[str]) -> None:
+    def update(self, state: TestcardState, config: TestcardConfig, changed: set[str]) -> None:
         if "transition" in changed and config.transition is not None:
             target = prompt_color(config.transition.target_prompts)
             if config.transition.num_steps <= 0:
@@ -81,7 +81,7 @@ class TestcardPipeline(Pipeline):
     def __call__(self, requests: Sequence[Request]) -> list[Result]:
         results = []
         for r in requests:
-            s: TestcardSession = r.state
+            s: TestcardState = r.state
             frame = np.empty((s.height, s.width, 3), dtype=np.uint8)
             frame[:] = s.step()
             draw_frame_number(frame, s.frames)

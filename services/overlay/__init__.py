@@ -8,6 +8,6 @@ Modules, lightest first:
   transformers from the models directory, calling one feature on one frame;
 * :mod:`services.overlay.draw` — captions, Q&A bars, boxes and points drawn as the reference
   plugin draws them, laid out once per result and blended per frame;
-* :mod:`services.overlay.worker` — the background thread the model runs on;
+* :mod:`services.overlay.runner` — the background thread the model runs on;
 * :mod:`services.overlay.core` — :class:`~services.overlay.core.OverlayCore`, the ring stage.
 """

@@ -5,7 +5,7 @@ Per frame (main thread, never waiting for the model):
 1. take the newest input frame; on every ``inference_interval``-th frame of the session (0, N,
    2N, …), or on the first frame after ``feature`` / the question / the object changed, copy
    it for the model (the job replaces one of this session still waiting, see
-   :mod:`services.overlay.worker`);
+   :mod:`services.overlay.runner`);
 2. collect finished inferences: a result computed for other settings than the current ones is
    discarded (never drawn, never sent); a good one becomes the session's result and goes to the
    client as ``StageOutput(kind="fetch_output", data={"feature", "frame", "result"})``; a model
@@ -35,7 +35,7 @@ from services.options import OverlayOptions
 from services.overlay.config import MoondreamConfig, parse_config
 from services.overlay.draw import OverlayPlan, build_plan
 from services.overlay.model import FeatureRequest, VisionModel, make_model, run_feature
-from services.overlay.worker import InferenceJob, InferenceOutcome, InferenceWorker
+from services.overlay.runner import ModelJob, ModelOutcome, ModelRunner
 from services.runtime import Outbox, ServiceSpec
 from services.stage import RingStage, StageSession
 from shm.ring import FrameMeta, ReadFrame, Stage, WriteSlot, stamp
@@ -77,7 +77,7 @@ class Drawn:
     input frame was intact."""
 
     meta: FrameMeta
-    job: InferenceJob | None
+    job: ModelJob | None
 
 
 class OverlayCore(RingStage[OverlayState]):
@@ -95,7 +95,7 @@ class OverlayCore(RingStage[OverlayState]):
         self.model = model
         self.clock = time.monotonic  # result ages; tests move it
         self._seq = 0
-        self.worker = InferenceWorker(self._infer, name=f"{spec.name}.model")
+        self.runner = ModelRunner(self._infer, name=f"{spec.name}.model")
 
     def _infer(self, request: FeatureRequest, image: np.ndarray) -> dict[str, Any]:
         return run_feature(self.model, request, image)
@@ -113,11 +113,11 @@ class OverlayCore(RingStage[OverlayState]):
         config = parse_config(session.params)  # a bad value fails the session, naming the field
         if previous is not None:
             config = previous.config  # StartSession again (a restart): later updates are newer
-        self.worker.cancel(session.session_id)
+        self.runner.cancel(session.session_id)
         return OverlayState(config=config)
 
     def end_state(self, session: StageSession[OverlayState]) -> None:
-        self.worker.cancel(session.session_id)
+        self.runner.cancel(session.session_id)
 
     # ------------------------------------------------------------ messages
 
@@ -138,10 +138,10 @@ class OverlayCore(RingStage[OverlayState]):
 
     def tick(self) -> float | None:
         self.collect()
-        return RESULT_POLL_S if self.worker.busy() else None
+        return RESULT_POLL_S if self.runner.busy() else None
 
     def close(self) -> None:
-        self.worker.close()
+        self.runner.close()
         super().close()
 
     # ------------------------------------------------------------ frames
@@ -166,7 +166,7 @@ class OverlayCore(RingStage[OverlayState]):
         self, session: StageSession[OverlayState], outcome: Drawn, out: WriteSlot | None
     ) -> None:
         if outcome.job is not None:
-            self.worker.submit(outcome.job)
+            self.runner.submit(outcome.job)
         super().commit(session, outcome.meta, out)
 
     def on_torn(self, session: StageSession[OverlayState], outcome: Drawn) -> None:
@@ -175,7 +175,7 @@ class OverlayCore(RingStage[OverlayState]):
 
     def _schedule(
         self, session_id: str, state: OverlayState, rgb: np.ndarray, frame_number: int
-    ) -> InferenceJob | None:
+    ) -> ModelJob | None:
         """A job for this frame when it is due (copied now, submitted once the frame is
         known intact), else None."""
         config = state.config
@@ -195,7 +195,7 @@ class OverlayCore(RingStage[OverlayState]):
             temperature=config.temperature,
             max_objects=config.max_objects,
         )
-        return InferenceJob(
+        return ModelJob(
             session_id=session_id,
             seq=self._seq,
             key=key,
@@ -229,12 +229,12 @@ class OverlayCore(RingStage[OverlayState]):
 
     def collect(self) -> None:
         """Take finished inferences into the sessions' state and tell the clients."""
-        for outcome in self.worker.poll():
+        for outcome in self.runner.poll():
             session = self.sessions.get(outcome.session_id)
             if session is not None:
                 self._accept(outcome, session.state)
 
-    def _accept(self, outcome: InferenceOutcome, state: OverlayState) -> None:
+    def _accept(self, outcome: ModelOutcome, state: OverlayState) -> None:
         if outcome.key != state.config.result_key():
             return  # computed for settings the client has left
         if state.result is not None and state.result.seq > outcome.seq:

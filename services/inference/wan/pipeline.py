@@ -104,7 +104,7 @@ class WanPromptEncoder(d.PromptEncoder):
 
 
 @dataclass(eq=False)
-class WanSession:
+class WanState:
     session_id: str
     width: int
     height: int
@@ -191,11 +191,9 @@ class WanPipeline(Pipeline):
 
     # ------------------------------------------------------------ sessions
 
-    def new_session(
-        self, session_id: str, width: int, height: int, config: WanConfig
-    ) -> WanSession:
+    def new_session(self, session_id: str, width: int, height: int, config: WanConfig) -> WanState:
         track = d.PromptTrack(self.prompts, config.prompts, config.prompt_interpolation_method)
-        s = WanSession(
+        s = WanState(
             session_id, width, height, config, track, self.loop.new_stream(), VaeStream(self.vae)
         )
         # Krea's re-encoded context frame is the oldest of the last 1 + 4·(context − 1) frames.
@@ -204,7 +202,7 @@ class WanPipeline(Pipeline):
             track.start_transition(config.transition, config.prompt_interpolation_method)
         return s
 
-    def update(self, state: WanSession, config: WanConfig, changed: set[str]) -> None:
+    def update(self, state: WanState, config: WanConfig, changed: set[str]) -> None:
         s = state
         self.settle(s)
         s.config = config
@@ -216,7 +214,7 @@ class WanPipeline(Pipeline):
         if config.reset_cache:
             s.pending_cut = True
 
-    def hard_cut(self, s: WanSession) -> None:
+    def hard_cut(self, s: WanState) -> None:
         """Frame 0 again: KV cache, VAE caches and the noise controller start afresh (Scope's
         ``init_cache``); frames already made stay queued."""
         self.loop.reset(s.stream)
@@ -226,7 +224,7 @@ class WanPipeline(Pipeline):
         s.decoded.clear()
         s.pending_cut = False
 
-    def _init(self, s: WanSession, mode: str) -> None:
+    def _init(self, s: WanState, mode: str) -> None:
         """A fresh start (first call, or the mode changed)."""
         s.mode = mode
         self.hard_cut(s)
@@ -235,7 +233,7 @@ class WanPipeline(Pipeline):
         s.input_tags.clear()
         s.noise_level = None
 
-    def end_session(self, state: WanSession) -> None:
+    def end_session(self, state: WanState) -> None:
         try:
             self.settle(state)
         except Exception:  # the session is over: its failed block no longer matters
@@ -245,7 +243,7 @@ class WanPipeline(Pipeline):
         state.inputs.clear()
         state.cross = None
 
-    def prepare(self, state: WanSession, rgb: Any) -> torch.Tensor:
+    def prepare(self, state: WanState, rgb: Any) -> torch.Tensor:
         t = torch.from_numpy(rgb)
         if self.device.device.type == "cuda":
             return t.to(self.device.device)
@@ -253,7 +251,7 @@ class WanPipeline(Pipeline):
 
     # ------------------------------------------------------------ the call
 
-    def settle(self, s: WanSession) -> None:
+    def settle(self, s: WanState) -> None:
         """Wait for the session's block in flight; its failure is raised here."""
         ahead, s.ahead = s.ahead, None
         if ahead is not None:
@@ -262,7 +260,7 @@ class WanPipeline(Pipeline):
     def __call__(self, requests: Sequence[Request]) -> list[Result]:
         results = []
         for r in requests:
-            s: WanSession = r.state
+            s: WanState = r.state
             mode = "text" if r.frames is None else "video"
             if s.mode != mode:
                 self.settle(s)
@@ -296,14 +294,14 @@ class WanPipeline(Pipeline):
                 results.append(Result(s.session_id, None, None, {"warming_up": True}))
         return results
 
-    def _frames_needed(self, s: WanSession) -> int:
+    def _frames_needed(self, s: WanState) -> int:
         """Input frames for the next block: the VAE turns ``1 + 4k`` frames into ``1 + k``
         latents at a stream's start, four frames into one latent after."""
         if self._cut_due(s) or s.stream.next_frame == 0:
             return 4 * (self.geometry.first_block_frames - 1) + 1
         return 4 * self.block_frames
 
-    def _text_block_ahead(self, s: WanSession) -> None:
+    def _text_block_ahead(self, s: WanState) -> None:
         """On the worker thread: the next block, its frames on the CPU once complete."""
         with self._model_lock, torch.inference_mode(), self._on_worker_stream():
             frames = self._text_block(s)
@@ -319,11 +317,11 @@ class WanPipeline(Pipeline):
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
 
-    def _latent_hw(self, s: WanSession) -> tuple[int, int]:
+    def _latent_hw(self, s: WanState) -> tuple[int, int]:
         patch = 2 * VAE_SCALE
         return math.ceil(s.height / patch) * 2, math.ceil(s.width / patch) * 2
 
-    def _steps(self, s: WanSession) -> list[int]:
+    def _steps(self, s: WanState) -> list[int]:
         steps = list(s.config.denoising_step_list)
         if (
             s.mode == "text"
@@ -333,22 +331,22 @@ class WanPipeline(Pipeline):
             return list(SDV2_TEXT_STEPS)
         return steps
 
-    def _cut_due(self, s: WanSession) -> bool:
+    def _cut_due(self, s: WanState) -> bool:
         return s.pending_cut or self.loop.overflows(s.stream)
 
-    def _start_block(self, s: WanSession) -> None:
+    def _start_block(self, s: WanState) -> None:
         """A due hard cut, before the block's input is encoded (the VAE starts afresh too)."""
         if self.loop.overflows(s.stream):
             logger.info("session %s: RoPE table full, starting afresh", s.session_id)
         if self._cut_due(s):
             self.hard_cut(s)
 
-    def _text_block(self, s: WanSession) -> list[tuple[torch.Tensor, Any, int]]:
+    def _text_block(self, s: WanState) -> list[tuple[torch.Tensor, Any, int]]:
         self._start_block(s)
         latents = self._generate(s, None, None)
         return [(frame, None, s.blocks) for frame in self._decode(s, latents)]
 
-    def _video_block(self, s: WanSession) -> None:
+    def _video_block(self, s: WanState) -> None:
         self._start_block(s)
         frames = torch.stack(s.inputs)
         tags = list(s.input_tags)
@@ -365,7 +363,7 @@ class WanPipeline(Pipeline):
         for frame, tag in zip(self._decode(s, latents), tags, strict=True):
             s.out.append((frame, tag, s.blocks))
 
-    def _noise_scale(self, s: WanSession, video: torch.Tensor) -> float:
+    def _noise_scale(self, s: WanState, video: torch.Tensor) -> float:
         """The block's noise: ``noise_scale``, or Scope's motion controller from it."""
         base = s.config.noise_scale
         if s.config.noise_controller:
@@ -374,14 +372,14 @@ class WanPipeline(Pipeline):
         s.noise_level = base
         return base
 
-    def _decode(self, s: WanSession, latents: torch.Tensor) -> list[torch.Tensor]:
+    def _decode(self, s: WanState, latents: torch.Tensor) -> list[torch.Tensor]:
         video = s.vae.decode(latents)
         if self.geometry.context_frames:
             s.decoded.extend(video[:, :, i : i + 1] for i in range(video.shape[2]))
         frames = to_uint8_frames(video)[:, : s.height, : s.width]
         return list(frames.unbind(0))
 
-    def _reencode(self, s: WanSession) -> torch.Tensor:
+    def _reencode(self, s: WanState) -> torch.Tensor:
         """Krea's first context latent past the stream's start: the oldest of its last nine
         output frames, encoded on its own (scope:krea_realtime_video/blocks/
         recompute_kv_cache.py)."""
@@ -389,7 +387,7 @@ class WanPipeline(Pipeline):
 
     # ------------------------------------------------------------ the model
 
-    def _cross(self, s: WanSession, emb: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _cross(self, s: WanState, emb: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if s.cross is None or s.cross[0] is not emb:
             context = emb.unsqueeze(0).to(self.device.device)
             s.cross = (emb, self.transformer.cross_kv(context))
@@ -397,7 +395,7 @@ class WanPipeline(Pipeline):
         return s.cross[1]
 
     @torch.inference_mode()
-    def _generate(self, s: WanSession, z: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    def _generate(self, s: WanState, z: torch.Tensor | None, scale: float | None) -> torch.Tensor:
         emb = s.prompt.step()
         cross = self._cross(s, emb)
         if (

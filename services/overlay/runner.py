@@ -3,7 +3,7 @@
 One thread, so at most one inference is in flight (the model and its device are one). Each
 session has at most one job *waiting*: a newer frame replaces the one still waiting (counted in
 ``replaced``). Waiting jobs are served oldest first. Finished jobs are collected by the owner's
-thread with :meth:`InferenceWorker.poll`; this thread touches no socket.
+thread with :meth:`ModelRunner.poll`; this thread touches no socket.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ JOIN_TIMEOUT_S = 2.0
 
 
 @dataclass(slots=True)
-class InferenceJob:
+class ModelJob:
     session_id: str
-    seq: int  # increasing per worker: orders results
+    seq: int  # increasing per runner: orders results
     key: tuple[str, ...]  # MoondreamConfig.result_key() when submitted
     request: FeatureRequest
     image: np.ndarray  # a private copy of the frame
@@ -37,7 +37,7 @@ class InferenceJob:
 
 
 @dataclass(slots=True)
-class InferenceOutcome:
+class ModelOutcome:
     session_id: str
     seq: int
     key: tuple[str, ...]
@@ -52,22 +52,22 @@ class InferenceOutcome:
 RunFn = Callable[[FeatureRequest, np.ndarray], dict[str, Any]]
 
 
-class InferenceWorker:
+class ModelRunner:
     """Runs ``run(request, image)`` for submitted jobs on one named background thread."""
 
     def __init__(self, run: RunFn, name: str = "overlay.model") -> None:
         self._run = run
         self._cond = threading.Condition()
-        self._waiting: dict[str, InferenceJob] = {}
-        self._in_flight: InferenceJob | None = None
-        self._done: collections.deque[InferenceOutcome] = collections.deque()
+        self._waiting: dict[str, ModelJob] = {}
+        self._in_flight: ModelJob | None = None
+        self._done: collections.deque[ModelOutcome] = collections.deque()
         self._stopping = False
         self.replaced = 0
         self.completed = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: InferenceJob) -> None:
+    def submit(self, job: ModelJob) -> None:
         with self._cond:
             if self._waiting.pop(job.session_id, None) is not None:
                 self.replaced += 1
@@ -83,7 +83,7 @@ class InferenceWorker:
         with self._cond:
             return self._in_flight is not None or bool(self._waiting)
 
-    def poll(self) -> list[InferenceOutcome]:
+    def poll(self) -> list[ModelOutcome]:
         """Finished jobs since the last poll, oldest first."""
         out = []
         while self._done:
@@ -122,9 +122,9 @@ class InferenceWorker:
                 self.completed += 1
                 self._cond.notify_all()
 
-    def _execute(self, job: InferenceJob) -> InferenceOutcome:
+    def _execute(self, job: ModelJob) -> ModelOutcome:
         started = time.monotonic()
-        outcome = InferenceOutcome(
+        outcome = ModelOutcome(
             session_id=job.session_id,
             seq=job.seq,
             key=job.key,
