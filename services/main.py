@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
 from services.runtime import SPEC_ENV, Outbox, ServiceCore, ServiceSpec, run_service
 
-CoreFactory = Callable[[ServiceSpec, Outbox], ServiceCore]
+CoreFactory = Callable[[ServiceSpec, Outbox], ServiceCore[Any]]
 
 
 def core_factory(kind: str) -> CoreFactory:
@@ -50,7 +51,7 @@ def main() -> int:
         return 2
     spec = msgspec.json.decode(raw, type=ServiceSpec)
 
-    def build(spec: ServiceSpec, outbox: Outbox) -> ServiceCore:
+    def build(spec: ServiceSpec, outbox: Outbox) -> ServiceCore[Any]:
         # Resolved inside the runtime, so an import error is reported as ServiceFailed.
         return core_factory(spec.kind)(spec, outbox)
 

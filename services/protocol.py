@@ -342,6 +342,12 @@ InboxMessage = (
     | UpdateParameters
     | StageOutput
 )
+#: What each kind of service takes in its inbox: anything else is refused when decoded.
+DecodeInbox = EncodedFrame
+EncodeInbox = FrameReady | KeyframeNeeded | BitrateChanged
+#: inference, overlay and the synthetic stages: frames from the ring, the session's parameters.
+StageInbox = FrameReady | UpdateParameters
+SignallingInbox = EncodedPacket | KeyframeNeeded | FramesDropped | StageOutput
 
 # ---------------------------------------------------------------- codecs
 
@@ -390,5 +396,6 @@ def admin_server_codec() -> Codec[AdminRequest, AdminReply]:
     return Codec(AdminRequest, AdminReply)
 
 
-def inbox_codec() -> Codec[InboxMessage, InboxMessage]:
-    return Codec(InboxMessage, InboxMessage)
+def inbox_codec(accepts: Any = InboxMessage) -> Codec[Any, InboxMessage]:
+    """Sends any inbox message; decodes only those of ``accepts`` (the receiver's union)."""
+    return Codec(accepts, InboxMessage)

@@ -28,7 +28,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
 import zmq
@@ -162,7 +162,7 @@ class Outbox:
         if sock is None:
             sock = self._sockets[service] = connect_inbox(self._ctx, self._run_dir, service)
         try:
-            sock.send(self._codec.encode(message), zmq.NOBLOCK)
+            sock.send(self._codec.encode(message), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.dropped += 1
             return False
@@ -174,7 +174,10 @@ class Outbox:
         self._sockets.clear()
 
 
-class ServiceCore(ABC):
+M = TypeVar("M")
+
+
+class ServiceCore(ABC, Generic[M]):
     """Logic of one service. No sockets: it talks through the :class:`Outbox` it is given."""
 
     frames_done: int = 0
@@ -195,8 +198,11 @@ class ServiceCore(ABC):
     @abstractmethod
     def end_session(self, session_id: str) -> None: ...
 
+    #: The inbox union this kind of service takes (``M``); the runtime refuses other messages.
+    inbox: ClassVar[Any] = p.InboxMessage
+
     @abstractmethod
-    def handle(self, msg: p.InboxMessage) -> None: ...
+    def handle(self, msg: M) -> None: ...
 
     def tick(self) -> float | None:
         """Periodic work; returns seconds until the core wants to be called again."""
@@ -208,10 +214,10 @@ class ServiceCore(ABC):
     def session_count(self) -> int:
         return 0
 
-    def on_session_failed(self, msg: p.SessionFailed) -> None:  # noqa: B027 - optional hook
+    def on_session_failed(self, msg: p.SessionFailed) -> None:
         """Another stage of a session this service owns failed (signalling tells the client)."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         pass
 
 
@@ -255,9 +261,10 @@ class ServiceProc:
         """Hello → build the core → Ready → loop until Stop. Returns the exit code."""
         spec = self.spec
         self.send_control(p.Hello(service=spec.name, pid=os.getpid(), secret=spec.secret))
-        core: ServiceCore | None = None
+        core: ServiceCore[Any] | None = None
         try:
             core = core_factory(spec, self.outbox)
+            self.inbox_codec = p.inbox_codec(core.inbox)
             self.send_control(p.Ready(service=spec.name))
             logger.info("ready (pid %d)", os.getpid())
             self._loop(core)
@@ -277,7 +284,7 @@ class ServiceProc:
             self.inbox.close(linger=0)
             self.ctx.term()
 
-    def _loop(self, core: ServiceCore) -> None:
+    def _loop(self, core: ServiceCore[Any]) -> None:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.inbox, zmq.POLLIN)
@@ -307,7 +314,7 @@ class ServiceProc:
                     logger.warning("supervisor is gone; exiting")
                     return
 
-    def _drain_control(self, core: ServiceCore) -> None:
+    def _drain_control(self, core: ServiceCore[Any]) -> None:
         while True:
             try:
                 raw = self.control.recv(zmq.NOBLOCK)
@@ -321,7 +328,7 @@ class ServiceProc:
                 continue
             self._on_control(core, msg)
 
-    def _on_control(self, core: ServiceCore, msg: p.SupervisorToService) -> None:
+    def _on_control(self, core: ServiceCore[Any], msg: p.SupervisorToService) -> None:
         match msg:
             case p.Heartbeat(seq=seq):
                 self.send_control(
@@ -357,7 +364,7 @@ class ServiceProc:
             case p.SessionFailed():
                 core.on_session_failed(msg)
 
-    def _drain_inbox(self, core: ServiceCore) -> None:
+    def _drain_inbox(self, core: ServiceCore[Any]) -> None:
         # Bounded so control gets a look-in between bursts.
         for _ in range(256):
             try:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, assert_never
 
 from services import protocol as p
-from services.runtime import Outbox, ServiceCore, ServiceSpec
+from services.runtime import M, Outbox, ServiceCore, ServiceSpec
 from shm.ring import FrameMeta, FrameRing, ReadFrame, RingConsumer, RingProducer, WriteSlot
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,9 @@ class StageSession(Generic[S]):
             self.output.ring.close()
 
 
-class RingStage(ServiceCore, Generic[S]):
-    """A stage that keeps per-session rings and a typed state ``S`` per session."""
+class RingStage(ServiceCore[M], Generic[S, M]):
+    """A stage that keeps per-session rings and a typed state ``S`` per session; it takes the
+    inbox messages ``M``, each kind of stage matching them in its :meth:`handle`."""
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
@@ -114,25 +115,19 @@ class RingStage(ServiceCore, Generic[S]):
 
     # ------------------------------------------------------------ messages
 
-    def handle(self, msg: p.InboxMessage) -> None:
-        match msg:
-            case p.FrameReady(session_id=session_id):
-                session = self.session(session_id)
-                if session.input is None:  # a source stage, or a session of text mode
-                    raise ValueError(f"session {session_id!r} has no input ring here")
-                self.drain(session)
-            case p.UpdateParameters(session_id=session_id, params=params):
-                session = self.session(session_id)
-                session.params.update(params)
-                self.on_parameters(session, params)
-            case _:
-                self.handle_other(msg)
+    def frame_ready(self, msg: p.FrameReady) -> None:
+        session = self.session(msg.session_id)
+        if session.input is None:  # a source stage, or a session of text mode
+            raise ValueError(f"session {msg.session_id!r} has no input ring here")
+        self.drain(session)
+
+    def update_parameters(self, msg: p.UpdateParameters) -> None:
+        session = self.session(msg.session_id)
+        session.params.update(msg.params)
+        self.on_parameters(session, msg.params)
 
     def on_parameters(self, session: StageSession[S], changed: dict[str, Any]) -> None:
         """Some runtime parameters changed (already merged into ``session.params``)."""
-
-    def handle_other(self, msg: p.InboxMessage) -> None:
-        raise ValueError(f"{self.spec.name} does not take {type(msg).__name__}")
 
     # ------------------------------------------------------------ frames
 
@@ -190,3 +185,19 @@ class RingStage(ServiceCore, Generic[S]):
                 session.downstream,
                 p.FrameReady(session_id=session.session_id, ring=session.output.ring.name, seq=seq),
             )
+
+
+class FrameStage(RingStage[S, p.StageInbox]):
+    """A stage of frames from the ring and the session's parameters (inference, overlay, the
+    synthetic source and sink)."""
+
+    inbox = p.StageInbox
+
+    def handle(self, msg: p.StageInbox) -> None:
+        match msg:
+            case p.FrameReady():
+                self.frame_ready(msg)
+            case p.UpdateParameters():
+                self.update_parameters(msg)
+            case _:
+                assert_never(msg)

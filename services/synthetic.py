@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.runtime import Outbox, ServiceSpec
-from services.stage import RingStage, StageSession
+from services.stage import FrameStage, StageSession
 from shm.ring import N_STAMPS, FrameMeta, ReadFrame, Stage, WriteSlot
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class SourceState:
     next_number: int = 0
 
 
-class TestSourceCore(RingStage[SourceState]):
+class TestSourceCore(FrameStage[SourceState]):
     """Generates ``fps`` frames a second into every session's output ring."""
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
@@ -76,7 +76,7 @@ class TestSourceCore(RingStage[SourceState]):
         return max(0.0, self._next_due - time.monotonic())
 
 
-class TestSinkCore(RingStage[None]):
+class TestSinkCore(FrameStage[None]):
     """Consumes and verifies frames; ``frames_done`` counts intact ones."""
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 from aiohttp import web
@@ -81,7 +81,7 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
         admin, sessions, catalog, models, max_sessions=int(options.get("max_sessions", 8))
     )
 
-    async def on_inbox(msg: p.InboxMessage) -> None:
+    async def on_inbox(msg: p.SignallingInbox) -> None:
         match msg:
             case p.EncodedPacket():
                 sessions.on_packet(msg)
@@ -95,7 +95,7 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
                     raise ValueError(f"drops: {count} at {stage!r} is not a drop report")
                 sessions.metrics.dropped(session_id, stage, count)
             case _:
-                raise ValueError(f"signalling does not take {type(msg).__name__}")
+                assert_never(msg)
 
     control.on_inbox = on_inbox
     control.on_session_failed = sessions.stage_failed

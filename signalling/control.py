@@ -36,14 +36,14 @@ class ControlLink:
             os.unlink(path.removeprefix("ipc://"))
         self.inbox.bind(path)
         self.control_codec = p.service_control_codec()
-        self.inbox_codec = p.inbox_codec()
+        self.inbox_codec = p.inbox_codec(p.SignallingInbox)
         self.rejected = 0
         self.frames_done = 0
         self.stopped = asyncio.Event()
         self.on_session_failed: Callable[[p.SessionFailed], Awaitable[None]] | None = None
         #: A Dreams worker the supervisor ran for us ended by itself.
         self.on_worker_exited: Callable[[p.WorkerExited], None] | None = None
-        self.on_inbox: Callable[[p.InboxMessage], Awaitable[None]] | None = None
+        self.on_inbox: Callable[[p.SignallingInbox], Awaitable[None]] | None = None
         self.session_count: Callable[[], int] = lambda: 0
 
     async def send(self, message: p.ServiceToSupervisor) -> None:

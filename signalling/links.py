@@ -79,7 +79,10 @@ class AsyncOutbox:
             sock = self._sockets[service] = connect_inbox(self._ctx, self._run_dir, service)
         # zmq.asyncio's send with NOBLOCK returns a future that is already done, holding
         # zmq.Again when the peer is down or full.
-        future = cast("asyncio.Future[object]", sock.send(self._codec.encode(message), zmq.NOBLOCK))
+        future = cast(
+            "asyncio.Future[object]",
+            sock.send(self._codec.encode(message), zmq.NOBLOCK, copy=False),
+        )
         if not future.done():
             future.add_done_callback(_consume)
             return True

@@ -12,7 +12,7 @@ import pytest
 
 from services import protocol as p
 from services.runtime import ServiceSpec
-from services.stage import RingStage, StageSession
+from services.stage import FrameStage, StageSession
 from shm.ring import (
     N_STAMPS,
     FrameMeta,
@@ -45,7 +45,7 @@ class Counter:
     ended: bool = False
 
 
-class Invert(RingStage[Counter]):
+class Invert(FrameStage[Counter]):
     """out = 255 - in; ``tear`` makes a rogue producer overwrite the held input mid-step."""
 
     def __init__(self, spec: ServiceSpec, outbox: Any) -> None:
@@ -162,3 +162,16 @@ def test_start_again_hands_over_the_state_and_a_refused_start_keeps_nothing(chai
     with pytest.raises(ValueError, match="refuse"):
         stage.start_session(start(stage, refuse=True))
     assert "s" not in stage.sessions
+
+
+def test_each_service_decodes_only_its_own_inbox_messages() -> None:
+    sender = p.inbox_codec()
+    frame = sender.encode(p.FrameReady(session_id="s", ring="r", seq=1))
+    packet = sender.encode(p.EncodedFrame("s", "VP8", b"\x00", 0, True, 0, 0))
+    assert p.inbox_codec(p.EncodeInbox).decode(frame) == p.FrameReady("s", "r", 1)
+    with pytest.raises(p.MessageRejected):
+        p.inbox_codec(p.DecodeInbox).decode(frame)  # decode takes encoded frames only
+    with pytest.raises(p.MessageRejected):
+        p.inbox_codec(p.StageInbox).decode(packet)
+    with pytest.raises(p.MessageRejected):
+        p.inbox_codec(p.SignallingInbox).decode(frame)

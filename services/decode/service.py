@@ -31,7 +31,9 @@ class DecodeState:
     keyframe_asked: float = 0.0
 
 
-class DecodeStage(RingStage[DecodeState]):
+class DecodeStage(RingStage[DecodeState, p.DecodeInbox]):
+    inbox = p.DecodeInbox
+
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         self.core = DecodeCore()
@@ -50,9 +52,8 @@ class DecodeStage(RingStage[DecodeState]):
     def close(self) -> None:
         self.core.close()
 
-    def handle_other(self, msg: p.InboxMessage) -> None:
-        if not isinstance(msg, p.EncodedFrame):
-            raise ValueError(f"decode does not take {type(msg).__name__}")
+    def handle(self, msg: p.DecodeInbox) -> None:
+        """Its only message: an encoded frame from signalling."""
         session = self.session(msg.session_id)
         state = session.state
         if msg.codec != state.codec:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import assert_never
 
 import msgspec
 import numpy as np
@@ -29,7 +30,9 @@ class Encoded:
     packets: list[EncodedPacket]
 
 
-class EncodeStage(RingStage[None]):
+class EncodeStage(RingStage[None, p.EncodeInbox]):
+    inbox = p.EncodeInbox
+
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         options = msgspec.convert(spec.options, EncodeOptions)
@@ -89,14 +92,16 @@ class EncodeStage(RingStage[None]):
                 ),
             )
 
-    def handle_other(self, msg: p.InboxMessage) -> None:
+    def handle(self, msg: p.EncodeInbox) -> None:
         match msg:
+            case p.FrameReady():
+                self.frame_ready(msg)
             case p.KeyframeNeeded(session_id=session_id):
                 self.core.request_keyframe(self._known(session_id))
             case p.BitrateChanged(session_id=session_id, bitrate_bps=bps):
                 self.core.set_bitrate(self._known(session_id), bps)
             case _:
-                raise ValueError(f"encode does not take {type(msg).__name__}")
+                assert_never(msg)
 
     def _known(self, session_id: str) -> str:
         return self.session(session_id).session_id

@@ -45,7 +45,7 @@ from services.inference.pipeline import COMPILE_ENV, Pipeline, PipelineSpec, Req
 from services.models.store import resolve_models_dir
 from services.options import InferenceOptions
 from services.runtime import Outbox, ServiceSpec
-from services.stage import RingStage, StageSession
+from services.stage import FrameStage, StageSession
 from shm.ring import N_STAMPS, FrameMeta, ReadFrame, Stage, stamp
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class InferenceState:
     last_info: dict[str, Any] | None = None
 
 
-class InferenceCore(RingStage[InferenceState]):
+class InferenceCore(FrameStage[InferenceState]):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         options = msgspec.convert(spec.options, InferenceOptions)

@@ -37,7 +37,7 @@ from services.overlay.draw import OverlayPlan, build_plan
 from services.overlay.model import FeatureRequest, VisionModel, make_model, run_feature
 from services.overlay.runner import ModelJob, ModelOutcome, ModelRunner
 from services.runtime import Outbox, ServiceSpec
-from services.stage import RingStage, StageSession
+from services.stage import FrameStage, StageSession
 from shm.ring import FrameMeta, ReadFrame, Stage, WriteSlot, stamp
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Drawn:
     job: ModelJob | None
 
 
-class OverlayCore(RingStage[OverlayState]):
+class OverlayCore(FrameStage[OverlayState]):
     """The ``overlay`` service core: one model, any number of sessions."""
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox, model: VisionModel | None = None) -> None:
