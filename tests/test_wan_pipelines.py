@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from services.inference import registry  # noqa: E402
-from services.inference.pipeline import PipelineSpec, Request  # noqa: E402
+from services.inference.pipeline import PipelineSpec, Request, Transition  # noqa: E402
 from services.inference.wan import specs as ws  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
@@ -135,7 +135,7 @@ def test_manage_cache_cuts_on_a_prompt_change_in_video_mode_only(pipes: dict[str
     pipe.update(state, dog, {"prompts"})
     video(pipe, state, 5, 9)
     assert state.stream.cuts == cuts + 1 and state.stream.next_frame == 2
-    cat = msgspec.structs.replace(dog, transition=ws.Transition([ws.PromptItem("a cat")], 3))
+    cat = msgspec.structs.replace(dog, transition=Transition([ws.PromptItem("a cat")], 3))
     pipe.update(state, cat, {"transition"})
     pipe.update(state, msgspec.structs.replace(cat, prompts=[ws.PromptItem("a cow")]), {"prompts"})
     video(pipe, state, 4, 14)

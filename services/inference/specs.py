@@ -6,22 +6,23 @@ inside the inference process that loads them.
 
 from __future__ import annotations
 
-import itertools
 from typing import Annotated
 
 import msgspec
 
-from services.inference.pipeline import (
-    Artifact,
-    Dimension,
-    Interpolation,
-    PipelineSpec,
-    PromptItem,
-    Seed,
-    Timestep,
-    Transition,
-    ui,
+from services.inference.fields import (
+    Height,
+    MaybeTransition,
+    Paused,
+    PromptInterpolation,
+    Prompts,
+    ResetCache,
+    SeedField,
+    StepList,
+    Width,
+    check_descending,
 )
+from services.inference.pipeline import Artifact, PipelineSpec, PromptItem, ui
 
 DEFAULT_PROMPT = "a watercolor painting of a city at night, vivid colors"
 
@@ -46,56 +47,6 @@ MOONDREAM_VRAM_GB = 4.0
 
 def _default_prompts() -> list[PromptItem]:
     return [PromptItem(DEFAULT_PROMPT, 1.0)]
-
-
-#: No ``ui`` hint, as in Scope: its UI draws prompts with its own prompt box (from
-#: ``supports_prompts``) and warns about an array field it cannot draw; dreamwire's page knows a
-#: prompt list by its shape.
-Prompts = Annotated[
-    list[PromptItem],
-    msgspec.Meta(min_length=1, max_length=8, description="Prompts blended by weight"),
-]
-PromptInterpolation = Annotated[
-    Interpolation,
-    msgspec.Meta(
-        description="How weighted prompts are blended: linear (norm kept) or slerp",
-        extra_json_schema=ui(2, "input", label="Prompt blending"),
-    ),
-]
-MaybeTransition = Annotated[
-    Transition | None,
-    msgspec.Meta(description="Move to target prompts over num_steps generated frames"),
-]
-StepList = Annotated[
-    list[Timestep],
-    msgspec.Meta(
-        min_length=1,
-        max_length=8,
-        description="Descending timesteps, one UNet step each",
-        extra_json_schema=ui(3, label="Denoising steps", component="denoising_steps"),
-    ),
-]
-Paused = Annotated[
-    bool, msgspec.Meta(description="Stop producing frames", extra_json_schema=ui(20, "input"))
-]
-ResetCache = Annotated[
-    bool,
-    msgspec.Meta(description="Drop the session's cached frames and noise once"),
-]
-Height = Annotated[Dimension, msgspec.Meta(description="Output height (load time)")]
-Width = Annotated[Dimension, msgspec.Meta(description="Output width (load time)")]
-SeedField = Annotated[
-    Seed,
-    msgspec.Meta(
-        description="Seed of the noise", extra_json_schema=ui(10, label="Seed", load=True)
-    ),
-]
-
-
-def check_descending(config: msgspec.Struct) -> None:
-    steps = getattr(config, "denoising_step_list", None)
-    if steps is not None and any(a <= b for a, b in itertools.pairwise(steps)):
-        raise ValueError(f"denoising_step_list: must be strictly descending, got {steps}")
 
 
 # ---------------------------------------------------------------- passthrough

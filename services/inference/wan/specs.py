@@ -19,20 +19,23 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from services.inference.pipeline import (
-    Artifact,
-    Dimension,
-    PipelineSpec,
-    PromptItem,
-    Transition,
-    ui,
-)
-from services.inference.specs import (
+from services.inference.fields import (
+    Height,
+    MaybeTransition,
     Paused,
     PromptInterpolation,
     Prompts,
+    ResetCache,
     SeedField,
+    Width,
     check_descending,
+)
+from services.inference.fields import WanStepList as StepList
+from services.inference.pipeline import (
+    Artifact,
+    PipelineSpec,
+    PromptItem,
+    ui,
 )
 
 DEFAULT_PROMPT = (
@@ -63,8 +66,6 @@ LORAS: dict[str, tuple[str, str, float]] = {
     "longlive": (LONGLIVE_WEIGHTS.repo_id, LONGLIVE_WEIGHTS.patterns[1], 256.0),
 }
 
-#: Wan timesteps: 1000 is pure noise; a block's last step is the smallest.
-WanTimestep = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 Quantization = Literal["fp8_e4m3fn"]
 
 
@@ -76,45 +77,11 @@ def _steps(default: list[int]) -> Any:
     return msgspec.field(default_factory=lambda: list(default))
 
 
-MaybeTransition = Annotated[
-    Transition | None,
-    msgspec.Meta(description="Move to target prompts over num_steps generated blocks"),
-]
-StepList = Annotated[
-    list[WanTimestep],
-    msgspec.Meta(
-        min_length=1,
-        max_length=8,
-        description="Descending timesteps (1000 = pure noise), one transformer pass each",
-        extra_json_schema=ui(3, label="Denoising steps", component="denoising_steps"),
-    ),
-]
 ManageCache = Annotated[
     bool,
     msgspec.Meta(
         description="Video mode: start afresh when the prompt changes outside a transition",
         extra_json_schema=ui(7, label="Manage cache"),
-    ),
-]
-ResetCache = Annotated[
-    bool,
-    msgspec.Meta(
-        description="Start afresh once: cache, frame index and VAE caches (a hard cut)",
-        extra_json_schema=ui(8, label="Reset cache"),
-    ),
-]
-Height = Annotated[
-    Dimension,
-    msgspec.Meta(
-        description="Output height (load time)",
-        extra_json_schema=ui(30, load=True, component="resolution"),
-    ),
-]
-Width = Annotated[
-    Dimension,
-    msgspec.Meta(
-        description="Output width (load time)",
-        extra_json_schema=ui(31, load=True, component="resolution"),
     ),
 ]
 

@@ -1,0 +1,102 @@
+"""The config field types pipelines share: one definition each, with its bounds, description
+and ``ui`` hint (the JSON Schema Scope's UI renders). No torch here.
+
+Where pipelines really differ the types stand side by side (``Timestep`` of the SD UNet,
+1-999; ``WanTimestep`` of the causal Wan transformer, 1-1000 with 1000 pure noise).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Annotated
+
+import msgspec
+
+from services.inference.pipeline import (
+    Dimension,
+    Interpolation,
+    PromptItem,
+    Seed,
+    Timestep,
+    Transition,
+    ui,
+)
+
+#: No ``ui`` hint, as in Scope: its UI draws prompts with its own prompt box (from
+#: ``supports_prompts``) and warns about an array field it cannot draw; dreamwire's page knows a
+#: prompt list by its shape.
+Prompts = Annotated[
+    list[PromptItem],
+    msgspec.Meta(min_length=1, max_length=8, description="Prompts blended by weight"),
+]
+PromptInterpolation = Annotated[
+    Interpolation,
+    msgspec.Meta(
+        description="How weighted prompts are blended: linear (norm kept) or slerp",
+        extra_json_schema=ui(2, "input", label="Prompt blending"),
+    ),
+]
+MaybeTransition = Annotated[
+    Transition | None,
+    msgspec.Meta(
+        description="Move to target prompts over num_steps generated frames (causal video "
+        "pipelines: blocks)"
+    ),
+]
+_STEPS_UI = ui(3, label="Denoising steps", component="denoising_steps")
+StepList = Annotated[
+    list[Timestep],
+    msgspec.Meta(
+        min_length=1,
+        max_length=8,
+        description="Descending timesteps, one UNet step each",
+        extra_json_schema=_STEPS_UI,
+    ),
+]
+#: Wan timesteps: 1000 is pure noise; a block's last step is the smallest.
+WanTimestep = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+WanStepList = Annotated[
+    list[WanTimestep],
+    msgspec.Meta(
+        min_length=1,
+        max_length=8,
+        description="Descending timesteps (1000 = pure noise), one transformer pass each",
+        extra_json_schema=_STEPS_UI,
+    ),
+]
+Paused = Annotated[
+    bool, msgspec.Meta(description="Stop producing frames", extra_json_schema=ui(20, "input"))
+]
+ResetCache = Annotated[
+    bool,
+    msgspec.Meta(
+        description="Start afresh once: the session's caches and noise (a hard cut)",
+        extra_json_schema=ui(8, label="Reset cache"),
+    ),
+]
+Height = Annotated[
+    Dimension,
+    msgspec.Meta(
+        description="Output height (load time)",
+        extra_json_schema=ui(30, load=True, component="resolution"),
+    ),
+]
+Width = Annotated[
+    Dimension,
+    msgspec.Meta(
+        description="Output width (load time)",
+        extra_json_schema=ui(31, load=True, component="resolution"),
+    ),
+]
+SeedField = Annotated[
+    Seed,
+    msgspec.Meta(
+        description="Seed of the noise", extra_json_schema=ui(10, label="Seed", load=True)
+    ),
+]
+
+
+def check_descending(config: msgspec.Struct) -> None:
+    steps = getattr(config, "denoising_step_list", None)
+    if steps is not None and any(a <= b for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"denoising_step_list: must be strictly descending, got {steps}")
