@@ -147,31 +147,56 @@ def connect_inbox(ctx: zmq.Context[S], run_dir: str, service: str) -> S:
     return sock
 
 
-class Outbox:
-    """Non-blocking PUSH sockets to other services' inboxes."""
+def service_sockets(ctx: zmq.Context[S], spec: ServiceSpec) -> tuple[S, S]:
+    """A service's two sockets: its DEALER on the supervisor's control.sock (named for its
+    Hello) and its inbox PULL, bound afresh (a restart's stale socket file is removed)."""
+    control = ctx.socket(zmq.DEALER)
+    control.setsockopt(zmq.LINGER, 0)
+    control.setsockopt_string(zmq.IDENTITY, control_identity(spec))
+    control.connect(control_endpoint(spec.run_dir))
+    inbox = ctx.socket(zmq.PULL)
+    inbox.setsockopt(zmq.LINGER, 0)
+    inbox.setsockopt(zmq.RCVHWM, 1024)
+    path = inbox_endpoint(spec.run_dir, spec.name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path.removeprefix("ipc://"))
+    inbox.bind(path)
+    return control, inbox
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], run_dir: str) -> None:
+
+class InboxSockets(Generic[S]):
+    """PUSH sockets to other services' inboxes, one per service, made on first use; what the
+    sync :class:`Outbox` and signalling's asyncio one share."""
+
+    def __init__(self, ctx: zmq.Context[S], run_dir: str) -> None:
         self._ctx = ctx
         self._run_dir = run_dir
-        self._sockets: dict[str, zmq.Socket[bytes]] = {}
+        self._sockets: dict[str, S] = {}
         self._codec = p.inbox_codec()
         self.dropped = 0
 
-    def send(self, service: str, message: p.InboxMessage) -> bool:
+    def _socket(self, service: str) -> S:
         sock = self._sockets.get(service)
         if sock is None:
             sock = self._sockets[service] = connect_inbox(self._ctx, self._run_dir, service)
-        try:
-            sock.send(self._codec.encode(message), zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            self.dropped += 1
-            return False
-        return True
+        return sock
 
     def close(self) -> None:
         for sock in self._sockets.values():
             sock.close(linger=0)
         self._sockets.clear()
+
+
+class Outbox(InboxSockets[zmq.Socket[bytes]]):
+    """Non-blocking sends to other services' inboxes; a stage that is down costs a drop."""
+
+    def send(self, service: str, message: p.InboxMessage) -> bool:
+        try:
+            self._socket(service).send(self._codec.encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        return True
 
 
 M = TypeVar("M")
@@ -236,17 +261,7 @@ class ServiceProc:
     def __init__(self, spec: ServiceSpec) -> None:
         self.spec = spec
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.control = self.ctx.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt_string(zmq.IDENTITY, control_identity(spec))
-        self.control.connect(control_endpoint(spec.run_dir))
-        self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.LINGER, 0)
-        self.inbox.setsockopt(zmq.RCVHWM, 1024)
-        inbox_path = inbox_endpoint(spec.run_dir, spec.name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(inbox_path.removeprefix("ipc://"))
-        self.inbox.bind(inbox_path)
+        self.control, self.inbox = service_sockets(self.ctx, spec)
         self.outbox = Outbox(self.ctx, spec.run_dir)
         self.control_codec = p.service_control_codec()
         self.inbox_codec = p.inbox_codec()

@@ -7,7 +7,6 @@ Mirrors :class:`services.runtime.ServiceProc`: ``Hello`` → ``Ready``, heartbea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -16,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 from services import protocol as p
-from services.runtime import ServiceSpec, control_endpoint, control_identity, inbox_endpoint
+from services.runtime import ServiceSpec, service_sockets
 
 logger = logging.getLogger(__name__)
 
@@ -25,16 +24,7 @@ class ControlLink:
     def __init__(self, spec: ServiceSpec) -> None:
         self.spec = spec
         self.ctx = zmq.asyncio.Context()
-        self.control = self.ctx.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt_string(zmq.IDENTITY, control_identity(spec))
-        self.control.connect(control_endpoint(spec.run_dir))
-        self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.LINGER, 0)
-        path = inbox_endpoint(spec.run_dir, spec.name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path.removeprefix("ipc://"))
-        self.inbox.bind(path)
+        self.control, self.inbox = service_sockets(self.ctx, spec)
         self.control_codec = p.service_control_codec()
         self.inbox_codec = p.inbox_codec(p.SignallingInbox)
         self.rejected = 0

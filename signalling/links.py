@@ -11,7 +11,7 @@ import zmq
 import zmq.asyncio
 
 from services import protocol as p
-from services.runtime import admin_endpoint, connect_inbox
+from services.runtime import InboxSockets, admin_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +63,12 @@ class AdminLink:
             self._sock = None
 
 
-class AsyncOutbox:
-    """Non-blocking PUSH to other services' inboxes; a stage that is down costs a drop."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, run_dir: str) -> None:
-        self._ctx = ctx
-        self._run_dir = run_dir
-        self._codec = p.inbox_codec()
-        self._sockets: dict[str, zmq.asyncio.Socket] = {}
-        self.dropped = 0
+class AsyncOutbox(InboxSockets[zmq.asyncio.Socket]):
+    """Non-blocking sends to other services' inboxes from the event loop; a stage that is
+    down costs a drop."""
 
     def send(self, service: str, message: p.InboxMessage) -> bool:
-        sock = self._sockets.get(service)
-        if sock is None:
-            sock = self._sockets[service] = connect_inbox(self._ctx, self._run_dir, service)
+        sock = self._socket(service)
         # zmq.asyncio's send with NOBLOCK returns a future that is already done, holding
         # zmq.Again when the peer is down or full.
         future = cast(
@@ -93,11 +85,6 @@ class AsyncOutbox:
         if exc is not None:
             raise exc
         return True
-
-    def close(self) -> None:
-        for sock in self._sockets.values():
-            sock.close(linger=0)
-        self._sockets.clear()
 
 
 def _consume(future: asyncio.Future[object]) -> None:
