@@ -8,7 +8,6 @@ so a worker of another generator never loads pipeline code.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 from dreams.generators import Generator, GeneratorFactory, Rendered, WorkerOptions
 from dreams.wire import DreamState
 from services.inference import registry
-from services.inference.pipeline import Request
+from services.inference.session import PipelineSession, load_pipeline
 from services.models.store import resolve_models_dir
 
 __all__ = ["PipelineGenerator", "load_params_for", "pipeline_factory"]
@@ -31,13 +30,14 @@ MAX_EMPTY_CALLS = 8
 
 class PipelineGenerator:
     """Frames from one of dreamwire's text-mode inference pipelines (``pipeline:<id>``), loaded
-    as the inference service loads it (registry, validated load parameters, models dir) and run
-    the way it runs a text-mode session: one session, one :class:`Request` without input per
-    frame. The frame size is the worker's (``--width``/``--height``, overriding load params).
+    and run as the inference service runs them (:mod:`services.inference.session`: the same
+    load, the same per-session parameter handling), one text-mode session, one request
+    without input per frame. The frame size is the worker's (``--width``/``--height``,
+    overriding load params).
 
     The worker state drives the session: its prompt becomes the pipeline's ``prompts`` and its
-    seed the ``seed`` (modulo 2**32), for pipelines that have them; a change is applied with
-    ``Pipeline.update`` (the pipeline shows it on the next frame). A jump in the frame number
+    seed the ``seed`` (modulo 2**32), for pipelines that have them; a change is applied as a
+    parameter update (the pipeline shows it on the next frame). A jump in the frame number
     (a state restored with 0x14) opens a new session positioned at the saved frame: pipelines
     have no seek, so the session's ``frames`` and ``keyframe_number`` counters are set where it
     has them (testcard draws ``frames``; dream walks its noise from ``keyframe_number``). The
@@ -53,21 +53,14 @@ class PipelineGenerator:
         models_dir: str | None = None,
     ) -> None:
         pipeline_factory(pipeline_id)  # a text-mode pipeline
-        self.spec = registry.get(pipeline_id)
+        params = load_params_for(pipeline_id, load_params, width, height)
+        self.loaded = load_pipeline(pipeline_id, params, resolve_models_dir(models_dir))
+        self.pipeline = self.loaded.pipeline
+        self.spec = self.loaded.spec
         self._fields = {f.name for f in msgspec.structs.fields(self.spec.config)}
-        self._params = load_params_for(pipeline_id, load_params, width, height)
-        load_config = registry.full_config(self.spec, self._params)
         self.width = width
         self.height = height
-        started = time.perf_counter()
-        self.pipeline = self.spec.load(load_config, resolve_models_dir(models_dir))
-        logger.info(
-            "pipeline %s loaded in %.1f s on %s",
-            pipeline_id,
-            time.perf_counter() - started,
-            self.pipeline.device_description,
-        )
-        self._session: Any = None
+        self._session: PipelineSession | None = None
         self._applied: dict[str, Any] = {}
         self._next_frame = 0
 
@@ -79,30 +72,29 @@ class PipelineGenerator:
             params["seed"] = state.seed & 0xFFFFFFFF
         return params
 
-    def _open(self, state: DreamState, params: dict[str, Any]) -> None:
+    def _open(self, state: DreamState, params: dict[str, Any]) -> PipelineSession:
         self._end_session()
-        config = registry.full_config(self.spec, {**self._params, **params})
-        session = self.pipeline.new_session("dreams", self.width, self.height, config)
+        session = PipelineSession(self.loaded, "dreams", self.width, self.height, params)
         for attr, value in (
             ("frames", state.frame_number),
             ("keyframe_number", state.keyframe_number),
         ):
-            if isinstance(getattr(session, attr, None), int):
-                setattr(session, attr, value)
+            if isinstance(getattr(session.state, attr, None), int):
+                setattr(session.state, attr, value)
         self._session = session
         self._applied = params
+        return session
 
     def render(self, state: DreamState) -> Rendered:
         params = self._state_params(state)
-        if self._session is None or state.frame_number != self._next_frame:
-            self._open(state, params)
+        session = self._session
+        if session is None or state.frame_number != self._next_frame:
+            session = self._open(state, params)
         elif params != self._applied:
-            config = registry.full_config(self.spec, {**self._params, **params})
-            changed = {k for k, v in params.items() if self._applied.get(k) != v}
-            self.pipeline.update(self._session, config, changed)
+            session.update({k: v for k, v in params.items() if self._applied.get(k) != v})
             self._applied = params
         for _ in range(MAX_EMPTY_CALLS):
-            results = self.pipeline([Request("dreams", self._session, None, state.frame_number)])
+            results = self.pipeline([session.request(None, state.frame_number)])
             result = next((r for r in results if r.frame is not None), None)
             if result is not None:
                 break
@@ -124,7 +116,7 @@ class PipelineGenerator:
     def _end_session(self) -> None:
         session, self._session = self._session, None
         if session is not None:
-            self.pipeline.end_session(session)
+            session.end()
 
     def close(self) -> None:
         self._end_session()

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from services.inference.core import is_out_of_memory  # noqa: E402
+from services.inference.session import is_out_of_memory  # noqa: E402
 from services.inference.wan.blocks import BlockLoop  # noqa: E402
 from services.inference.wan.model import CausalWanTransformer  # noqa: E402
 from services.inference.wan.specs import GEOMETRY  # noqa: E402

@@ -370,7 +370,7 @@ def test_a_tick_does_not_wait_for_the_block_in_flight(pipes: dict[str, Any]) -> 
 def test_warm_up_generates_blocks_in_the_default_mode(
     pipes: dict[str, Any], pipeline_id: str
 ) -> None:
-    from services.inference.core import warm_up
+    from services.inference.session import warm_up
 
     pipe = pipes[pipeline_id]
     before = pipe.model_calls

@@ -31,7 +31,6 @@ that hears per-frame results and errors as ``StageOutput``, default ``signalling
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +39,12 @@ import msgspec
 import numpy as np
 
 from services import protocol as p
-from services.inference import registry
-from services.inference.pipeline import COMPILE_ENV, Pipeline, PipelineSpec, Request, Result
+from services.inference.pipeline import Request, Result
+from services.inference.session import (
+    PipelineSession,
+    is_out_of_memory,
+    load_pipeline,
+)
 from services.models.store import resolve_models_dir
 from services.options import InferenceOptions
 from services.runtime import Outbox, ServiceSpec
@@ -49,9 +52,6 @@ from services.stage import FrameStage, StageSession
 from shm.ring import N_STAMPS, FrameMeta, ReadFrame, Stage, stamp
 
 logger = logging.getLogger(__name__)
-
-#: Session parameters that are not pipeline config.
-SESSION_KEYS = frozenset({"mode"})
 
 
 def copy_frame(dst: np.ndarray, src: Any) -> None:
@@ -64,45 +64,16 @@ def copy_frame(dst: np.ndarray, src: Any) -> None:
     torch.from_numpy(dst).copy_(src)
 
 
-def warm_up(pipeline: Pipeline, spec: PipelineSpec, load_config: Any) -> None:
-    """A few calls of one throwaway session at the load size, in the pipeline's default mode.
-
-    ``torch.compile`` compiles on a model's first calls, which takes a minute or more: made here
-    (before the service is Ready, under the load timeout) rather than in a user's first frames,
-    where the supervisor would take the silent process for a stuck one.
-    """
-    width = int(getattr(load_config, "width", spec.default_width))
-    height = int(getattr(load_config, "height", spec.default_height))
-    state = pipeline.new_session("warm-up", width, height, load_config)
-    rng = np.random.default_rng(0)
-    try:
-        # Two blocks' worth and one more: calls with and without a cache, and a block ahead.
-        for i in range(2 * 4 * spec.frames_per_call + 1):
-            frames = None
-            if spec.default_mode == "video":
-                rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-                frames = pipeline.prepare(state, rgb)
-            pipeline([Request("warm-up", state, frames, i)])
-    finally:
-        pipeline.end_session(state)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """``torch.cuda.OutOfMemoryError`` (or any ``OutOfMemoryError``), without importing torch."""
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
 @dataclass(eq=False)
 class InferenceState:
     """What the inference stage keeps per session."""
 
     mode: str
-    config: dict[str, Any]
-    pipeline_state: Any
+    #: None once the session failed (its pipeline state is gone).
+    session: PipelineSession | None
     started_ns: int
     next_due: float = 0.0
     generated: int = 0
-    failed: str | None = None
     #: The last result sent to the client: a result is sent only when it changes.
     last_info: dict[str, Any] | None = None
 
@@ -112,32 +83,13 @@ class InferenceCore(FrameStage[InferenceState]):
         super().__init__(spec, outbox)
         options = msgspec.convert(spec.options, InferenceOptions)
         pipeline_id = options.pipeline or spec.name.partition("/")[2] or "passthrough"
-        self.pipeline_spec = registry.get(pipeline_id)
-        self.load_params = registry.validate_load_params(pipeline_id, options.load_params)
-        load_config = registry.full_config(self.pipeline_spec, self.load_params)
-        self.models_dir = resolve_models_dir(options.models_dir)
+        self.loaded = load_pipeline(
+            pipeline_id, options.load_params, resolve_models_dir(options.models_dir)
+        )
+        self.pipeline = self.loaded.pipeline
+        self.pipeline_spec = self.loaded.spec
         self.notify = options.notify
         self.text_fps = options.text_fps
-        started = time.monotonic()
-        try:
-            self.pipeline: Pipeline = self.pipeline_spec.load(load_config, self.models_dir)
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                _free_after_oom()
-                raise RuntimeError(f"out of memory loading {pipeline_id}: {exc}") from None
-            raise
-        logger.info(
-            "pipeline %s loaded in %.1f s on %s",
-            pipeline_id,
-            time.monotonic() - started,
-            self.pipeline.device_description,
-        )
-        if os.environ.get(COMPILE_ENV) == "1":
-            started = time.monotonic()
-            warm_up(self.pipeline, self.pipeline_spec, load_config)
-            logger.info(
-                "%s compiled and warmed up in %.1f s", pipeline_id, time.monotonic() - started
-            )
         self.failures = 0
         self._pending: set[str] = set()
 
@@ -154,61 +106,30 @@ class InferenceCore(FrameStage[InferenceState]):
         mode = "video" if session.input is not None else "text"
         if mode not in spec.modes:
             raise ValueError(f"mode: {spec.id} supports {', '.join(spec.modes)}, not {mode}")
-        fields = {f.name for f in msgspec.structs.fields(spec.config)}
-        initial = self._known(session, session.params)
-        params = registry.validate_parameters(spec.id, initial, load=True)
-        size = {
-            k: v for k, v in (("width", session.width), ("height", session.height)) if k in fields
-        }
-        merged = {**self.load_params, **params, **size}
-        config = registry.full_config(spec, merged)
-        state = self.pipeline.new_session(session.session_id, session.width, session.height, config)
-        merged["reset_cache"] = False if "reset_cache" in fields else merged.get("reset_cache")
-        merged = {k: v for k, v in merged.items() if v is not None or k in params}
+        pipeline_session = PipelineSession(
+            self.loaded, session.session_id, session.width, session.height, session.params
+        )
         return InferenceState(
             mode=mode,
-            config=merged,
-            pipeline_state=state,
+            session=pipeline_session,
             started_ns=time.monotonic_ns(),
             next_due=time.monotonic(),
         )
 
     def end_state(self, session: StageSession[InferenceState]) -> None:
-        if session.state.failed is None:
-            self.pipeline.end_session(session.state.pipeline_state)
+        if session.state.session is not None:
+            session.state.session.end()
 
     def on_parameters(self, session: StageSession[InferenceState], changed: dict[str, Any]) -> None:
         """Merge new values (newest wins); the pipeline applies them on the next frame."""
-        info = session.state
-        if info.failed is not None:
+        pipeline_session = session.state.session
+        if pipeline_session is None:
             return
-        spec = self.pipeline_spec
         try:
-            valid = registry.validate_parameters(spec.id, self._known(session, changed))
-            config = registry.full_config(spec, {**info.config, **valid})
+            pipeline_session.update(changed)
         except ValueError as exc:
             logger.warning("session %s: parameters refused: %s", session.session_id, exc)
             self._tell(session, "error", str(exc))
-            return
-        self.pipeline.update(info.pipeline_state, config, set(valid))
-        info.config.update(valid)
-        if info.config.get("reset_cache"):
-            info.config["reset_cache"] = False
-
-    def _known(
-        self, session: StageSession[InferenceState], params: dict[str, Any]
-    ) -> dict[str, Any]:
-        """The parameters this pipeline has. The same parameters go to every stage of a
-        session (signalling has validated them against the session's pipeline), so others are
-        not this stage's business."""
-        fields = {f.name for f in msgspec.structs.fields(self.pipeline_spec.config)}
-        unknown = sorted(set(params) - fields - SESSION_KEYS)
-        if unknown:
-            logger.debug("session %s: ignoring %s", session.session_id, ", ".join(unknown))
-        return {k: v for k, v in params.items() if k in fields}
-
-    def _paused(self, info: InferenceState) -> bool:
-        return bool(info.config.get("paused", False))
 
     def _tell(self, session: StageSession[InferenceState], kind: str, data: Any) -> None:
         self.outbox.send(
@@ -237,7 +158,7 @@ class InferenceCore(FrameStage[InferenceState]):
             if s is None or s.input is None:
                 continue
             info = s.state
-            if info.mode == "video" and info.failed is None and s.input.has_new():
+            if info.mode == "video" and info.session is not None and s.input.has_new():
                 groups.setdefault((s.width, s.height), []).append(s)
         for group in groups.values():
             self._run_video_group(group)
@@ -250,14 +171,15 @@ class InferenceCore(FrameStage[InferenceState]):
             frame = s.input.acquire_latest()
             if frame is None:
                 continue
-            info = s.state
+            pipeline_session = s.state.session
+            assert pipeline_session is not None
             stamps = frame.stamps
             stamp(stamps, Stage.INFERENCE_START)
-            if self._paused(info):
+            if pipeline_session.paused:
                 s.input.release(frame)
                 continue
             try:
-                prepared = self.pipeline.prepare(info.pipeline_state, frame.array)
+                prepared = self.pipeline.prepare(pipeline_session.state, frame.array)
             except BaseException:
                 s.input.release(frame)
                 raise
@@ -267,7 +189,7 @@ class InferenceCore(FrameStage[InferenceState]):
             else:
                 held[s.session_id] = frame
             tag = FrameMeta(frame.frame_number, frame.pts, stamps)
-            requests.append(Request(s.session_id, info.pipeline_state, prepared, tag))
+            requests.append(pipeline_session.request(prepared, tag))
         try:
             if requests:
                 self._run(requests, held)
@@ -289,9 +211,9 @@ class InferenceCore(FrameStage[InferenceState]):
         waits: list[float] = []
         for s in self.sessions.values():
             info = s.state
-            if info.mode != "text" or info.failed is not None or s.output is None:
+            if info.mode != "text" or info.session is None or s.output is None:
                 continue
-            if self._paused(info):
+            if info.session.paused:
                 info.next_due = now
                 continue
             if info.next_due <= now:
@@ -302,12 +224,13 @@ class InferenceCore(FrameStage[InferenceState]):
             requests: list[Request] = []
             for s in group:
                 info = s.state
+                assert info.session is not None
                 stamps = np.zeros(N_STAMPS, dtype=np.int64)
                 stamp(stamps, Stage.GENERATION_START)
                 stamps[Stage.INFERENCE_START] = stamps[Stage.GENERATION_START]
                 pts = (int(stamps[Stage.GENERATION_START]) - info.started_ns) * 90_000 // 10**9
                 tag = FrameMeta(info.generated, pts, stamps)
-                requests.append(Request(s.session_id, info.pipeline_state, None, tag))
+                requests.append(info.session.request(None, tag))
             self._run(requests, {})
             after = time.monotonic()
             for s in group:
@@ -377,15 +300,13 @@ class InferenceCore(FrameStage[InferenceState]):
             self._tell(session, "fetch_output", {"frame_number": meta.frame_number, **res.info})
 
     def _fail(self, session: StageSession[InferenceState], reason: str) -> None:
-        info = session.state
-        if info.failed is not None:
-            return
-        info.failed = reason
+        pipeline_session, session.state.session = session.state.session, None
+        if pipeline_session is None:
+            return  # failed already
         self.failures += 1
         try:
-            self.pipeline.end_session(info.pipeline_state)
+            pipeline_session.end()
         finally:
-            info.pipeline_state = None
             self.report_session_failure(session.session_id, reason)
 
     def close(self) -> None:
@@ -394,15 +315,3 @@ class InferenceCore(FrameStage[InferenceState]):
 
 class PipelineOutOfMemory(RuntimeError):
     """A call ran out of device memory: fatal to the process (reported as ServiceFailed)."""
-
-
-def _free_after_oom() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-    except ImportError:
-        return
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
