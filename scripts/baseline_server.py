@@ -11,7 +11,12 @@ Measurement only (not part of the processing): the server-side latency of each f
 exactly as dreamwire takes it, first RTP packet of the frame → its last RTP packet handed to
 the transport (the sender's next ``recv()``), and served at ``GET /baseline/stats``.
 
-    python scripts/baseline_server.py --port 8100
+``--marker-bit``: the receiver completes a frame on its last packet's RTP marker bit, as
+dreamwire's signalling does (``signalling.webrtc.forwarding.complete_on_marker``), instead of
+when the next frame's first packet arrives: the same server otherwise, so a benchmark can tell
+what the marker bit buys from what the process design costs.
+
+    python scripts/baseline_server.py --port 8100 [--marker-bit]
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
+from signalling.webrtc.forwarding import complete_on_marker
+
 logger = logging.getLogger("baseline")
 
 SAMPLES = 20_000
@@ -40,8 +47,9 @@ class Latencies:
         self.frames_out = 0
 
 
-def instrument_arrivals(receiver: RTCRtpReceiver) -> dict[int, int]:
-    """Map each frame's pts (aiortc's mapped RTP timestamp) to its first packet's arrival."""
+def instrument_arrivals(receiver: RTCRtpReceiver, marker_bit: bool = False) -> dict[int, int]:
+    """Map each frame's pts (aiortc's mapped RTP timestamp) to its first packet's arrival;
+    ``marker_bit``: hand a frame to the decoder as soon as its marker packet is in."""
     arrivals_by_raw: collections.OrderedDict[int, int] = collections.OrderedDict()
     by_pts: collections.OrderedDict[int, int] = collections.OrderedDict()
     jitter = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
@@ -54,6 +62,8 @@ def instrument_arrivals(receiver: RTCRtpReceiver) -> dict[int, int]:
         while len(arrivals_by_raw) > 256:
             arrivals_by_raw.popitem(last=False)
         pli, frame = add(packet)
+        if frame is None and marker_bit:
+            frame = complete_on_marker(jitter, packet)
         if frame is not None:
             if not origin:
                 origin.append(frame.timestamp)
@@ -94,7 +104,7 @@ class PassthroughTrack(MediaStreamTrack):
         return out
 
 
-def create_app() -> web.Application:
+def create_app(marker_bit: bool = False) -> web.Application:
     pcs: dict[str, RTCPeerConnection] = {}
     lat = Latencies()
 
@@ -113,7 +123,7 @@ def create_app() -> web.Application:
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             receiver = next(t.receiver for t in pc.getTransceivers() if t.receiver.track is track)
-            arrivals = instrument_arrivals(receiver)
+            arrivals = instrument_arrivals(receiver, marker_bit)
             pc.addTrack(PassthroughTrack(track, arrivals, lat))
 
         @pc.on("connectionstatechange")
@@ -162,9 +172,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument(
+        "--marker-bit", action="store_true", help="complete frames on the RTP marker bit"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    web.run_app(create_app(), host=args.host, port=args.port, print=None)
+    web.run_app(create_app(args.marker_bit), host=args.host, port=args.port, print=None)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""End-to-end benchmark: dreamwire against a one-process plain-aiortc server, same clients.
+"""End-to-end benchmark: dreamwire against one-process plain-aiortc servers, same clients.
 
-For each side (``supervisor start`` with passthrough; ``scripts/baseline_server.py``) and each
-K in ``--sessions``, K Python clients (``scripts/client.py``) send a 512×512 test pattern at
-30 fps for ``--duration`` seconds after ``--warmup`` seconds. Reported per side and K:
+The servers (``--servers``): ``dreamwire`` (``supervisor start`` with passthrough),
+``baseline`` (``scripts/baseline_server.py``: aiortc decodes, numpy, aiortc encodes) and
+``baseline-marker`` (the same, completing frames on the RTP marker bit as dreamwire does, so
+the table separates what the marker bit buys from what the process design costs). For each
+server, size in ``--sizes`` (512x512; 1280x720 is a real camera's) and K in ``--sessions``, K
+Python clients (``scripts/client.py``) send a test pattern at 30 fps for ``--duration``
+seconds after ``--warmup`` seconds. Reported per server, size and K:
 
 * ``fps_per_session``: frames each client received per second in the window (min, mean);
 * ``latency_p50_ms`` / ``p95`` / ``p99``: server side, first RTP packet of a frame in → its
@@ -12,15 +16,21 @@ K in ``--sessions``, K Python clients (``scripts/client.py``) send a 512×512 te
 * ``cpu_percent``: CPU of each server process over the window (100 = one core);
 * dreamwire only: ``stages_mean_ms``, where the milliseconds go (they add up to the mean);
 * per side: ``max_sessions_at_full_fps``, the largest K at which every session got ≥ 29 fps;
-* ``sent_fps_mean`` (what the clients' pattern tracks sent) and ``unreadable_frames`` (frames
-  that arrived with a number that could not be read; ``--samples DIR`` saves the first of each
-  run as a PNG, to look at).
+* ``sent_fps_mean`` (what the clients' pattern tracks sent), ``missing_frames`` (sent in the
+  window and not returned in it, all sessions) and ``unreadable_frames`` (frames that arrived
+  with a number that could not be read; ``--samples DIR`` saves the first of each run as a
+  PNG, to look at);
+* ``cpu_per_session``: the server's CPU over K.
+
+``--plot PATH`` draws fps per session and server CPU per session against K, a line per server
+and size (matplotlib).
 
 Both sides encode VP8 to the same budget (aiortc's: start 500 kbps, at most 1.5 Mbps).
 The clients run in this process and share the machine with the server (on a 2-core machine
 their VP8 encode + decode is a large part of the load, equally for both sides).
 
-    python scripts/bench_e2e.py [--sessions 1,2,3] [--duration 8] [--json]
+    python scripts/bench_e2e.py [--sessions 1,2,3] [--sizes 512x512,1280x720] [--duration 8]
+                                [--servers dreamwire,baseline,baseline-marker] [--plot P] [--json]
 """
 
 from __future__ import annotations
@@ -56,8 +66,8 @@ from signalling.metrics_schema import TraceFeed  # noqa: E402
 from supervisor.profile import aggregate  # noqa: E402
 
 FULL_FPS = 29.0
-WIDTH = HEIGHT = 512
 FPS = 30
+SERVERS = ("dreamwire", "baseline", "baseline-marker")
 START_TIMEOUT_S = 60.0
 
 
@@ -122,6 +132,7 @@ def _cpu_s(proc: psutil.Process) -> float:
 async def run_sessions(
     base: str,
     k: int,
+    size: tuple[int, int],
     warmup_s: float,
     duration_s: float,
     begin: Callable[[], Awaitable[None]],
@@ -131,9 +142,10 @@ async def run_sessions(
     try:
         for c in clients:
             await c.__aenter__()
-        await clients[0].load_pipeline("passthrough")
+        width, height = size
+        await clients[0].load_pipeline("passthrough", {"width": width, "height": height})
         for c in clients:
-            c.pattern = PatternTrack(WIDTH, HEIGHT, FPS)
+            c.pattern = PatternTrack(width, height, FPS)
             await c.connect(c.pattern)
         for c in clients:
             await c.wait_frames(1, timeout_s=30)
@@ -165,14 +177,18 @@ async def run_sessions(
     finally:
         for c in clients:
             await c.close()
+    cpu_total = server["cpu_percent"]["total"]
     return {
         "sessions": k,
+        "size": f"{size[0]}x{size[1]}",
         "fps_per_session": [round(f, 2) for f in fps],
         "fps_min": round(min(fps), 2),
         "fps_mean": round(sum(fps) / len(fps), 2),
         # What the clients sent (their pattern tracks), and frames whose number was unreadable.
         "sent_fps_mean": round(sum(sent_fps) / len(sent_fps), 2),
+        "missing_frames": max(0, round((sum(sent_fps) - sum(fps)) * elapsed)),
         "unreadable_frames": bad,
+        "cpu_per_session": round(cpu_total / k, 1),
         "unreadable_sample": sample,
         "client_rtt_p50_ms": pct(rtt, 50),
         # The clients (this process: K aiortc VP8 encoders + decoders) share the machine.
@@ -185,7 +201,7 @@ async def run_sessions(
 
 
 async def bench_dreamwire(
-    ks: list[int], warmup_s: float, duration_s: float, tmp: Path
+    ks: list[int], size: tuple[int, int], warmup_s: float, duration_s: float, tmp: Path
 ) -> list[dict[str, Any]]:
     port = free_port()
     config = tmp / "dreamwire.toml"
@@ -251,7 +267,8 @@ async def bench_dreamwire(
                         "cpu_percent": cpu,
                     }
 
-                results.append(await run_sessions(base, k, warmup_s, duration_s, begin, end))
+                run = await run_sessions(base, k, size, warmup_s, duration_s, begin, end)
+                results.append(run)
     finally:
         proc.terminate()
         try:
@@ -262,11 +279,13 @@ async def bench_dreamwire(
     return results
 
 
-async def bench_baseline(ks: list[int], warmup_s: float, duration_s: float) -> list[dict[str, Any]]:
+async def bench_baseline(
+    ks: list[int], size: tuple[int, int], warmup_s: float, duration_s: float, marker_bit: bool
+) -> list[dict[str, Any]]:
     port = free_port()
+    cmd = [sys.executable, str(ROOT / "scripts" / "baseline_server.py"), "--port", str(port)]
     proc = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once
-        [sys.executable, str(ROOT / "scripts" / "baseline_server.py"), "--port", str(port)],
-        cwd=ROOT,
+        cmd + (["--marker-bit"] if marker_bit else []), cwd=ROOT
     )
     base = f"http://127.0.0.1:{port}"
     results = []
@@ -293,7 +312,7 @@ async def bench_baseline(ks: list[int], warmup_s: float, duration_s: float) -> l
                 }
 
             for k in ks:
-                results.append(await run_sessions(base, k, warmup_s, duration_s, begin, end))
+                results.append(await run_sessions(base, k, size, warmup_s, duration_s, begin, end))
     finally:
         proc.terminate()
         try:
@@ -311,63 +330,105 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def runs_of(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(server, run) for every run, in table order."""
+    return [
+        (server, r)
+        for server, sizes in result.items()
+        for runs in sizes.values()
+        for key, r in runs.items()
+        if key.startswith("K=")
+    ]
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
-        "| server | K | fps/session (min / mean) | p50 ms | p95 ms | p99 ms | client RTT p50 ms "
-        "| server CPU % | clients CPU % | sent fps | unreadable |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | size | K | fps/session (min / mean) | p50 ms | p95 ms | p99 ms "
+        "| client RTT p50 ms | server CPU % | CPU % per session | clients CPU % | sent fps "
+        "| missing | unreadable |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for side in ("dreamwire", "baseline"):
-        for key, r in result[side].items():
-            if not key.startswith("K="):
-                continue
-            lines.append(
-                f"| {side} | {r['sessions']} | {r['fps_min']:.1f} / {r['fps_mean']:.1f} | "
-                f"{r['latency_p50_ms']} | {r['latency_p95_ms']} | {r['latency_p99_ms']} | "
-                f"{r['client_rtt_p50_ms']} | {r['cpu_percent']['total']} | "
-                f"{r['clients_cpu_percent']} | {r['sent_fps_mean']:.1f} | "
-                f"{r['unreadable_frames']} |"
-            )
-    for side in ("dreamwire", "baseline"):
+    for server, r in runs_of(result):
         lines.append(
-            f"\n{side}: max sessions at ≥ {FULL_FPS:.0f} fps: "
-            f"{result[side]['max_sessions_at_full_fps']}"
+            f"| {server} | {r['size']} | {r['sessions']} | {r['fps_min']:.1f} / "
+            f"{r['fps_mean']:.1f} | {r['latency_p50_ms']} | {r['latency_p95_ms']} | "
+            f"{r['latency_p99_ms']} | {r['client_rtt_p50_ms']} | {r['cpu_percent']['total']} | "
+            f"{r['cpu_per_session']} | {r['clients_cpu_percent']} | {r['sent_fps_mean']:.1f} | "
+            f"{r['missing_frames']} | {r['unreadable_frames']} |"
         )
-    for key, r in result["dreamwire"].items():
-        if key.startswith("K="):
-            lines.append(f"dreamwire {key} CPU by process: {r['cpu_percent']}")
-            lines.append(f"dreamwire {key} stage means (ms): {r['stages_mean_ms']}")
-    for key, r in result["baseline"].items():
-        if key.startswith("K="):
-            lines.append(f"baseline {key} CPU: {r['cpu_percent']}")
+    for server, sizes in result.items():
+        for size, runs in sizes.items():
+            lines.append(
+                f"\n{server} {size}: max sessions at ≥ {FULL_FPS:.0f} fps: "
+                f"{runs['max_sessions_at_full_fps']}"
+            )
+    for server, r in runs_of(result):
+        lines.append(f"{server} {r['size']} K={r['sessions']} CPU by process: {r['cpu_percent']}")
+        if "stages_mean_ms" in r:
+            lines.append(f"  stage means (ms): {r['stages_mean_ms']}")
     return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """fps per session and server CPU per session against K, a line per server and size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (fps_ax, cpu_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for server, sizes in result.items():
+        for size, runs in sizes.items():
+            rows = [r for key, r in runs.items() if key.startswith("K=")]
+            ks = [r["sessions"] for r in rows]
+            label = f"{server} {size}"
+            fps_ax.plot(ks, [r["fps_mean"] for r in rows], marker="o", label=label)
+            cpu_ax.plot(ks, [r["cpu_per_session"] for r in rows], marker="o", label=label)
+    fps_ax.axhline(FPS, color="grey", linewidth=0.8, linestyle=":")
+    fps_ax.set(xlabel="sessions (K)", ylabel="fps per session (mean)", ylim=(0, FPS + 2))
+    cpu_ax.set(xlabel="sessions (K)", ylabel="server CPU % per session (100 = one core)")
+    for ax in (fps_ax, cpu_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("bench_e2e: passthrough, 30 fps test pattern, clients on the same machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     ks = [int(x) for x in args.sessions.split(",")]
+    sizes = [tuple(int(v) for v in x.split("x")) for x in args.sizes.split(",")]
+    servers = [x for x in args.servers.split(",") if x]
+    if unknown := set(servers) - set(SERVERS):
+        raise SystemExit(f"--servers: unknown {', '.join(sorted(unknown))} (known: {SERVERS})")
     tmp = Path(tempfile.mkdtemp(prefix="dwb", dir="/tmp"))
+    result: dict[str, Any] = {server: {} for server in servers}
     try:
-        dreamwire = await bench_dreamwire(ks, args.warmup, args.duration, tmp)
-        baseline = await bench_baseline(ks, args.warmup, args.duration)
+        for width, height in sizes:
+            size = (width, height)
+            for server in servers:
+                if server == "dreamwire":
+                    runs = await bench_dreamwire(ks, size, args.warmup, args.duration, tmp)
+                else:
+                    marker = server == "baseline-marker"
+                    runs = await bench_baseline(ks, size, args.warmup, args.duration, marker)
+                result[server][f"{width}x{height}"] = summarize(runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"dreamwire": summarize(dreamwire), "baseline": summarize(baseline)}
+    return result
 
 
 def save_samples(result: dict[str, Any], directory: Path | None) -> None:
     """Replace each run's unreadable sample (an array) by where it was written, if anywhere."""
     from PIL import Image
 
-    for side, runs in result.items():
-        for key, r in runs.items():
-            if not key.startswith("K="):
-                continue
-            sample = r.pop("unreadable_sample")
-            if sample is not None and directory is not None:
-                directory.mkdir(parents=True, exist_ok=True)
-                path = directory / f"{side}-{key}.png"
-                Image.fromarray(sample).save(path)
-                r["unreadable_sample"] = str(path)
+    for server, r in runs_of(result):
+        sample = r.pop("unreadable_sample")
+        if sample is not None and directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / f"{server}-{r['size']}-K{r['sessions']}.png"
+            Image.fromarray(sample).save(path)
+            r["unreadable_sample"] = str(path)
 
 
 def main() -> int:
@@ -375,6 +436,9 @@ def main() -> int:
     parser.add_argument("--sessions", default="1,2,3", help="comma-separated K values")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per K")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    parser.add_argument("--sizes", default="512x512", help="comma-separated WxH")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated servers")
+    parser.add_argument("--plot", type=Path, help="write fps and CPU per session vs K (PNG)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--samples", type=Path, help="write the first unreadable frame of each run here (PNG)"
@@ -382,6 +446,8 @@ def main() -> int:
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     save_samples(result, args.samples)
+    if args.plot is not None:
+        plot(result, args.plot)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 

@@ -7,8 +7,11 @@
    work: alpha blends over the affected regions) and of laying out a new result (once per
    result: wrapping, text rendering).
 2. **fps**: an :class:`OverlayCore` between two real rings, fed at ``--fps`` for ``--seconds``,
-   with a model that sleeps ``--model-delay-ms`` per call on every frame
-   (``inference_interval = 1``): the output fps should equal the input fps.
+   with a model taking ``--model-delay-ms`` per call on every frame (``inference_interval =
+   1``): the output fps should equal the input fps. Three stand-ins (``--models``): ``sleep``
+   (waits, costs nothing), ``numpy`` (matrix products for that long: competes for the CPU and,
+   like torch, releases the interpreter lock while it computes) and ``python`` (a pure-Python
+   loop for that long: holds the interpreter lock, the worst case for the video thread).
 """
 
 from __future__ import annotations
@@ -84,16 +87,28 @@ def bench_draw(repeats: int) -> None:
             )
 
 
-class SleepyModel:
-    """Moondream's four methods, each taking ``delay_s``."""
+class StandInModel:
+    """Moondream's four methods, each taking ``delay_s`` of the ``kind`` of work named."""
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, delay_s: float, kind: str = "sleep") -> None:
         self.delay_s = delay_s
+        self.kind = kind
         self.calls = 0
+        self._a = np.random.default_rng(0).standard_normal((256, 256), dtype=np.float32)
 
     def _wait(self) -> None:
         self.calls += 1
-        time.sleep(self.delay_s)
+        end = time.perf_counter() + self.delay_s
+        if self.kind == "sleep":
+            time.sleep(self.delay_s)
+        elif self.kind == "numpy":
+            while time.perf_counter() < end:
+                self._a = np.tanh(self._a @ self._a)
+        else:
+            x = 0
+            while time.perf_counter() < end:
+                for i in range(1000):
+                    x += i * i
 
     def caption(self, image: Any, length: str = "normal", settings: Any = None) -> dict[str, Any]:
         self._wait()
@@ -125,10 +140,13 @@ class CountingOutbox:
         return True
 
 
-def bench_fps(seconds: float, fps: float, delay_s: float, width: int, height: int) -> None:
+def bench_fps(
+    seconds: float, fps: float, delay_s: float, width: int, height: int, kind: str
+) -> None:
     run_id = "bench" + secrets.token_hex(3)
     rings = [FrameRing.create(run_id, name, 4, width * height * 3) for name in ("in", "out")]
-    model = SleepyModel(delay_s)
+    model = StandInModel(delay_s, kind)
+    cpu_started = time.process_time()
     outbox = CountingOutbox()
     spec = ServiceSpec("overlay", "overlay", "/nonexistent", run_id, 0)
     core = OverlayCore(spec, outbox, model=model)  # type: ignore[arg-type]
@@ -157,12 +175,11 @@ def bench_fps(seconds: float, fps: float, delay_s: float, width: int, height: in
         elapsed = time.monotonic() - started
         core.runner.wait_idle(5 * delay_s + 1)
         core.tick()
+        cpu = (time.process_time() - cpu_started) / elapsed * 100
         print(
-            f"fps with a {delay_s * 1e3:.0f} ms model on every frame, {width}x{height}, "
-            f"{elapsed:.1f} s: input {n / elapsed:.1f} fps, output {outbox.frames / elapsed:.1f} "
-            f"fps, model calls {model.calls} ({model.calls / elapsed:.1f}/s), "
-            f"results sent {outbox.results}, frames replaced while waiting "
-            f"{core.runner.replaced}"
+            f"| {kind} | {delay_s * 1e3:.0f} | {width}x{height} | {n / elapsed:.1f} | "
+            f"{outbox.frames / elapsed:.1f} | {model.calls} | {outbox.results} | "
+            f"{core.runner.replaced} | {cpu:.0f} |"
         )
     finally:
         core.end_session("bench")
@@ -179,11 +196,20 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--model-delay-ms", type=float, default=200.0)
+    parser.add_argument(
+        "--models", default="sleep,numpy,python", help="stand-in models: sleep, numpy, python"
+    )
     args = parser.parse_args()
     if args.part in ("draw", "all"):
         bench_draw(args.repeats)
     if args.part in ("fps", "all"):
-        bench_fps(args.seconds, args.fps, args.model_delay_ms / 1e3, 512, 512)
+        print(
+            "| model | ms/call | size | input fps | output fps | model calls | results sent "
+            "| frames replaced | CPU % (this process) |"
+        )
+        print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        for kind in args.models.split(","):
+            bench_fps(args.seconds, args.fps, args.model_delay_ms / 1e3, 512, 512, kind)
     return 0
 
 

@@ -88,6 +88,9 @@ Width = Annotated[
         extra_json_schema=ui(31, load=True, component="resolution"),
     ),
 ]
+#: The same, without a ``ui`` hint: the SD pipelines' size, which Scope's UI does not offer.
+PlainHeight = Annotated[Dimension, msgspec.Meta(description="Output height (load time)")]
+PlainWidth = Annotated[Dimension, msgspec.Meta(description="Output width (load time)")]
 SeedField = Annotated[
     Seed,
     msgspec.Meta(

@@ -11,15 +11,15 @@ from typing import Annotated
 import msgspec
 
 from services.inference.fields import (
-    Height,
     MaybeTransition,
     Paused,
+    PlainHeight,
+    PlainWidth,
     PromptInterpolation,
     Prompts,
     ResetCache,
     SeedField,
     StepList,
-    Width,
     check_descending,
 )
 from services.inference.pipeline import Artifact, PipelineSpec, PromptItem, ui
@@ -53,8 +53,8 @@ def _default_prompts() -> list[PromptItem]:
 
 
 class PassthroughConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    height: Height = 512
-    width: Width = 512
+    height: PlainHeight = 512
+    width: PlainWidth = 512
     paused: Paused = False
 
 
@@ -72,8 +72,8 @@ PASSTHROUGH = PipelineSpec(
 
 
 class TestcardConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    height: Height = 96
-    width: Width = 128
+    height: PlainHeight = 96
+    width: PlainWidth = 128
     prompts: Prompts = msgspec.field(default_factory=_default_prompts)
     transition: MaybeTransition = None
     paused: Paused = False
@@ -97,8 +97,8 @@ TESTCARD = PipelineSpec(
 
 
 class StreamDiffusionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    height: Height = 512
-    width: Width = 512
+    height: PlainHeight = 512
+    width: PlainWidth = 512
     seed: SeedField = 42
     prompts: Prompts = msgspec.field(default_factory=_default_prompts)
     prompt_interpolation_method: PromptInterpolation = "linear"
@@ -154,8 +154,8 @@ STREAMDIFFUSION = PipelineSpec(
 
 
 class DreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    height: Height = 512
-    width: Width = 512
+    height: PlainHeight = 512
+    width: PlainWidth = 512
     seed: SeedField = 42
     prompts: Prompts = msgspec.field(default_factory=_default_prompts)
     prompt_interpolation_method: PromptInterpolation = "linear"
