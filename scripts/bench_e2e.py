@@ -4,7 +4,9 @@
 The servers (``--servers``): ``dreamwire`` (``supervisor start`` with passthrough),
 ``baseline`` (``scripts/baseline_server.py``: aiortc decodes, numpy, aiortc encodes) and
 ``baseline-marker`` (the same, completing frames on the RTP marker bit as dreamwire does, so
-the table separates what the marker bit buys from what the process design costs). For each
+the table separates what the marker bit buys from what the process design costs) and
+``fastrtc`` (``scripts/fastrtc_server.py``: FastRTC as its docs write a video app, its input
+hook on so its handler runs; ``--fastrtc-python`` names a Python that has FastRTC). For each
 server, size in ``--sizes`` (512x512; 1280x720 is a real camera's) and K in ``--sessions``, K
 Python clients (``scripts/client.py``) send a test pattern at 30 fps for ``--duration``
 seconds after ``--warmup`` seconds. Reported per server, size and K:
@@ -60,14 +62,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from client import DreamwireClient, PatternTrack  # noqa: E402
+from client import DreamwireClient, FastRTCClient, PatternTrack  # noqa: E402
 
 from signalling.metrics_schema import TraceFeed  # noqa: E402
 from supervisor.profile import aggregate  # noqa: E402
 
 FULL_FPS = 29.0
 FPS = 30
-SERVERS = ("dreamwire", "baseline", "baseline-marker")
+SERVERS = ("dreamwire", "baseline", "baseline-marker", "fastrtc")
 START_TIMEOUT_S = 60.0
 
 
@@ -137,8 +139,9 @@ async def run_sessions(
     duration_s: float,
     begin: Callable[[], Awaitable[None]],
     end: Callable[[], Awaitable[dict[str, Any]]],
+    client_class: type[DreamwireClient] = DreamwireClient,
 ) -> dict[str, Any]:
-    clients = [DreamwireClient(base, ice_servers=[]) for _ in range(k)]
+    clients = [client_class(base, ice_servers=[]) for _ in range(k)]
     try:
         for c in clients:
             await c.__aenter__()
@@ -322,6 +325,46 @@ async def bench_baseline(
     return results
 
 
+async def bench_fastrtc(
+    ks: list[int], size: tuple[int, int], warmup_s: float, duration_s: float, python: str
+) -> list[dict[str, Any]]:
+    """``scripts/fastrtc_server.py`` (FastRTC as its docs write it) run by ``python``. Its
+    server-side latency cannot be taken at the same two points without changing FastRTC's
+    code, so only the clients' round trip is reported for it."""
+    port = free_port()
+    script = str(ROOT / "scripts" / "fastrtc_server.py")
+    cmd = [python, script, "--port", str(port), "--sessions", str(max(ks))]
+    proc = subprocess.Popen(cmd, cwd=ROOT)  # noqa: ASYNC220 - Popen returns at once
+    base = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        await wait_http(base + "/docs", START_TIMEOUT_S)
+        meter = CpuMeter({"fastrtc": psutil.Process(proc.pid)})
+
+        async def begin() -> None:
+            meter.begin()
+
+        async def end() -> dict[str, Any]:
+            return {
+                "latency_p50_ms": None,
+                "latency_p95_ms": None,
+                "latency_p99_ms": None,
+                "latency_mean_ms": None,
+                "cpu_percent": meter.end(),
+            }
+
+        for k in ks:
+            run = await run_sessions(base, k, size, warmup_s, duration_s, begin, end, FastRTCClient)
+            results.append(run)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return results
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     full = [r["sessions"] for r in runs if r["fps_min"] >= FULL_FPS]
     return {
@@ -341,6 +384,10 @@ def runs_of(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def _ms(value: float | None) -> str:
+    return "–" if value is None else str(value)
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         "| server | size | K | fps/session (min / mean) | p50 ms | p95 ms | p99 ms "
@@ -351,8 +398,9 @@ def table(result: dict[str, Any]) -> str:
     for server, r in runs_of(result):
         lines.append(
             f"| {server} | {r['size']} | {r['sessions']} | {r['fps_min']:.1f} / "
-            f"{r['fps_mean']:.1f} | {r['latency_p50_ms']} | {r['latency_p95_ms']} | "
-            f"{r['latency_p99_ms']} | {r['client_rtt_p50_ms']} | {r['cpu_percent']['total']} | "
+            f"{r['fps_mean']:.1f} | {_ms(r['latency_p50_ms'])} | {_ms(r['latency_p95_ms'])} | "
+            f"{_ms(r['latency_p99_ms'])} | {r['client_rtt_p50_ms']} | "
+            f"{r['cpu_percent']['total']} | "
             f"{r['cpu_per_session']} | {r['clients_cpu_percent']} | {r['sent_fps_mean']:.1f} | "
             f"{r['missing_frames']} | {r['unreadable_frames']} |"
         )
@@ -401,6 +449,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     servers = [x for x in args.servers.split(",") if x]
     if unknown := set(servers) - set(SERVERS):
         raise SystemExit(f"--servers: unknown {', '.join(sorted(unknown))} (known: {SERVERS})")
+    if "fastrtc" in servers and not args.fastrtc_python:
+        raise SystemExit("--servers fastrtc needs --fastrtc-python (a Python with fastrtc)")
     tmp = Path(tempfile.mkdtemp(prefix="dwb", dir="/tmp"))
     result: dict[str, Any] = {server: {} for server in servers}
     try:
@@ -409,6 +459,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for server in servers:
                 if server == "dreamwire":
                     runs = await bench_dreamwire(ks, size, args.warmup, args.duration, tmp)
+                elif server == "fastrtc":
+                    runs = await bench_fastrtc(
+                        ks, size, args.warmup, args.duration, args.fastrtc_python
+                    )
                 else:
                     marker = server == "baseline-marker"
                     runs = await bench_baseline(ks, size, args.warmup, args.duration, marker)
@@ -437,7 +491,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per K")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument("--sizes", default="512x512", help="comma-separated WxH")
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated servers")
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS[:3]),
+        help=f"comma-separated, of {', '.join(SERVERS)}",
+    )
+    parser.add_argument(
+        "--fastrtc-python", help="a Python with fastrtc installed, for the fastrtc server"
+    )
     parser.add_argument("--plot", type=Path, help="write fps and CPU per session vs K (PNG)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(

@@ -15,9 +15,11 @@ With the real checkpoints on a GPU, compare with the published figures (StreamDi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,10 +56,28 @@ def bench_model_loop(pipeline_id: str, models: Path, size: int, blocks: int) -> 
 
 
 def bench_system(pipeline_id: str, models: Path, size: int, seconds: float) -> dict[str, float]:
+    """The pipeline in its inference process under ``supervisor start``, a text session into a
+    ring read by ``testsink``. ms/block is measured: the service tells this process (its
+    ``notify`` inbox) each block's first frame as it publishes it, and the intervals between
+    those arrivals are the blocks' time in the system."""
+    import msgspec
+    import zmq
+
+    from services.runtime import inbox_endpoint
+
     base = Path(tempfile.mkdtemp(prefix="dwbw", dir="/tmp"))
+    name = f"inference/{pipeline_id}"
+    options = {
+        "pipeline": pipeline_id,
+        "load_params": {"height": size, "width": size},
+        "models_dir": str(models),
+        "notify": "bench",
+    }
     (base / "bench.toml").write_text(
-        f'signalling = false\nmedia = false\nmodels_dir = "{models}"\n'
-        f'pipelines = []\n[[services]]\nname = "testsink"\nkind = "testsink"\n'
+        "signalling = false\nmedia = false\npipelines = []\n"
+        f'[[services]]\nname = "{name}"\nkind = "inference"\n'
+        f"options = {json.dumps(options)}\n"
+        '[[services]]\nname = "testsink"\nkind = "testsink"\n'
     )
     env = {**os.environ, "DREAMWIRE_RUN_DIR": str(base / "run")}
     with open(base / "log", "wb") as log:
@@ -68,12 +88,13 @@ def bench_system(pipeline_id: str, models: Path, size: int, seconds: float) -> d
             stderr=log,
             cwd=ROOT,
         )
-    name = f"inference/{pipeline_id}"
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.setsockopt(zmq.LINGER, 0)
+    decoder = msgspec.msgpack.Decoder(p.StageOutput)
     try:
         admin = _wait_running(base, proc)
-        load = p.PipelineLoad(pipeline_id, {"height": size, "width": size})
-        admin.request(p.LoadPipelines(pipelines=[load]))
-        _wait(lambda: _service(admin, name) is not None and _service(admin, name).state == "ready")
+        inbox.bind(inbox_endpoint(str(find_run_dirs(base / "run")[0]), "bench"))
         opened = admin.request(
             p.OpenSession(
                 session_id="bench", stages=[name, "testsink"], width=size, height=size, mode="text"
@@ -83,13 +104,23 @@ def bench_system(pipeline_id: str, models: Path, size: int, seconds: float) -> d
         _wait(lambda: _service(admin, name).frames_done > 0, 300)
         first = _service(admin, name).frames_done
         start = time.monotonic()
-        time.sleep(seconds)
+        arrivals: list[tuple[float, int]] = []
+        while (now := time.monotonic()) - start < seconds:
+            if inbox.poll(100):
+                message = decoder.decode(inbox.recv())
+                if message.kind == "fetch_output" and "block" in message.data:
+                    arrivals.append((now, int(message.data["block"])))
         done = _service(admin, name).frames_done - first
         elapsed = time.monotonic() - start
         fps = done / elapsed
-        block = registry.get(pipeline_id).frames_per_call
-        return {"fps": round(fps, 2), "block_ms": round(1e3 * block / fps, 1) if fps else 0.0}
+        gaps = [
+            (t1 - t0) / (b1 - b0) for (t0, b0), (t1, b1) in itertools.pairwise(arrivals) if b1 > b0
+        ]
+        block_ms = 1e3 * statistics.median(gaps) if gaps else 0.0
+        return {"fps": round(fps, 2), "block_ms": round(block_ms, 1), "blocks": len(gaps)}
     finally:
+        inbox.close()
+        ctx.term()
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(base, ignore_errors=True)

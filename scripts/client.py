@@ -17,6 +17,7 @@ import asyncio
 import fractions
 import json
 import logging
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -219,15 +220,22 @@ class DreamwireClient:
             self._tasks.append(asyncio.create_task(self._consume(track), name="client.recv"))
 
         await pc.setLocalDescription(await pc.createOffer())
-        body: dict[str, Any] = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+        data = await self._offer(pc.localDescription, initial_parameters)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type=data["type"]))
+        return str(self.session_id)
+
+    async def _offer(
+        self, offer: RTCSessionDescription, initial_parameters: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Send the offer (Scope's endpoint); the answer, with ``session_id`` set."""
+        body: dict[str, Any] = {"sdp": offer.sdp, "type": offer.type}
         if initial_parameters is not None:
             body["initialParameters"] = initial_parameters
         status, data = await self.request("POST", "/api/v1/webrtc/offer", body)
         if status != 200:
             raise ClientError(f"offer refused ({status}): {data}")
         self.session_id = data["sessionId"]
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type=data["type"]))
-        return str(self.session_id)
+        return dict(data)
 
     async def _consume(self, track: MediaStreamTrack) -> None:
         rec = self.received
@@ -318,6 +326,35 @@ class DreamwireClient:
         if self.http is not None:
             await self.http.close()
             self.http = None
+
+
+class FastRTCClient(DreamwireClient):
+    """The same client against a FastRTC server, the way FastRTC's own JavaScript talks to it:
+    the offer to ``POST /webrtc/offer`` with an id the client picks (``webrtc_id``), a data
+    channel (FastRTC's video callback waits for one), then the app's input hook
+    (``POST /input_hook``, as FastRTC's examples write it) so that its handler runs."""
+
+    async def load_pipeline(
+        self,
+        pipeline_id: str,
+        load_params: dict[str, Any] | None = None,
+        timeout_s: float = LOAD_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        return {}  # a FastRTC app is its one handler
+
+    async def _offer(
+        self, offer: RTCSessionDescription, initial_parameters: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        webrtc_id = secrets.token_hex(8)
+        body = {"sdp": offer.sdp, "type": offer.type, "webrtc_id": webrtc_id}
+        status, data = await self.request("POST", "/webrtc/offer", body)
+        if status != 200 or not isinstance(data, dict) or "sdp" not in data:
+            raise ClientError(f"offer refused ({status}): {data}")
+        status, hooked = await self.request("POST", "/input_hook", {"webrtc_id": webrtc_id})
+        if status != 200:
+            raise ClientError(f"input hook refused ({status}): {hooked}")
+        self.fastrtc_id = webrtc_id
+        return dict(data)
 
 
 class _Recorder:

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from services.hwcodec import Hardware
 from services.overlay.config import PIPELINE_ID as OVERLAY_PIPELINE_ID
 from services.topology import SIGNALLING
 
@@ -30,11 +31,15 @@ class EncodeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_bitrate_bps: int = MIN_BITRATE_BPS
     max_bitrate_bps: int = MAX_BITRATE_BPS
     keyframe_interval_frames: int = KEYFRAME_INTERVAL_FRAMES
+    #: ``auto``: NVENC for H.264 where it opens (:mod:`services.hwcodec`); ``off``: the CPU.
+    hardware: Hardware = "auto"
 
 
 class DecodeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The service told when the decoder needs a keyframe (it sends the peer a PLI).
     keyframe_target: str = SIGNALLING
+    #: ``auto``: NVDEC where it opens; ``off``: the CPU.
+    hardware: Hardware = "auto"
 
 
 class InferenceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

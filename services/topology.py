@@ -97,3 +97,38 @@ def plan_chain(loaded: Sequence[str], asked: Sequence[str] | None = None) -> Cha
         )
     pipelines = (*models[:1], *overlays[:1])
     return Chain(pipeline_ids=pipelines, processing=tuple(map(service_of_pipeline, pipelines)))
+
+
+# ---------------------------------------------------------------- several GPUs
+
+
+DEVICE_SEPARATOR = "@"
+
+
+def device_service(pipeline_id: str, device: str) -> str:
+    """``inference/<id>@cuda:N``: the pipeline's process on one device."""
+    return f"{inference_service(pipeline_id)}{DEVICE_SEPARATOR}{device}"
+
+
+def split_device(service: str) -> tuple[str, str | None]:
+    """(``inference/<id>``, ``cuda:N``) of a per-device service; (name, None) otherwise."""
+    name, sep, device = service.partition(DEVICE_SEPARATOR)
+    return (name, device) if sep else (service, None)
+
+
+class Room(msgspec.Struct, frozen=True):
+    """What one device's process of a pipeline reports (its heartbeats): free device memory
+    (None: not known, a CPU stand-in) and the sessions it serves."""
+
+    service: str
+    free_bytes: int | None
+    sessions: int
+
+
+def place(rooms: Sequence[Room]) -> str:
+    """The process a new session goes to: the most free device memory, then the fewest
+    sessions, then the name (the same answer for the same reports)."""
+    if not rooms:
+        raise ChainError("pipeline_ids: no device of the pipeline is ready")
+    best = min(rooms, key=lambda r: (-(r.free_bytes or 0), r.sessions, r.service))
+    return best.service

@@ -348,3 +348,33 @@ def test_encode_scales_and_accepts_strided_input(
     assert [read_frame_number(f.rgb) for f in decoded] == [9, 10]
     with pytest.raises(ValueError):
         encoder.encode("s", np.zeros((240, 320), np.uint8), 0)
+
+
+def test_without_a_gpu_codec_the_cpu_one_runs_and_the_log_says_why(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services import hwcodec
+
+    hwcodec.usable.cache_clear()
+    with caplog.at_level("INFO", logger="services.hwcodec"):
+        chosen = hwcodec.encoder("H264", "auto")
+    if chosen is not None:
+        pytest.skip(f"{chosen} opens on this machine")
+    assert "h264_nvenc" in caplog.text and "the CPU codec runs" in caplog.text
+    # The CPU codecs then carry the session, frame numbers intact.
+    enc, dec = EncodeCore(hardware="auto"), DecodeCore(hardware="auto")
+    enc.open_session("s", "H264", 128, 96)
+    dec.open_session("s", "H264", 128, 96)
+    numbers = []
+    for n in range(5):
+        rgb = np.zeros((96, 128, 3), np.uint8)
+        draw_frame_number(rgb, n)
+        for packet in enc.encode("s", rgb, n * 3000):
+            numbers += [read_frame_number(f.rgb) for f in dec.decode("s", packet.data, packet.pts)]
+    assert numbers == [0, 1, 2, 3, 4]
+
+    def never(name: str, mode: str) -> bool:
+        raise AssertionError(f"probed {name} although hardware is off")
+
+    monkeypatch.setattr(hwcodec, "usable", never)
+    assert hwcodec.encoder("H264", "off") is None and hwcodec.decoder("VP8", "off") is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services import topology
-from services.topology import ChainError, plan_chain
+from services.topology import ChainError, Room, plan_chain
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -42,3 +42,21 @@ def test_service_names_and_kinds() -> None:
     assert topology.kind_of_service("inference/longlive") == "inference"
     assert topology.kind_of_service("encode") == "encode"
     assert not topology.is_overlay("not-a-pipeline")
+
+
+def test_a_session_goes_to_the_device_with_the_most_room() -> None:
+    a, b = (
+        topology.device_service("longlive", "cuda:0"),
+        topology.device_service("longlive", "cuda:1"),
+    )
+    assert a == "inference/longlive@cuda:0"
+    assert topology.split_device(a) == ("inference/longlive", "cuda:0")
+    assert topology.split_device("encode") == ("encode", None)
+    gib = 2**30
+    # Free memory first, whatever the session counts.
+    assert topology.place([Room(a, 10 * gib, 0), Room(b, 30 * gib, 3)]) == b
+    # Equal memory (or none reported: CPU stand-ins): the fewer sessions, then the name.
+    assert topology.place([Room(a, 20 * gib, 2), Room(b, 20 * gib, 1)]) == b
+    assert topology.place([Room(b, None, 1), Room(a, None, 1)]) == a
+    with pytest.raises(ChainError, match="no device of the pipeline is ready"):
+        topology.place([])

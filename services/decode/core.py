@@ -28,12 +28,14 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.frame import VideoFrame
 from av.video.reformatter import VideoReformatter
 
+from services import hwcodec
 from services.codec_common import (
     VIDEO_TIME_BASE,
     PerSession,
     check_codec,
     check_size,
 )
+from services.hwcodec import Hardware
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,10 @@ class DecodeCore(PerSession[_Stream]):
 
     holds = "decoder"
 
+    def __init__(self, hardware: Hardware = "auto") -> None:
+        self.hardware: Hardware = hardware
+        super().__init__()
+
     def open_session(self, session_id: str, codec: str, width: int, height: int) -> None:
         """Start decoding ``codec`` ("VP8" or "H264") for ``session_id``, output ``width`` x
         ``height``. Raises ``ValueError`` if the session is already open."""
@@ -89,7 +95,7 @@ class DecodeCore(PerSession[_Stream]):
         check_size(width, height)
         if session_id in self._sessions:
             raise ValueError(f"session {session_id!r} is already open")
-        context = av.CodecContext.create(name, "r")
+        context = av.CodecContext.create(hwcodec.decoder(codec, self.hardware) or name, "r")
         assert isinstance(context, VideoCodecContext)
         session = _Stream(context, width, height, VideoReformatter())
         session.stats.keyframe_requests = 1  # keyframe_wanted starts raised

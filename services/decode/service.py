@@ -36,8 +36,9 @@ class DecodeStage(RingStage[DecodeState, p.DecodeInbox]):
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
-        self.core = DecodeCore()
-        self.keyframe_target = msgspec.convert(spec.options, DecodeOptions).keyframe_target
+        options = msgspec.convert(spec.options, DecodeOptions)
+        self.core = DecodeCore(options.hardware)
+        self.keyframe_target = options.keyframe_target
 
     def new_state(
         self, session: StageSession[DecodeState], previous: DecodeState | None

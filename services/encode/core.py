@@ -35,6 +35,7 @@ import numpy as np
 from av.video.codeccontext import VideoCodecContext
 from av.video.frame import PictureType, VideoFrame
 
+from services import hwcodec
 from services.codec_common import (
     VIDEO_TIME_BASE,
     CodecName,
@@ -42,6 +43,7 @@ from services.codec_common import (
     check_codec,
     check_size,
 )
+from services.hwcodec import Hardware
 from services.options import (
     KEYFRAME_INTERVAL_FRAMES,
     MAX_BITRATE_BPS,
@@ -131,6 +133,7 @@ class EncodeCore(PerSession[_Stream]):
         min_bitrate_bps: int = MIN_BITRATE_BPS,
         max_bitrate_bps: int = MAX_BITRATE_BPS,
         keyframe_interval_frames: int = KEYFRAME_INTERVAL_FRAMES,
+        hardware: Hardware = "auto",
     ) -> None:
         if not 0 < min_bitrate_bps <= max_bitrate_bps:
             raise ValueError(f"bad bitrate range [{min_bitrate_bps}, {max_bitrate_bps}]")
@@ -139,6 +142,7 @@ class EncodeCore(PerSession[_Stream]):
         self.min_bitrate_bps = min_bitrate_bps
         self.max_bitrate_bps = max_bitrate_bps
         self.keyframe_interval_frames = keyframe_interval_frames
+        self.hardware: Hardware = hardware
         super().__init__()
 
     def open_session(
@@ -268,6 +272,21 @@ class EncodeCore(PerSession[_Stream]):
                 "partitions": "0",  # VP8_ONE_TOKENPARTITION
                 "static-thresh": "1",
                 "undershoot-pct": "100",
+            }
+        elif (gpu := hwcodec.encoder("H264", self.hardware)) is not None:
+            created = av.CodecContext.create(gpu, "w")
+            assert isinstance(created, VideoCodecContext)
+            context = created
+            context.profile = "baseline"
+            options = {
+                "preset": "p1",  # the fastest
+                "tune": "ull",  # ultra-low latency: no lookahead, no B-frames, no delay
+                "zerolatency": "1",
+                "delay": "0",
+                "rc": "cbr",
+                "forced-idr": "1",
+                "maxrate": str(bitrate),
+                "bufsize": str(bitrate),
             }
         else:
             context = av.CodecContext.create("libx264", "w")

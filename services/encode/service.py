@@ -40,6 +40,7 @@ class EncodeStage(RingStage[None, p.EncodeInbox]):
             min_bitrate_bps=options.min_bitrate_bps,
             max_bitrate_bps=options.max_bitrate_bps,
             keyframe_interval_frames=options.keyframe_interval_frames,
+            hardware=options.hardware,
         )
         self.initial_bitrate_bps = options.start_bitrate_bps
 
