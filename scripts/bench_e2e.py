@@ -435,7 +435,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fps_ax.axhline(FPS, color="grey", linewidth=0.8, linestyle=":")
     fps_ax.set(xlabel="sessions (K)", ylabel="fps per session (mean)", ylim=(0, FPS + 2))
     cpu_ax.set(xlabel="sessions (K)", ylabel="server CPU % per session (100 = one core)")
+    all_ks = sorted({r["sessions"] for _, r in runs_of(result)})
     for ax in (fps_ax, cpu_ax):
+        ax.set_xticks(all_ks)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("bench_e2e: passthrough, 30 fps test pattern, clients on the same machine")

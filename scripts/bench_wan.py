@@ -39,19 +39,27 @@ PIPELINES = ("streamdiffusionv2", "longlive", "krea-realtime-video")
 
 
 def bench_model_loop(pipeline_id: str, models: Path, size: int, blocks: int) -> dict[str, float]:
+    """The pipeline object alone: one text session, called until ``blocks`` blocks of frames
+    came back. A call while the next block is still being made (ahead, off the calling thread)
+    yields no frame; the loop then waits a millisecond, as a host with nothing else to do."""
     spec = registry.get(pipeline_id)
     load = registry.full_config(spec, {"height": size, "width": size})
     pipe = spec.load(load, models)
     config = registry.full_config(spec, {"height": size, "width": size})
     state = pipe.new_session("bench", size, size, config)
-    per_block = spec.frames_per_call  # one call returns one frame; a block is made every n
-    for _ in range(per_block):  # the first block warms up (and decodes 4n - 3 frames)
-        pipe([Request("bench", state, None, None)])
-    frames = blocks * per_block
+
+    def next_frame() -> None:
+        while not any(r.frame is not None for r in pipe([Request("bench", state, None, None)])):
+            time.sleep(0.001)
+
+    for _ in range(2 * spec.frames_per_call + 1):  # the first block (and one made ahead)
+        next_frame()
+    frames = blocks * spec.frames_per_call
     start = time.perf_counter()
     for _ in range(frames):
-        pipe([Request("bench", state, None, None)])
+        next_frame()
     total = time.perf_counter() - start
+    pipe.end_session(state)
     return {"block_ms": round(1e3 * total / blocks, 1), "fps": round(frames / total, 2)}
 
 
@@ -67,16 +75,12 @@ def bench_system(pipeline_id: str, models: Path, size: int, seconds: float) -> d
 
     base = Path(tempfile.mkdtemp(prefix="dwbw", dir="/tmp"))
     name = f"inference/{pipeline_id}"
-    options = {
-        "pipeline": pipeline_id,
-        "load_params": {"height": size, "width": size},
-        "models_dir": str(models),
-        "notify": "bench",
-    }
     (base / "bench.toml").write_text(
         "signalling = false\nmedia = false\npipelines = []\n"
         f'[[services]]\nname = "{name}"\nkind = "inference"\n'
-        f"options = {json.dumps(options)}\n"
+        f'[services.options]\npipeline = "{pipeline_id}"\nmodels_dir = "{models}"\n'
+        'notify = "bench"\n'
+        f"[services.options.load_params]\nheight = {size}\nwidth = {size}\n"
         '[[services]]\nname = "testsink"\nkind = "testsink"\n'
     )
     env = {**os.environ, "DREAMWIRE_RUN_DIR": str(base / "run")}

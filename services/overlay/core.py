@@ -21,6 +21,7 @@ keys of other pipelines are ignored). Client messages go to the ``signalling`` s
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,11 @@ logger = logging.getLogger(__name__)
 CLIENT_SERVICE = topology.SIGNALLING
 #: How often the loop looks for finished inferences while one runs and no frame arrives.
 RESULT_POLL_S = 0.01
+#: The interpreter's thread switch interval in this process (CPython's default is 5 ms). A model
+#: whose Python code holds the interpreter lock for long stretches made the video thread wait
+#: the whole interval each time it wanted the lock back: 9.9 fps out of 30 in
+#: ``scripts/bench_overlay.py --models python``; at 1 ms it keeps 30 fps.
+SWITCH_INTERVAL_S = 0.001
 
 
 @dataclass(slots=True)
@@ -86,6 +92,7 @@ class OverlayCore(FrameStage[OverlayState]):
     def __init__(self, spec: ServiceSpec, outbox: Outbox, model: VisionModel | None = None) -> None:
         super().__init__(spec, outbox)
         self.options = msgspec.convert(spec.options, OverlayOptions)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         if model is None:
             models_dir = resolve_models_dir(self.options.models_dir)
             compile_model = bool(self.options.load_params.get("compile_model", False))
