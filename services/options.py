@@ -52,6 +52,9 @@ class InferenceOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: The service that hears per-frame results and errors as ``StageOutput``.
     notify: str = SIGNALLING
     text_fps: float = TEXT_FPS
+    #: The device of a per-device process (``cuda:N``: started with ``CUDA_VISIBLE_DEVICES=N``;
+    #: ``cpu:N``: a stand-in for tests); None: the pipeline picks its device.
+    device: str | None = None
 
 
 class OverlayOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -41,6 +41,8 @@ class HeartbeatAck(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     frames_waiting: int
     rejected: int
     sessions: int
+    #: Free memory of the device the service computes on (CUDA); None: not a GPU service.
+    memory_free_bytes: int | None = None
 
 
 class ServiceFailed(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -192,6 +194,9 @@ class ServiceStatus(msgspec.Struct, forbid_unknown_fields=True):
     cpu_percent: float = 0.0
     rss_bytes: int = 0
     gpu_memory_bytes: int | None = None
+    #: The device of a per-device inference process (``cuda:1``), and its free memory.
+    device: str | None = None
+    memory_free_bytes: int | None = None
 
 
 class RingCounters(msgspec.Struct, forbid_unknown_fields=True):

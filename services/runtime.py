@@ -239,6 +239,10 @@ class ServiceCore(ABC, Generic[M]):
     def session_count(self) -> int:
         return 0
 
+    def memory_free_bytes(self) -> int | None:
+        """Free memory of this service's GPU, for placing sessions (None: no GPU)."""
+        return None
+
     def on_session_failed(self, msg: p.SessionFailed) -> None:
         """Another stage of a session this service owns failed (signalling tells the client)."""
 
@@ -353,6 +357,7 @@ class ServiceProc:
                         frames_waiting=core.frames_waiting(),
                         rejected=self.rejected,
                         sessions=core.session_count(),
+                        memory_free_bytes=core.memory_free_bytes(),
                     )
                 )
             case p.Stop(reason=reason):

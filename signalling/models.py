@@ -7,12 +7,16 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from signalling.api.errors import DownloadInProgress
-from signalling.api.types import HardwareInfoResponse, ModelsStatusResponse
+from signalling.api.types import GpuInfo, HardwareInfoResponse, ModelsStatusResponse
 
 logger = logging.getLogger(__name__)
+
+#: How long a GPU list (free memory included) is reused before nvidia-smi is asked again.
+GPU_PROBE_INTERVAL_S = 2.0
 
 
 class ModelsLink:
@@ -21,8 +25,8 @@ class ModelsLink:
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
         self._downloads: dict[str, subprocess.Popen[bytes]] = {}
-        self._vram_gb: float | None = None
-        self._probed = False
+        self._gpus: list[GpuInfo] = []
+        self._probed_at = -GPU_PROBE_INTERVAL_S
 
     def status(self, pipeline_id: str) -> ModelsStatusResponse:
         from services.models import downloads
@@ -55,10 +59,12 @@ class ModelsLink:
         asyncio.get_running_loop().run_in_executor(None, self._downloads[pipeline_id].wait)
 
     def hardware_info(self) -> HardwareInfoResponse:
-        if not self._probed:
-            self._probed = True
-            self._vram_gb = _probe_vram_gb()
-        return HardwareInfoResponse(vram_gb=self._vram_gb)
+        now = time.monotonic()
+        if now - self._probed_at > GPU_PROBE_INTERVAL_S:  # free memory moves; nvidia-smi is slow
+            self._probed_at = now
+            self._gpus = probe_gpus()
+        first = self._gpus[0].memory_total_gb if self._gpus else None
+        return HardwareInfoResponse(vram_gb=first, gpus=list(self._gpus))
 
     async def close(self) -> None:
         for proc in self._downloads.values():
@@ -68,19 +74,36 @@ class ModelsLink:
             await asyncio.to_thread(proc.wait)
 
 
-def _probe_vram_gb() -> float | None:
-    """Total memory of the first GPU via nvidia-smi (no CUDA libraries in signalling)."""
+def probe_gpus() -> list[GpuInfo]:
+    """Every GPU via nvidia-smi (no CUDA libraries in signalling); [] without one."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return None
+        return []
     try:
         out = subprocess.run(
-            [exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            [
+                exe,
+                "--query-gpu=index,name,memory.total,memory.free",
+                "--format=csv,noheader,nounits",
+            ],
             capture_output=True,
             text=True,
             timeout=5,
             check=True,
         ).stdout
-        return round(float(out.splitlines()[0]) / 1024, 1)
-    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-        return None
+        gpus = []
+        for line in out.splitlines():
+            if not line.strip():
+                continue
+            index, name, total, free = (part.strip() for part in line.split(","))
+            gpus.append(
+                GpuInfo(
+                    index=int(index),
+                    name=name,
+                    memory_total_gb=round(float(total) / 1024, 1),
+                    memory_free_gb=round(float(free) / 1024, 1),
+                )
+            )
+        return gpus
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []

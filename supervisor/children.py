@@ -75,6 +75,11 @@ class Child:
         self.progress_at = 0.0
         self.rejected = 0
         self.sessions = 0
+        self.memory_free_bytes: int | None = None
+        #: The device of a per-device inference process (``cuda:1``), else None.
+        self.device: str | None = spec.options.get("device")
+        #: The pipeline a pipeline process runs (None for other services).
+        self.pipeline_id: str | None = spec.options.get("pipeline") if self.is_pipeline else None
 
     # ------------------------------------------------------------ the process's life
 
@@ -118,6 +123,7 @@ class Child:
         self.frames_done = ack.frames_done
         self.rejected = ack.rejected
         self.sessions = ack.sessions
+        self.memory_free_bytes = ack.memory_free_bytes
 
     def said_failed(self, reason: str) -> None:
         self.failure_reason = reason

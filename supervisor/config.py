@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -77,6 +77,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     max_frame_height: int = 1080
     #: Pipelines whose inference process starts with the server (``inference/<id>``).
     pipelines: list[str] = []
+    #: Several GPUs: one inference process per model pipeline per device
+    #: (``inference/<id>@cuda:N``, started with ``CUDA_VISIBLE_DEVICES=N``); a new session goes
+    #: to the device with the most free memory, then the fewest sessions. ``cpu:N`` names
+    #: stand-ins (tests). Empty: one process per pipeline.
+    devices: list[Annotated[str, msgspec.Meta(pattern=r"^(cuda|cpu):[0-9]{1,2}$")]] = []
     #: Where pipelines' model files live (``download_models`` fills it).
     models_dir: str | None = None
     #: The user's dreamwire directory (Scope's UI keeps its onboarding answers there).

@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -110,7 +110,7 @@ class ChainSession:
 
 def service_plan(config: Config, models_dir: Path) -> list[ServiceConfig]:
     """Data-plane services first, signalling last (the API answers once all are up)."""
-    plan = [pipeline_service(config, models_dir, p.PipelineLoad(pid)) for pid in config.pipelines]
+    plan = [svc for pid in config.pipelines for svc in pipeline_services(config, models_dir, pid)]
     if config.media:
         decode, encode = msgspec.to_builtins(config.decode), msgspec.to_builtins(config.encode)
         plan.append(ServiceConfig(topology.DECODE, topology.DECODE, decode, config.restart))
@@ -133,18 +133,34 @@ def service_plan(config: Config, models_dir: Path) -> list[ServiceConfig]:
     return plan
 
 
-def pipeline_service(config: Config, models_dir: Path, load: p.PipelineLoad) -> ServiceConfig:
+def pipeline_services(
+    config: Config, models_dir: Path, pipeline_id: str, load_params: dict[str, Any] | None = None
+) -> list[ServiceConfig]:
+    """The process of a pipeline, or with ``devices`` configured one per device (a model
+    pipeline; the overlay stays one process)."""
     options: dict[str, object] = {
-        "pipeline": load.pipeline_id,
-        "load_params": dict(load.load_params),
+        "pipeline": pipeline_id,
+        "load_params": dict(load_params or {}),
         "models_dir": str(models_dir),
     }
-    name = topology.service_of_pipeline(load.pipeline_id)
+    name = topology.service_of_pipeline(pipeline_id)
     kind = topology.kind_of_service(name)
-    if kind == topology.OVERLAY and config.overlay_model:
-        options["model"] = config.overlay_model
-        options["model_options"] = dict(config.overlay_model_options)
-    return ServiceConfig(name, kind, options, config.restart)
+    if kind == topology.OVERLAY:
+        if config.overlay_model:
+            options["model"] = config.overlay_model
+            options["model_options"] = dict(config.overlay_model_options)
+        return [ServiceConfig(name, kind, options, config.restart)]
+    if not config.devices:
+        return [ServiceConfig(name, kind, options, config.restart)]
+    return [
+        ServiceConfig(
+            topology.device_service(pipeline_id, device),
+            kind,
+            {**options, "device": device},
+            config.restart,
+        )
+        for device in config.devices
+    ]
 
 
 # ---------------------------------------------------------------- the core
@@ -371,24 +387,25 @@ class SupervisorCore:
 
     def load_pipelines(self, loads: list[p.PipelineLoad], now: float) -> list[Effect]:
         """Start the inference processes asked for; stop those no longer wanted."""
-        wanted: dict[str, p.PipelineLoad] = {}
+        wanted: dict[str, ServiceConfig] = {}
         for load in loads:
             pid = load.pipeline_id
             if not pid or not all(c.isalnum() or c in "-_." for c in pid) or len(pid) > 64:
                 raise ValueError(f"invalid pipeline id {pid!r}")
-            wanted[topology.service_of_pipeline(pid)] = load
+            for svc in pipeline_services(self.config, self.run.models_dir, pid, load.load_params):
+                wanted[svc.name] = svc
         effects: list[Effect] = []
         for name, child in list(self.children.items()):
             if not child.is_pipeline or child.removing:
                 continue
             same = wanted.get(name)
-            if same is not None and child.spec.options.get("load_params") == same.load_params:
+            if same is not None and child.spec.options == same.options:
                 if child.state is State.FAILED:  # asked again after a failed load: once more
                     child.retry()
                     effects.append(Spawn(child.spec))
                 continue
             effects += self._unload(child, now)
-        for name, load in wanted.items():
+        for name, svc in wanted.items():
             current = self.children.get(name)
             if current is not None and not current.removing:
                 continue
@@ -396,7 +413,7 @@ class SupervisorCore:
                 # Still stopping with other load params: killed, replaced under the same name.
                 self.retiring[current.pid] = current
                 effects.append(Kill(current.pid))
-            effects += self.add(pipeline_service(self.config, self.run.models_dir, load))
+            effects += self.add(svc)
         self.pipeline_order = [load.pipeline_id for load in loads]
         return effects
 
@@ -439,19 +456,35 @@ class SupervisorCore:
         child.stop(now, self.config.stop_timeout_s, removing=True)
         return [Kill(child.pid, signal.SIGTERM)]
 
+    def pipeline_children(self, pipeline_id: str) -> list[Child]:
+        """The processes of a pipeline: one, or one per device."""
+        return [
+            c for c in self.children.values() if c.pipeline_id == pipeline_id and not c.removing
+        ]
+
     def pipeline_states(self) -> list[p.PipelineState]:
+        """A pipeline is loaded while one of its processes (one per device) is up: sessions go
+        to those; an error only when all failed; else loading."""
         states = []
         for pid in self.pipeline_order:
-            child = self.children.get(topology.service_of_pipeline(pid))
-            if child is None or child.removing:
+            children = self.pipeline_children(pid)
+            if not children:
                 continue
-            status = {State.READY: "loaded", State.FAILED: "error"}.get(child.state, "loading")
+            if any(c.state is State.READY for c in children):
+                status = "loaded"
+            elif all(c.state is State.FAILED for c in children):
+                status = "error"
+            else:
+                status = "loading"
+            failed = next((c for c in children if c.state is State.FAILED), children[0])
             states.append(
                 p.PipelineState(
                     pipeline_id=pid,
                     status=status,
-                    load_params=dict(child.spec.options.get("load_params", {})),
-                    error=(child.failure_reason or child.last_error) if status == "error" else None,
+                    load_params=dict(children[0].spec.options.get("load_params", {})),
+                    error=(failed.failure_reason or failed.last_error)
+                    if status == "error"
+                    else None,
                 )
             )
         return states
@@ -474,6 +507,8 @@ class SupervisorCore:
                     rejected=c.rejected,
                     sessions=c.sessions,
                     last_error=c.last_error,
+                    device=c.device,
+                    memory_free_bytes=c.memory_free_bytes,
                     **asdict(self.sample(c.pid)),
                 )
                 for c in self.children.values()
@@ -555,7 +590,22 @@ class SupervisorCore:
                 raise ValueError("give pipeline_ids or stages, not both")
             return list(req.stages)
         loaded = [s.pipeline_id for s in self.pipeline_states() if s.status == "loaded"]
-        return topology.plan_chain(loaded, req.pipeline_ids or None).stages(req.mode)
+        chain = topology.plan_chain(loaded, req.pipeline_ids or None)
+        return [self._placed(stage) for stage in chain.stages(req.mode)]
+
+    def _placed(self, stage: str) -> str:
+        """A pipeline's per-device processes: the one with the most room takes the session."""
+        if stage in self.children:
+            return stage
+        rooms = [
+            topology.Room(c.name, c.memory_free_bytes, self._sessions_in(c.name))
+            for c in self.children.values()
+            if topology.split_device(c.name)[0] == stage and c.state is State.READY
+        ]
+        return topology.place(rooms) if rooms else stage
+
+    def _sessions_in(self, service: str) -> int:
+        return sum(1 for s in self.sessions.values() if service in s.stages)
 
     def close_session(self, session_id: str) -> list[Effect]:
         session = self.sessions.pop(session_id)

@@ -269,6 +269,9 @@ class Supervisor:
                 env[AUTH_TOKEN_ENV] = str(token)
         else:
             env[SPEC_ENV] = msgspec.json.encode(spec).decode()
+        device = str(spec.options.get("device") or "")
+        if device.startswith("cuda:"):  # the process sees its one GPU, as cuda:0
+            env["CUDA_VISIBLE_DEVICES"] = device.removeprefix("cuda:")
         popen = subprocess.Popen(command_for(spec), env=env, close_fds=True)
         try:
             pidfd: int | None = os.pidfd_open(popen.pid)

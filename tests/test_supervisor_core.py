@@ -48,7 +48,8 @@ class Rig:
     """A core and the processes it asked for: pids are handed out as a process layer would."""
 
     def __init__(self, **config: Any) -> None:
-        self.config = Config(signalling=False, media=False, heartbeat_interval_s=1.0, **config)
+        config = {"signalling": False, "media": False, "heartbeat_interval_s": 1.0, **config}
+        self.config = Config(**config)
         run = RunInfo("run1", "/run", 1, SECRET, Path("/models"), started=0.0)
         self.rings = DictRings()
         self.core = SupervisorCore(self.config, run, self.rings)
@@ -265,3 +266,42 @@ def test_a_dreams_worker_is_a_plain_child_its_owner_hears_of() -> None:
     assert rig.core.exited(pid, -9, 66.6) == []  # asked for: no news to the owner
     assert rig.core.admin(p.StopWorker("dreams"), 67.0) == (p.Ack(), [])
     assert isinstance(rig.core.admin(p.StartWorker("../x", []), 67.0)[0], p.Rejected)
+
+
+def test_sessions_spread_over_devices_and_a_crash_stops_only_its_own() -> None:
+    rig = Rig(devices=["cuda:0", "cuda:1"], media=True)
+    rig.add("owner")
+    rig.apply(rig.core.add(ServiceConfig("encode", "encode", restart=POLICY)))
+    rig.hello_ready("encode")
+    _, effects = rig.core.admin(p.LoadPipelines([p.PipelineLoad("testcard")]), 0.0)
+    spawned = rig.apply(effects)
+    names = ["inference/testcard@cuda:0", "inference/testcard@cuda:1"]
+    assert [e.spec.name for e in spawned] == names
+    assert [e.spec.options["device"] for e in spawned] == ["cuda:0", "cuda:1"]
+    assert rig.core.pipeline_states()[0].status == "loading"
+    rig.hello_ready(names[0])
+    assert rig.core.pipeline_states()[0].status == "loaded"  # sessions can go to cuda:0
+    rig.hello_ready(names[1])
+    assert rig.core.pipeline_states()[0].status == "loaded"
+    gib = 2**30
+    for name, free in zip(names, (4 * gib, 12 * gib), strict=True):  # cuda:1 has more room
+        ack = p.HeartbeatAck(1, 0, 0, 0, 0, memory_free_bytes=free)
+        rig.core.control(name.encode(), ack, 0.5)
+
+    def open_text(session_id: str) -> list[str]:
+        req = p.OpenSession(
+            session_id, 64, 32, pipeline_ids=["testcard"], mode="text", owner="owner"
+        )
+        reply, _ = rig.core.admin(req, 1.0)
+        assert isinstance(reply, p.SessionOpened), reply
+        return reply.stages
+
+    assert open_text("a") == [names[1], "encode"]  # the most free memory
+    for name in names:  # equal room now: the fewer sessions
+        rig.core.control(name.encode(), p.HeartbeatAck(2, 0, 0, 0, 0, memory_free_bytes=gib), 1.0)
+    assert open_text("b") == [names[0], "encode"]
+    effects = rig.core.exited(rig.core.children[names[1]].pid or 0, -9, 2.0)
+    assert [m.session_id for _, m in sent(effects, p.SessionFailed)] == ["a"]
+    assert rig.core.pipeline_states()[0].status == "loaded"  # cuda:0 still serves
+    status = {s.name: s for s in rig.core.status(3.0).services}
+    assert status[names[0]].device == "cuda:0" and status[names[0]].memory_free_bytes == gib

@@ -31,6 +31,7 @@ that hears per-frame results and errors as ``StageOutput``, default ``signalling
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -308,6 +309,12 @@ class InferenceCore(FrameStage[InferenceState]):
             pipeline_session.end()
         finally:
             self.report_session_failure(session.session_id, reason)
+
+    def memory_free_bytes(self) -> int | None:
+        torch = sys.modules.get("torch")  # a CPU-only pipeline never imported it
+        if torch is None or not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.mem_get_info()[0])
 
     def close(self) -> None:
         self.pipeline.close()

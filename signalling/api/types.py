@@ -241,12 +241,23 @@ def _missing(name: str) -> Integration:
     )
 
 
-class HardwareInfoResponse(msgspec.Struct, kw_only=True):
-    """Body of ``GET /api/v1/hardware/info``: Scope 0.1's flags and 0.2's integrations."""
+class GpuInfo(msgspec.Struct, kw_only=True):
+    """One GPU of the machine (nvidia-smi)."""
 
-    vram_gb: Annotated[float | None, msgspec.Meta(description="Total VRAM; null without CUDA")] = (
-        None
-    )
+    index: int
+    name: str
+    memory_total_gb: float
+    memory_free_gb: float
+
+
+class HardwareInfoResponse(msgspec.Struct, kw_only=True):
+    """Body of ``GET /api/v1/hardware/info``: Scope 0.1's flags and 0.2's integrations, and
+    dreamwire's list of GPUs (one inference process per pipeline per GPU with ``devices``)."""
+
+    vram_gb: Annotated[
+        float | None, msgspec.Meta(description="Total VRAM of the first GPU; null without CUDA")
+    ] = None
+    gpus: list[GpuInfo] = []
     spout_available: bool = False
     ndi_available: bool = False
     spout: Integration = msgspec.field(default_factory=lambda: _missing("Spout"))
