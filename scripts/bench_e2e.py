@@ -70,6 +70,8 @@ from supervisor.profile import aggregate  # noqa: E402
 FULL_FPS = 29.0
 FPS = 30
 SERVERS = ("dreamwire", "baseline", "baseline-marker", "fastrtc")
+#: The codec the clients offer (``--codec``; None: both, VP8 first, as browsers do).
+CODEC: dict[str, str | None] = {"name": None}
 START_TIMEOUT_S = 60.0
 
 
@@ -141,6 +143,7 @@ async def run_sessions(
     end: Callable[[], Awaitable[dict[str, Any]]],
     client_class: type[DreamwireClient] = DreamwireClient,
 ) -> dict[str, Any]:
+    codec = CODEC["name"]
     clients = [client_class(base, ice_servers=[]) for _ in range(k)]
     try:
         for c in clients:
@@ -149,7 +152,7 @@ async def run_sessions(
         await clients[0].load_pipeline("passthrough", {"width": width, "height": height})
         for c in clients:
             c.pattern = PatternTrack(width, height, FPS)
-            await c.connect(c.pattern)
+            await c.connect(c.pattern, codec=codec)
         for c in clients:
             await c.wait_frames(1, timeout_s=30)
         await asyncio.sleep(warmup_s)
@@ -493,6 +496,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per K")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument("--sizes", default="512x512", help="comma-separated WxH")
+    parser.add_argument("--codec", choices=["VP8", "H264"], help="offer only this codec")
     parser.add_argument(
         "--servers",
         default=",".join(SERVERS[:3]),
@@ -507,6 +511,7 @@ def main() -> int:
         "--samples", type=Path, help="write the first unreadable frame of each run here (PNG)"
     )
     args = parser.parse_args()
+    CODEC["name"] = args.codec
     result = asyncio.run(main_async(args))
     save_samples(result, args.samples)
     if args.plot is not None:

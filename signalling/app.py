@@ -76,6 +76,7 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
         open_chain,
         close_chain,
         connect_timeout_s=float(options.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)),
+        video_codec=api_config.video_codec,
     )
     backend = SignallingBackend(
         admin, sessions, catalog, models, max_sessions=int(options.get("max_sessions", 8))

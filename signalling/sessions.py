@@ -145,8 +145,11 @@ class SessionManager:
         ice_servers: list[RTCIceServer] | None = None,
         metrics: MetricsAggregator | None = None,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        video_codec: str = "offer",
     ) -> None:
         self.outbox = outbox
+        #: The codec preferred when the client offers several (None: the client's order).
+        self.preferred_codec = None if video_codec == "offer" else video_codec
         self.metrics = metrics or MetricsAggregator()  # per-stage latency (issue 5)
         self.catalog = catalog
         self._open_chain = open_chain
@@ -235,7 +238,7 @@ class SessionManager:
         self._report_unknown(session, unknown)
         self._report_load_time(session, load_time)
         try:
-            prefer_video_codecs(transceiver, sdp)
+            prefer_video_codecs(transceiver, sdp, preferred=self.preferred_codec)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             negotiated = negotiated_video_codec(transceiver)
             if negotiated is None:

@@ -389,3 +389,33 @@ def test_keyframe_detection_and_offer_order() -> None:
         "a=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n"
     )
     assert offered_video_codecs(sdp) == ["H264", "VP8"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("codec", ["VP8", "H264"])
+async def test_a_preferred_codec_wins_when_the_client_offers_it(codec: str) -> None:
+    """``[api] video_codec``: the server's choice when offered, the client's order otherwise."""
+    preferred = other(codec)
+    async with peers() as (pc_a, pc_b):
+        ta = pc_a.addTransceiver(PatternTrack(), direction="sendonly")
+        ta.setCodecPreferences(video_codec_preferences([codec, preferred]))
+        tb: RTCRtpTransceiver = pc_b.addTransceiver("video", direction="recvonly")
+        chosen: list[str] = []
+
+        def before_remote(offer_sdp: str) -> None:
+            chosen.append(prefer_video_codecs(tb, offer_sdp, preferred=preferred))
+
+        await negotiate(pc_a, pc_b, before_remote, lambda: forward_encoded(tb.receiver))
+        negotiated = negotiated_video_codec(tb)
+        assert chosen == [preferred] and negotiated is not None and negotiated.name == preferred
+    async with peers() as (pc_a, pc_b):  # not offered: the client's codec, no error
+        ta = pc_a.addTransceiver(PatternTrack(), direction="sendonly")
+        ta.setCodecPreferences(video_codec_preferences([codec]))
+        tb = pc_b.addTransceiver("video", direction="recvonly")
+        await negotiate(
+            pc_a,
+            pc_b,
+            lambda sdp: chosen.append(prefer_video_codecs(tb, sdp, preferred=preferred)),
+            lambda: forward_encoded(tb.receiver),
+        )
+        assert chosen[-1] == codec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -18,3 +18,7 @@ class ApiConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_BODY_BYTES
     cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
     ice: IceConfig = msgspec.field(default_factory=IceConfig)
+    #: Which video codec a session uses when the client offers both: ``offer`` (the client's
+    #: order; browsers put VP8 first) or one to prefer. H.264 costs dreamwire about a third
+    #: less CPU per session than VP8 (``scripts/bench_e2e.py --codec``).
+    video_codec: Literal["offer", "VP8", "H264"] = "offer"

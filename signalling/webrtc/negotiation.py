@@ -59,12 +59,18 @@ def prefer_video_codecs(
     transceiver: RTCRtpTransceiver,
     offer_sdp: str,
     supported: Sequence[str] = SUPPORTED_VIDEO_CODECS,
+    preferred: str | None = None,
 ) -> str:
-    """Limit ``transceiver`` to ``supported`` codecs, in the offer's order; returns the one
-    aiortc will pick. Raises ``ValueError`` when the offer has none of them."""
+    """Limit ``transceiver`` to ``supported`` codecs, in the offer's order but ``preferred``
+    first when offered; returns the one aiortc will pick. Raises ``ValueError`` when the offer
+    has none of them."""
     wanted = {name.upper() for name in supported}
     offered = offered_video_codecs(offer_sdp)
     order = [name for name in offered if name.upper() in wanted]
+    if preferred is not None:
+        order.sort(
+            key=lambda name: name.upper() != preferred.upper()
+        )  # stable: the rest keep order
     if not order:
         raise ValueError(
             f"offer has no usable video codec (offered {offered or 'none'}, "
