@@ -68,3 +68,16 @@ def test_mode_defaults_give_scopes_step_list_per_mode() -> None:
         assert modes["text"]["denoising_steps"] == [1000, 750, 500, 250]
         assert modes["video"]["denoising_steps"] == [1000, 750]
         assert modes["video"]["noise_scale"] == 0.7 and modes["video"]["noise_controller"] is True
+
+
+def test_the_shipped_container_configs_load() -> None:
+    """deploy/'s configs are what the image starts with: a typo there would fail at start."""
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    one, two = load_config(root / "dreamwire.toml"), load_config(root / "dreamwire-2gpu.toml")
+    assert one.host == "0.0.0.0" and one.devices == ["cuda:0"]
+    assert two.devices == ["cuda:0", "cuda:1"]
+    services = plan(two)
+    assert "inference/longlive@cuda:1" not in services  # no pipeline preloaded
+    with_longlive = msgspec.structs.replace(two, pipelines=["longlive"])
+    assert {"inference/longlive@cuda:0", "inference/longlive@cuda:1"} <= set(plan(with_longlive))
+    assert plan(with_longlive)["inference/longlive@cuda:1"].options["device"] == "cuda:1"
