@@ -96,6 +96,15 @@ async def wait_http(url: str, timeout_s: float) -> None:
             await asyncio.sleep(0.2)
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 2) if values else float("nan")
 
@@ -276,11 +285,7 @@ async def bench_dreamwire(
                 run = await run_sessions(base, k, size, warmup_s, duration_s, begin, end)
                 results.append(run)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
     return results
 
@@ -320,11 +325,7 @@ async def bench_baseline(
             for k in ks:
                 results.append(await run_sessions(base, k, size, warmup_s, duration_s, begin, end))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     return results
 
 
@@ -360,11 +361,7 @@ async def bench_fastrtc(
             run = await run_sessions(base, k, size, warmup_s, duration_s, begin, end, FastRTCClient)
             results.append(run)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     return results
 
 

@@ -72,12 +72,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"run {report.run_id}  {report.phase}  supervisor pid {report.pid}  "
             f"up {report.uptime_s:.0f} s  sessions {len(report.sessions)}"
         )
-        print(f"  {'SERVICE':<28} {'STATE':<11} {'PID':>7} {'UPTIME':>8} {'RESTARTS':>8}  ERROR")
+        print(
+            f"  {'SERVICE':<34} {'STATE':<11} {'PID':>7} {'UPTIME':>8} {'RESTARTS':>8} "
+            f"{'GPU FREE':>9}  ERROR"
+        )
         for s in report.services:
             pid = str(s.pid) if s.pid else "-"
+            free = "-" if s.memory_free_bytes is None else f"{s.memory_free_bytes / 2**30:.1f} G"
             print(
-                f"  {s.name:<28} {s.state:<11} {pid:>7} {s.uptime_s:>7.0f}s {s.restarts:>8}  "
-                f"{s.last_error}"
+                f"  {s.name:<34} {s.state:<11} {pid:>7} {s.uptime_s:>7.0f}s {s.restarts:>8} "
+                f"{free:>9}  {s.last_error}"
             )
     return 0
 

@@ -254,7 +254,10 @@ class SupervisorCore:
         for child in self.children.values():
             if child.pid is not None:
                 child.stop(now, self.config.stop_timeout_s)
-                effects += self._send(child, p.Stop(reason=reason))
+                if child.controlled:
+                    effects += self._send(child, p.Stop(reason=reason))
+                else:  # a Dreams worker hears no Stop: SIGTERM is its clean shutdown
+                    effects.append(Kill(child.pid, signal.SIGTERM))
         return effects
 
     def close_all(self) -> None:

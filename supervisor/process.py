@@ -120,10 +120,6 @@ class Supervisor:
         self._wake_w.setblocking(False)
         self.poller = zmq.Poller()
 
-    @property
-    def children(self) -> dict[str, Child]:
-        return {} if self.core is None else self.core.children
-
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:

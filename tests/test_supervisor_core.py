@@ -266,6 +266,10 @@ def test_a_dreams_worker_is_a_plain_child_its_owner_hears_of() -> None:
     assert rig.core.exited(pid, -9, 66.6) == []  # asked for: no news to the owner
     assert rig.core.admin(p.StopWorker("dreams"), 67.0) == (p.Ack(), [])
     assert isinstance(rig.core.admin(p.StartWorker("../x", []), 67.0)[0], p.Rejected)
+    rig.apply(rig.core.admin(start, 68.0)[1])  # at shutdown: Stop to services, SIGTERM to it
+    effects = rig.core.begin_shutdown("bye", 69.0)
+    assert sent(effects, p.Stop) == [(b"signalling", p.Stop(reason="bye"))]
+    assert Kill(rig.core.children["dreams-worker/dreams"].pid or 0, signal.SIGTERM) in effects
 
 
 def test_sessions_spread_over_devices_and_a_crash_stops_only_its_own() -> None:
