@@ -150,6 +150,12 @@ class Child:
         self.schedule_restart(why, now)
         return why
 
+    def shut_down(self) -> None:
+        """The supervisor is done with it (its process waited for, terminated or killed)."""
+        self.state = State.STOPPED
+        self.pid = None
+        self.route = None
+
     def retry(self) -> None:
         """Asked to load again after a failed load: the restart budget starts afresh."""
         self.restart_times.clear()

@@ -264,11 +264,7 @@ class SupervisorCore:
         for session_id in list(self.sessions):
             self._free_rings(self.sessions.pop(session_id))
         for child in self.children.values():
-            child.state = State.STOPPED
-
-    def running_pids(self) -> list[int]:
-        pids = [c.pid for c in self.children.values() if c.pid is not None]
-        return pids + list(self.retiring)
+            child.shut_down()
 
     # ------------------------------------------------------------ the clock
 
