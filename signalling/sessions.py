@@ -230,7 +230,6 @@ class SessionManager:
             track,
             transceiver,
             [],
-            parameter_targets=plan.chain.processing,
             pipeline_ids=plan.chain.pipeline_ids,
             nodes=dict(nodes or {}),
         )
@@ -255,6 +254,11 @@ class SessionManager:
         self._wire_events(session)
         try:
             session.stages = await self._open_chain(session, width, height, dict(initial_params))
+            # The processes the supervisor placed the pipelines in (on a box with several GPUs,
+            # ``inference/<id>@cuda:N``), in the chain's order: they take the parameters.
+            session.parameter_targets = tuple(
+                s for s in session.stages if s not in (topology.DECODE, topology.ENCODE)
+            )
         except Exception:
             self.sessions.pop(session_id, None)
             await pc.close()

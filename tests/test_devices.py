@@ -7,13 +7,15 @@ and placement as ``cuda:0``/``cuda:1`` (which also get ``CUDA_VISIBLE_DEVICES``)
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SupervisorRun, wait_until
+from client import DreamwireClient
+from conftest import SupervisorRun, async_wait_until, wait_until
 
 from services import protocol as p
 from signalling.models import ModelsLink
@@ -76,3 +78,36 @@ def test_hardware_info_lists_every_gpu(tmp_path: Path, monkeypatch: pytest.Monke
         (0, "NVIDIA H200", 117.2),
         (1, "NVIDIA H200", 2.0),
     ]
+
+
+async def test_a_client_streams_from_a_device_and_its_settings_reach_that_device(
+    start_supervisor: Callable[..., SupervisorRun],
+) -> None:
+    """Through signalling: the session's parameters go to the device process it was placed on
+    (``inference/testcard@cpu:N``), not to a per-pipeline name no process has."""
+    run = start_supervisor(
+        'pipelines = ["testcard"]\ndevices = ["cpu:0", "cpu:1"]\n[api.ice]\nstun_urls = []\n'
+    )
+    async with DreamwireClient(f"http://127.0.0.1:{run.port}", ice_servers=[]) as client:
+        await client.connect(None)  # testcard generates: a text-mode session
+        await client.wait_frames(5, timeout_s=30)
+
+        def generating() -> list[str]:
+            return [s.name for s in run.status().services if s.name in DEVICES and s.frames_done]
+
+        assert len(await async_wait_until(generating, 20, "frames counted by one device")) == 1
+        corner = client.received.last_rgb
+        assert corner is not None
+        before = corner[-4:, -4:].mean(axis=(0, 1))
+        await client.send_parameters({"prompts": [{"text": "a completely different prompt"}]})
+
+        async def recoloured() -> bool:
+            rgb = client.received.last_rgb
+            assert rgb is not None
+            return bool(abs(rgb[-4:, -4:].mean(axis=(0, 1)) - before).max() > 8)
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not await recoloured():
+            assert asyncio.get_running_loop().time() < deadline, "the prompt change never showed"
+            await client.wait_frames(1, timeout_s=10)
+    assert run.stop() == 0
