@@ -57,7 +57,7 @@ class PipelineGenerator:
         self.loaded = load_pipeline(pipeline_id, params, resolve_models_dir(models_dir))
         self.pipeline = self.loaded.pipeline
         self.spec = self.loaded.spec
-        self._fields = {f.name for f in msgspec.structs.fields(self.spec.config)}
+        self._fields = self.loaded.fields
         self.width = width
         self.height = height
         self._session: PipelineSession | None = None

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,19 @@ from supervisor.profile import aggregate  # noqa: E402
 FULL_FPS = 29.0
 FPS = 30
 SERVERS = ("dreamwire", "baseline", "baseline-marker", "fastrtc")
-#: The codec the clients offer (``--codec``; None: both, VP8 first, as browsers do).
-CODEC: dict[str, str | None] = {"name": None}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the clients do, the same for every server: frame size, how long they warm up and
+    are measured, and the codec they offer (None: both, VP8 first, as browsers do)."""
+
+    size: tuple[int, int]
+    warmup_s: float
+    duration_s: float
+    codec: str | None = None
+
+
 START_TIMEOUT_S = 60.0
 
 
@@ -145,26 +157,23 @@ def _cpu_s(proc: psutil.Process) -> float:
 async def run_sessions(
     base: str,
     k: int,
-    size: tuple[int, int],
-    warmup_s: float,
-    duration_s: float,
+    work: Workload,
     begin: Callable[[], Awaitable[None]],
     end: Callable[[], Awaitable[dict[str, Any]]],
     client_class: type[DreamwireClient] = DreamwireClient,
 ) -> dict[str, Any]:
-    codec = CODEC["name"]
     clients = [client_class(base, ice_servers=[]) for _ in range(k)]
     try:
         for c in clients:
             await c.__aenter__()
-        width, height = size
+        width, height = work.size
         await clients[0].load_pipeline("passthrough", {"width": width, "height": height})
         for c in clients:
             c.pattern = PatternTrack(width, height, FPS)
-            await c.connect(c.pattern, codec=codec)
+            await c.connect(c.pattern, codec=work.codec)
         for c in clients:
             await c.wait_frames(1, timeout_s=30)
-        await asyncio.sleep(warmup_s)
+        await asyncio.sleep(work.warmup_s)
         counts = [c.received.frames for c in clients]
         unreadable = [c.received.unreadable for c in clients]
         sent = [c.pattern.count for c in clients if c.pattern is not None]
@@ -173,7 +182,7 @@ async def run_sessions(
         clients_cpu = CpuMeter({"clients": psutil.Process()})
         clients_cpu.begin()
         t0 = time.monotonic()
-        await asyncio.sleep(duration_s)
+        await asyncio.sleep(work.duration_s)
         elapsed = time.monotonic() - t0
         client_cpu_percent = clients_cpu.end()["clients"]
         fps = [(c.received.frames - n) / elapsed for c, n in zip(clients, counts, strict=True)]
@@ -195,7 +204,7 @@ async def run_sessions(
     cpu_total = server["cpu_percent"]["total"]
     return {
         "sessions": k,
-        "size": f"{size[0]}x{size[1]}",
+        "size": "{}x{}".format(*work.size),
         "fps_per_session": [round(f, 2) for f in fps],
         "fps_min": round(min(fps), 2),
         "fps_mean": round(sum(fps) / len(fps), 2),
@@ -215,9 +224,7 @@ async def run_sessions(
 # ------------------------------------------------------------------ the two sides
 
 
-async def bench_dreamwire(
-    ks: list[int], size: tuple[int, int], warmup_s: float, duration_s: float, tmp: Path
-) -> list[dict[str, Any]]:
+async def bench_dreamwire(ks: list[int], work: Workload, tmp: Path) -> list[dict[str, Any]]:
     port = free_port()
     config = tmp / "dreamwire.toml"
     config.write_text(
@@ -282,7 +289,7 @@ async def bench_dreamwire(
                         "cpu_percent": cpu,
                     }
 
-                run = await run_sessions(base, k, size, warmup_s, duration_s, begin, end)
+                run = await run_sessions(base, k, work, begin, end)
                 results.append(run)
     finally:
         stop(proc)
@@ -290,9 +297,7 @@ async def bench_dreamwire(
     return results
 
 
-async def bench_baseline(
-    ks: list[int], size: tuple[int, int], warmup_s: float, duration_s: float, marker_bit: bool
-) -> list[dict[str, Any]]:
+async def bench_baseline(ks: list[int], work: Workload, marker_bit: bool) -> list[dict[str, Any]]:
     port = free_port()
     cmd = [sys.executable, str(ROOT / "scripts" / "baseline_server.py"), "--port", str(port)]
     proc = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once
@@ -323,15 +328,13 @@ async def bench_baseline(
                 }
 
             for k in ks:
-                results.append(await run_sessions(base, k, size, warmup_s, duration_s, begin, end))
+                results.append(await run_sessions(base, k, work, begin, end))
     finally:
         stop(proc)
     return results
 
 
-async def bench_fastrtc(
-    ks: list[int], size: tuple[int, int], warmup_s: float, duration_s: float, python: str
-) -> list[dict[str, Any]]:
+async def bench_fastrtc(ks: list[int], work: Workload, python: str) -> list[dict[str, Any]]:
     """``scripts/fastrtc_server.py`` (FastRTC as its docs write it) run by ``python``. Its
     server-side latency cannot be taken at the same two points without changing FastRTC's
     code, so only the clients' round trip is reported for it."""
@@ -358,7 +361,7 @@ async def bench_fastrtc(
             }
 
         for k in ks:
-            run = await run_sessions(base, k, size, warmup_s, duration_s, begin, end, FastRTCClient)
+            run = await run_sessions(base, k, work, begin, end, FastRTCClient)
             results.append(run)
     finally:
         stop(proc)
@@ -457,17 +460,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {server: {} for server in servers}
     try:
         for width, height in sizes:
-            size = (width, height)
+            work = Workload((width, height), args.warmup, args.duration, args.codec)
             for server in servers:
                 if server == "dreamwire":
-                    runs = await bench_dreamwire(ks, size, args.warmup, args.duration, tmp)
+                    runs = await bench_dreamwire(ks, work, tmp)
                 elif server == "fastrtc":
-                    runs = await bench_fastrtc(
-                        ks, size, args.warmup, args.duration, args.fastrtc_python
-                    )
+                    runs = await bench_fastrtc(ks, work, args.fastrtc_python)
                 else:
                     marker = server == "baseline-marker"
-                    runs = await bench_baseline(ks, size, args.warmup, args.duration, marker)
+                    runs = await bench_baseline(ks, work, marker)
                 result[server][f"{width}x{height}"] = summarize(runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -508,7 +509,6 @@ def main() -> int:
         "--samples", type=Path, help="write the first unreadable frame of each run here (PNG)"
     )
     args = parser.parse_args()
-    CODEC["name"] = args.codec
     result = asyncio.run(main_async(args))
     save_samples(result, args.samples)
     if args.plot is not None:

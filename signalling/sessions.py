@@ -92,8 +92,6 @@ class PeerSession:
     track: EncodedVideoTrack
     transceiver: RTCRtpTransceiver
     stages: list[str]
-    #: The processes that take this session's runtime parameters.
-    parameter_targets: tuple[str, ...] = ()
     pipeline_ids: tuple[str, ...] = ()
     #: Scope 0.2's graph node ids -> pipeline ids (per-node ``node_id`` messages).
     nodes: dict[str, str] = field(default_factory=dict)
@@ -111,6 +109,12 @@ class PeerSession:
     pending_messages: list[str] = field(default_factory=list)
     #: Server-sent-event listeners of this session's results (``/api/v1/sessions/{id}/outputs``).
     output_listeners: set[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=set)
+
+    @property
+    def parameter_targets(self) -> tuple[str, ...]:
+        """The processes that take the session's runtime parameters: those the supervisor
+        placed its pipelines in (``inference/<id>@cuda:N`` with several GPUs), in chain order."""
+        return tuple(s for s in self.stages if s not in (topology.DECODE, topology.ENCODE))
 
     def publish_output(self, message: dict[str, Any] | None) -> None:
         """To every listener; one that lags loses its oldest message, never blocks us."""
@@ -254,11 +258,6 @@ class SessionManager:
         self._wire_events(session)
         try:
             session.stages = await self._open_chain(session, width, height, dict(initial_params))
-            # The processes the supervisor placed the pipelines in (on a box with several GPUs,
-            # ``inference/<id>@cuda:N``), in the chain's order: they take the parameters.
-            session.parameter_targets = tuple(
-                s for s in session.stages if s not in (topology.DECODE, topology.ENCODE)
-            )
         except Exception:
             self.sessions.pop(session_id, None)
             await pc.close()

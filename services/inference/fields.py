@@ -43,26 +43,24 @@ MaybeTransition = Annotated[
         "pipelines: blocks)"
     ),
 ]
-_STEPS_UI = ui(3, label="Denoising steps", component="denoising_steps")
-StepList = Annotated[
-    list[Timestep],
-    msgspec.Meta(
+
+
+def _steps(description: str) -> msgspec.Meta:
+    """A denoising step list's bounds and UI hint; the element type says the timestep range."""
+    return msgspec.Meta(
         min_length=1,
         max_length=8,
-        description="Descending timesteps, one UNet step each",
-        extra_json_schema=_STEPS_UI,
-    ),
-]
+        description=description,
+        extra_json_schema=ui(3, label="Denoising steps", component="denoising_steps"),
+    )
+
+
+StepList = Annotated[list[Timestep], _steps("Descending timesteps, one UNet step each")]
 #: Wan timesteps: 1000 is pure noise; a block's last step is the smallest.
 WanTimestep = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 WanStepList = Annotated[
     list[WanTimestep],
-    msgspec.Meta(
-        min_length=1,
-        max_length=8,
-        description="Descending timesteps (1000 = pure noise), one transformer pass each",
-        extra_json_schema=_STEPS_UI,
-    ),
+    _steps("Descending timesteps (1000 = pure noise), one transformer pass each"),
 ]
 Paused = Annotated[
     bool, msgspec.Meta(description="Stop producing frames", extra_json_schema=ui(20, "input"))

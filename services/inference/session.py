@@ -37,6 +37,11 @@ class LoadedPipeline:
     #: The validated load parameters (every session starts from them).
     load_params: dict[str, Any]
 
+    @property
+    def fields(self) -> set[str]:
+        """The names of the pipeline's config fields."""
+        return {f.name for f in msgspec.structs.fields(self.spec.config)}
+
 
 def load_pipeline(
     pipeline_id: str, load_params: Mapping[str, Any], models_dir: Path
@@ -82,7 +87,7 @@ class PipelineSession:
         self.pipeline = loaded.pipeline
         self.spec = spec
         self.session_id = session_id
-        self.fields = {f.name for f in msgspec.structs.fields(spec.config)}
+        self.fields = loaded.fields
         valid = registry.validate_parameters(spec.id, self.known(params), load=True)
         size = {k: v for k, v in (("width", width), ("height", height)) if k in self.fields}
         merged = {**loaded.load_params, **valid, **size}
