@@ -33,6 +33,14 @@ def core_factory(kind: str) -> CoreFactory:
             from services.overlay.core import OverlayCore
 
             return OverlayCore
+        case "nodes":
+            from services.nodes.front import FrontLink
+
+            return FrontLink
+        case "node-link":
+            from services.nodes.node import NodeLink
+
+            return NodeLink
         case "testsrc":
             from services.synthetic import TestSourceCore
 

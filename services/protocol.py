@@ -96,7 +96,33 @@ class EndSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     session_id: str
 
 
-ServiceToSupervisor = Hello | Ready | HeartbeatAck | ServiceFailed | SessionFailed | SessionStarted
+class NodeRoom(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ready pipeline process of a media node (the node's own name for it)."""
+
+    service: str
+    free_bytes: int | None
+    sessions: int
+
+
+class NodeReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """What the front's link (``nodes``) knows of one media node: sent on each of the node's
+    beats, and once when it is lost (``up`` false, ``reason`` why)."""
+
+    node: str
+    up: bool
+    reason: str = ""
+    pipelines: list[PipelineState] = []
+    rooms: list[NodeRoom] = []
+    #: The sessions the node serves now.
+    sessions: list[str] = []
+    #: Round trip of the link, measured by the node's pings.
+    rtt_ms: float | None = None
+    address: str = ""
+
+
+ServiceToSupervisor = (
+    Hello | Ready | HeartbeatAck | ServiceFailed | SessionFailed | SessionStarted | NodeReport
+)
 
 
 class WorkerExited(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -106,7 +132,16 @@ class WorkerExited(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     reason: str
 
 
-SupervisorToService = Heartbeat | Stop | StartSession | EndSession | SessionFailed | WorkerExited
+class ToNode(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """For the front's link: carry this request to the media node ``node``'s supervisor."""
+
+    node: str
+    request: OpenSession | CloseSession | LoadPipelines
+
+
+SupervisorToService = (
+    Heartbeat | Stop | StartSession | EndSession | SessionFailed | WorkerExited | ToNode
+)
 
 # ---------------------------------------------------------------- admin: CLI → supervisor
 
@@ -242,6 +277,8 @@ class StatusReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     phase: SupervisorPhase
     pipelines: list[PipelineState] = []
     rings: list[RingStatus] = []
+    #: The media nodes this front knows (a front with ``[nodes]``), as last reported.
+    nodes: list[NodeReport] = []
 
 
 class Ack(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -282,6 +319,8 @@ class EncodedFrame(msgspec.Struct, tag=True, array_like=True, gc=False):
     keyframe: bool
     rtp_arrival_ns: int
     frame_complete_ns: int
+    #: When a media node's link took it off the network (0: not through a node).
+    node_in_ns: int = 0
 
 
 class EncodedPacket(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -211,6 +211,8 @@ class ServiceCore(ABC, Generic[M]):
         self.spec = spec
         self.outbox = outbox
         self.session_failures: list[tuple[str, str]] = []
+        #: Other reports for the supervisor (a node link's NodeReport), sent by the loop.
+        self.reports: list[p.ServiceToSupervisor] = []
 
     def report_session_failure(self, session_id: str, reason: str) -> None:
         """This service can no longer serve the session: the supervisor tells its owner
@@ -245,6 +247,18 @@ class ServiceCore(ABC, Generic[M]):
 
     def on_session_failed(self, msg: p.SessionFailed) -> None:
         """Another stage of a session this service owns failed (signalling tells the client)."""
+
+    def on_control(self, msg: p.SupervisorToService) -> None:
+        """A control message the runtime does not handle itself (a link's ``ToNode``)."""
+
+    def sockets(self) -> tuple[zmq.Socket[bytes], ...]:
+        """The core's own sockets (a link's network socket) for the loop to poll beside
+        control and the inbox; when one is readable, :meth:`readable` is called. Asked again
+        each turn: a core may add sockets as it goes."""
+        return ()
+
+    def readable(self, sock: zmq.Socket[bytes]) -> None:
+        """One of :meth:`sockets` has messages."""
 
     def close(self) -> None:
         pass
@@ -307,8 +321,15 @@ class ServiceProc:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.inbox, zmq.POLLIN)
+        own: tuple[zmq.Socket[bytes], ...] = ()
         next_tick = 0.0
         while not self._stopping:
+            if (wanted := core.sockets()) != own:
+                for sock in set(own) - set(wanted):
+                    poller.unregister(sock)
+                for sock in set(wanted) - set(own):
+                    poller.register(sock, zmq.POLLIN)
+                own = wanted
             now = time.monotonic()
             timeout_s = PARENT_CHECK_INTERVAL_S
             if next_tick:
@@ -318,6 +339,9 @@ class ServiceProc:
                 self._drain_control(core)
             if self.inbox in events and not self._stopping:
                 self._drain_inbox(core)
+            for sock in own:
+                if sock in events and not self._stopping:
+                    core.readable(sock)
             now = time.monotonic()
             if not next_tick or now >= next_tick:
                 wait_s = core.tick()
@@ -327,6 +351,8 @@ class ServiceProc:
                 self.send_control(
                     p.SessionFailed(session_id=session_id, service=self.spec.name, reason=reason)
                 )
+            while core.reports:
+                self.send_control(core.reports.pop(0))
             if now - self._last_parent_check >= PARENT_CHECK_INTERVAL_S:
                 self._last_parent_check = now
                 if os.getppid() != self.spec.supervisor_pid:
@@ -383,6 +409,8 @@ class ServiceProc:
                 core.end_session(session_id)
             case p.SessionFailed():
                 core.on_session_failed(msg)
+            case _:
+                core.on_control(msg)
 
     def _drain_inbox(self, core: ServiceCore[Any]) -> None:
         # Bounded so control gets a look-in between bursts.

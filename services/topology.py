@@ -21,6 +21,10 @@ INFERENCE_PREFIX = "inference/"
 #: A Dreams worker the supervisor runs for signalling's hub (``dreams-worker/<name>``): not a
 #: service of the control protocol, a plain child process.
 DREAMS_WORKER = "dreams-worker"
+#: The front's link to its media nodes on other hosts (a ROUTER on TCP with CURVE).
+NODES = "nodes"
+#: A media node's link to its front (runs in the node's supervisor).
+NODE_LINK = "node-link"
 #: Kinds of service process (``ServiceSpec.kind``); an inference service is named per pipeline.
 MEDIA_KINDS = frozenset({DECODE, ENCODE})
 PIPELINE_KINDS = frozenset({"inference", OVERLAY})
@@ -46,6 +50,12 @@ def service_of_pipeline(pipeline_id: str) -> str:
 
 def dreams_worker_service(name: str) -> str:
     return f"{DREAMS_WORKER}/{name}"
+
+
+def stage_kind(stage: str) -> str:
+    """What a stage of a chain is, wherever it runs: ``decode``, ``encode``, ``overlay`` or
+    ``inference/<id>`` (a device's process, a node's stage)."""
+    return split_device(split_node(stage)[1])[0]
 
 
 def kind_of_service(name: str) -> str:
@@ -132,3 +142,28 @@ def place(rooms: Sequence[Room]) -> str:
         raise ChainError("pipeline_ids: no device of the pipeline is ready")
     best = min(rooms, key=lambda r: (-(r.free_bytes or 0), r.sessions, r.service))
     return best.service
+
+
+# ---------------------------------------------------------------- media nodes (other hosts)
+
+
+NODE_PREFIX = "node/"
+
+
+def node_service(node: str, service: str) -> str:
+    """``node/<name>/<service>``: a stage of a session placed on a media node, as the front
+    names it (the front's link binds its inbox and carries what arrives there to the node)."""
+    return f"{NODE_PREFIX}{node}/{service}"
+
+
+def split_node(stage: str) -> tuple[str | None, str]:
+    """(node, the node's own name for it) of a node stage; (None, stage) otherwise."""
+    if not stage.startswith(NODE_PREFIX):
+        return None, stage
+    node, _, service = stage.removeprefix(NODE_PREFIX).partition("/")
+    return node, service
+
+
+def node_inboxes(pipelines: Sequence[str]) -> list[str]:
+    """The stages a node running these pipelines may be given (the front's link binds them)."""
+    return [DECODE, ENCODE, *dict.fromkeys(map(service_of_pipeline, pipelines))]

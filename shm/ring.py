@@ -103,6 +103,10 @@ class Stage(enum.IntEnum):
     RTP_DEPARTURE = 12
     GENERATION_START = 13
     SOURCE = 14
+    #: A media node's link took the frame off the network (the front's clock).
+    NODE_IN = 15
+    #: The front's link took the node's packet off the network.
+    NODE_OUT = 16
 
 
 N_STAMPS = 32

@@ -13,6 +13,11 @@ consecutive spans, each named for what happened in it (:data:`SEGMENTS`)::
       ─inference_out─ INFERENCE_END [─to_overlay─ OVERLAY_START ─overlay─ OVERLAY_END]
       ─to_encode─ ENCODE_START ─encode─ ENCODE_END ─send─ RTP_DEPARTURE
 
+A session on a media node (another host) has two more: ``FRAME_COMPLETE ─to_node─ NODE_IN``
+before decode and ``ENCODE_END ─from_node─ NODE_OUT`` after encode, the network hops; the
+node's link puts its stamps on the front's clock (an offset measured by ping), so the
+segments still sum.
+
 A stage a frame did not pass leaves no stamp and no segment, so the segments of one frame sum
 to its end-to-end latency *by construction* (first stamp → ``RTP_DEPARTURE``; the first stamp is
 ``RTP_ARRIVAL`` for camera sessions, ``GENERATION_START`` for no-input sessions), and per-stage
@@ -91,6 +96,7 @@ STAMP_ORDER: tuple[Stage, ...] = (
     Stage.GENERATION_START,
     Stage.RTP_ARRIVAL,
     Stage.FRAME_COMPLETE,
+    Stage.NODE_IN,
     Stage.DECODE_START,
     Stage.DECODE_END,
     Stage.INFERENCE_START,
@@ -101,6 +107,7 @@ STAMP_ORDER: tuple[Stage, ...] = (
     Stage.OVERLAY_END,
     Stage.ENCODE_START,
     Stage.ENCODE_END,
+    Stage.NODE_OUT,
     Stage.RTP_DEPARTURE,
 )
 #: Stamps that may begin a frame's end-to-end span.
@@ -120,8 +127,11 @@ SEGMENTS: dict[Stage, SegmentInfo] = {
     Stage.FRAME_COMPLETE: SegmentInfo(
         "receive", "signalling", "work", "first RTP packet → frame reassembled (jitter buffer)"
     ),
+    Stage.NODE_IN: SegmentInfo(
+        "to_node", "nodes", "queue", "signalling → a media node over the network"
+    ),
     Stage.DECODE_START: SegmentInfo(
-        "to_decode", "decode", "queue", "signalling → decode over ZeroMQ"
+        "to_decode", "decode", "queue", "signalling (or a node's link) → decode over ZeroMQ"
     ),
     Stage.DECODE_END: SegmentInfo(
         "decode", "decode", "work", "decode + scale to RGB into the ring"
@@ -140,6 +150,9 @@ SEGMENTS: dict[Stage, SegmentInfo] = {
     Stage.OVERLAY_END: SegmentInfo("overlay", "overlay", "work", "draw the overlay"),
     Stage.ENCODE_START: SegmentInfo("to_encode", "encode", "queue", "wait in the output ring"),
     Stage.ENCODE_END: SegmentInfo("encode", "encode", "work", "RGB → VP8/H264 packet"),
+    Stage.NODE_OUT: SegmentInfo(
+        "from_node", "nodes", "queue", "a media node's encode → the front over the network"
+    ),
     Stage.RTP_DEPARTURE: SegmentInfo(
         "send",
         "signalling",

@@ -113,8 +113,14 @@ class PeerSession:
     @property
     def parameter_targets(self) -> tuple[str, ...]:
         """The processes that take the session's runtime parameters: those the supervisor
-        placed its pipelines in (``inference/<id>@cuda:N`` with several GPUs), in chain order."""
-        return tuple(s for s in self.stages if s not in (topology.DECODE, topology.ENCODE))
+        placed its pipelines in (``inference/<id>@cuda:N`` with several GPUs, ``node/<name>/…``
+        on a media node), in chain order."""
+        media = (topology.DECODE, topology.ENCODE)
+        return tuple(s for s in self.stages if topology.stage_kind(s) not in media)
+
+    def stage(self, kind: str) -> str:
+        """The session's decode or encode: here, or on the media node it was placed on."""
+        return next((s for s in self.stages if topology.stage_kind(s) == kind), kind)
 
     def publish_output(self, message: dict[str, Any] | None) -> None:
         """To every listener; one that lags loses its oldest message, never blocks us."""
@@ -318,7 +324,7 @@ class SessionManager:
     def _forward_frame(self, session: PeerSession, frame: EncodedVideoFrame) -> None:
         session.frames_in += 1
         forwarded = self.outbox.send(
-            topology.DECODE,
+            session.stage(topology.DECODE),
             p.EncodedFrame(
                 session_id=session.session_id,
                 codec=frame.codec,
@@ -331,12 +337,18 @@ class SessionManager:
         )
         self.metrics.frame_in(session.session_id, forwarded)
 
+    def _encode_of(self, session_id: str) -> str:
+        session = self.sessions.get(session_id)
+        return topology.ENCODE if session is None else session.stage(topology.ENCODE)
+
     def _keyframe_to_encode(self, session_id: str, reason: str) -> None:
         logger.debug("session %s: keyframe requested (%s)", session_id, reason)
-        self.outbox.send(topology.ENCODE, p.KeyframeNeeded(session_id=session_id))
+        self.outbox.send(self._encode_of(session_id), p.KeyframeNeeded(session_id=session_id))
 
     def _bitrate_to_encode(self, session_id: str, bps: int) -> None:
-        self.outbox.send(topology.ENCODE, p.BitrateChanged(session_id=session_id, bitrate_bps=bps))
+        self.outbox.send(
+            self._encode_of(session_id), p.BitrateChanged(session_id=session_id, bitrate_bps=bps)
+        )
 
     def on_packet(self, msg: p.EncodedPacket) -> None:
         session = self.sessions.get(msg.session_id)

@@ -50,6 +50,34 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
 
 
+Z85Key = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")]
+
+
+class NodesConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """A front's media nodes (``[nodes]``): where they join, and which keys may."""
+
+    #: The front's CURVE secret key (``supervisor keygen``); nodes hold its public key.
+    secret_key: Z85Key
+    #: The ROUTER nodes dial (ZeroMQ TCP with CURVE).
+    bind: str = "tcp://0.0.0.0:7700"
+    #: Node name → its CURVE public key. A node with any other key is refused (and logged).
+    allowed: dict[str, Z85Key] = {}
+    #: A node heard from for no longer than this is lost: its sessions get ``stream_stopped``.
+    timeout_s: float = 3.0
+
+
+class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """This host as a media node of a front (``[node]``, read by ``supervisor node``)."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+    secret_key: Z85Key
+    front_public_key: Z85Key
+    #: The front's ROUTER (``supervisor node --join`` overrides it).
+    join: str = ""
+    #: A front heard from for no longer than this is gone: the node closes its sessions.
+    timeout_s: float = 3.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -108,6 +136,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     #: The Dreams broadcast: playback rate, cache, grace period, rate limits, the generator.
     dreams: DreamsConfig = msgspec.field(default_factory=DreamsConfig)
+    #: This server is a front with media nodes on other hosts: sessions are placed on them.
+    nodes: NodesConfig | None = None
+    #: This server is a media node of a front (``supervisor node``): no signalling, a link.
+    node: NodeConfig | None = None
+
+    @property
+    def local_pipelines(self) -> bool:
+        """Whether pipelines run here: not on a front whose media all live on its nodes."""
+        return self.media or self.nodes is None
 
 
 def default_run_base() -> Path:

@@ -24,6 +24,7 @@ from services.runtime import ServiceSpec
 from shm.ring import RingStats
 from supervisor.children import Child, State
 from supervisor.config import Config, ServiceConfig, default_home
+from supervisor.nodes import NodeTable, Placement
 from supervisor.procstats import ProcessSample
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ class ChainSession:
     codec: str = "VP8"
     rings: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: The media node it runs on (None: here); its stages are ``node/<name>/…``.
+    node: str | None = None
+    opened_at: float = 0.0
 
     def start_message(self, stage: str) -> p.StartSession:
         i = self.stages.index(stage)
@@ -110,12 +114,27 @@ class ChainSession:
 
 def service_plan(config: Config, models_dir: Path) -> list[ServiceConfig]:
     """Data-plane services first, signalling last (the API answers once all are up)."""
-    plan = [svc for pid in config.pipelines for svc in pipeline_services(config, models_dir, pid)]
+    pipelines = config.pipelines if config.local_pipelines else []
+    plan = [svc for pid in pipelines for svc in pipeline_services(config, models_dir, pid)]
     if config.media:
         decode, encode = msgspec.to_builtins(config.decode), msgspec.to_builtins(config.encode)
         plan.append(ServiceConfig(topology.DECODE, topology.DECODE, decode, config.restart))
         plan.append(ServiceConfig(topology.ENCODE, topology.ENCODE, encode, config.restart))
     plan += config.services
+    if config.nodes is not None:
+        options = {**msgspec.to_builtins(config.nodes)}
+        plan.append(ServiceConfig(topology.NODES, topology.NODES, options, config.restart))
+    if config.node is not None:
+        node = config.node
+        options = {
+            "name": node.name,
+            "join": node.join,
+            "secret_key": node.secret_key,
+            "front_public_key": node.front_public_key,
+            "timeout_s": node.timeout_s,
+            "beat_interval_s": config.heartbeat_interval_s,
+        }
+        plan.append(ServiceConfig(topology.NODE_LINK, topology.NODE_LINK, options, config.restart))
     if config.signalling:
         options = {
             "host": config.host,
@@ -197,6 +216,10 @@ class SupervisorCore:
         self.sessions: dict[str, ChainSession] = {}
         #: The pipelines last asked for, in order (the first is the one status reports).
         self.pipeline_order: list[str] = list(config.pipelines)
+        #: The media nodes of a front (``[nodes]``), as its link reports them.
+        self.node_table = NodeTable()
+        #: The pipelines a client last asked for (a node that joins later is given them).
+        self.loads: list[p.PipelineLoad] | None = None
         self.phase: p.SupervisorPhase = "starting"
         self.rejected = 0
         self._heartbeat_seq = 0
@@ -325,6 +348,8 @@ class SupervisorCore:
                 return self._notify_owner(msg)
             case p.SessionStarted():
                 pass
+            case p.NodeReport():
+                return self._node_report(msg, now)
         return []
 
     def reject(self, what: str) -> None:
@@ -361,7 +386,7 @@ class SupervisorCore:
                 return p.Ack(), [StopRequested(reason or "supervisor stop")]
             case p.OpenSession():
                 try:
-                    return self.open_session(request)
+                    return self.open_session(request, now)
                 except (ValueError, OSError) as exc:
                     return p.Rejected(reason=str(exc)), []
             case p.CloseSession(session_id=session_id):
@@ -391,9 +416,14 @@ class SupervisorCore:
             pid = load.pipeline_id
             if not pid or not all(c.isalnum() or c in "-_." for c in pid) or len(pid) > 64:
                 raise ValueError(f"invalid pipeline id {pid!r}")
+            if not self.config.local_pipelines:
+                continue
             for svc in pipeline_services(self.config, self.run.models_dir, pid, load.load_params):
                 wanted[svc.name] = svc
+        self.loads = list(loads)
         effects: list[Effect] = []
+        for node in self.node_table.up():
+            effects += self._to_node(node.node, p.LoadPipelines(list(loads)))
         for name, child in list(self.children.items()):
             if not child.is_pipeline or child.removing:
                 continue
@@ -465,8 +495,15 @@ class SupervisorCore:
         """A pipeline is loaded while one of its processes (one per device) is up: sessions go
         to those; an error only when all failed; else loading."""
         states = []
+        on_nodes = {s.pipeline_id: s for s in self.node_table.pipeline_states()}
         for pid in self.pipeline_order:
             children = self.pipeline_children(pid)
+            remote = on_nodes.pop(pid, None)
+            if remote is not None and (
+                remote.status == "loaded" or not any(c.state is State.READY for c in children)
+            ):
+                states.append(remote)  # loaded on a node, and not (or not better) here
+                continue
             if not children:
                 continue
             if any(c.state is State.READY for c in children):
@@ -486,7 +523,7 @@ class SupervisorCore:
                     else None,
                 )
             )
-        return states
+        return states + list(on_nodes.values())
 
     # ------------------------------------------------------------ status
 
@@ -517,6 +554,7 @@ class SupervisorCore:
             phase=self.phase,
             pipelines=self.pipeline_states(),
             rings=self.ring_states(),
+            nodes=list(self.node_table.reports.values()),
         )
 
     def ring_states(self) -> list[p.RingStatus]:
@@ -543,27 +581,33 @@ class SupervisorCore:
 
     # ------------------------------------------------------------ sessions
 
-    def open_session(self, req: p.OpenSession) -> tuple[p.SessionOpened, list[Effect]]:
+    def open_session(
+        self, req: p.OpenSession, now: float = 0.0
+    ) -> tuple[p.SessionOpened, list[Effect]]:
         cfg = self.config
         if req.session_id in self.sessions:
             raise ValueError(f"session {req.session_id!r} already exists")
         if not req.session_id.replace("-", "").isalnum() or len(req.session_id) > 64:
             raise ValueError("session_id must be 1-64 letters, digits or '-'")
-        stages = self._stages(req)
+        if req.stages:
+            if req.pipeline_ids:
+                raise ValueError("give pipeline_ids or stages, not both")
+            stages = list(req.stages)
+        else:
+            placement = self._place(req)
+            if (node := topology.split_node(placement.stages[0])[0]) is not None:
+                return self._open_on_node(req, node, placement, now)
+            stages = placement.stages
         unknown = [s for s in stages if s not in self.children]
         if unknown or not stages:
             raise ValueError(
                 f"unknown stage(s): {', '.join(unknown) or '(none given)'}"
                 f" (this server runs: {', '.join(self.children) or 'nothing'})"
             )
-        if not (0 < req.width <= cfg.max_frame_width and 0 < req.height <= cfg.max_frame_height):
-            raise ValueError(
-                f"{req.width}x{req.height} is outside 1x1..{cfg.max_frame_width}x"
-                f"{cfg.max_frame_height}"
-            )
+        self._check_size(req)
         session = ChainSession(
             req.session_id, stages, req.width, req.height, req.sink, dict(req.params),
-            owner=req.owner, mode=req.mode, codec=req.codec,
+            owner=req.owner, mode=req.mode, codec=req.codec, opened_at=now,
         )  # fmt: skip
         try:
             for i in range(len(stages) - 1):
@@ -582,15 +626,111 @@ class SupervisorCore:
         opened = p.SessionOpened(req.session_id, stages=stages, rings=list(session.rings))
         return opened, effects
 
-    def _stages(self, req: p.OpenSession) -> list[str]:
-        """The session's chain: planned from its pipelines (among those loaded), or named."""
-        if req.stages:
-            if req.pipeline_ids:
-                raise ValueError("give pipeline_ids or stages, not both")
-            return list(req.stages)
-        loaded = [s.pipeline_id for s in self.pipeline_states() if s.status == "loaded"]
-        chain = topology.plan_chain(loaded, req.pipeline_ids or None)
-        return [self._placed(stage) for stage in chain.stages(req.mode)]
+    def _check_size(self, req: p.OpenSession) -> None:
+        cfg = self.config
+        if not (0 < req.width <= cfg.max_frame_width and 0 < req.height <= cfg.max_frame_height):
+            raise ValueError(
+                f"{req.width}x{req.height} is outside 1x1..{cfg.max_frame_width}x"
+                f"{cfg.max_frame_height}"
+            )
+
+    def _place(self, req: p.OpenSession) -> Placement:
+        """The session's chain, planned from its pipelines where they are loaded: here, or on
+        a media node; the place with the most room takes it (:func:`topology.place`)."""
+        asked = req.pipeline_ids or None
+        options: list[Placement] = []
+        error: topology.ChainError | None = None
+        loaded = [
+            c.pipeline_id
+            for c in self.children.values()
+            if c.pipeline_id is not None and c.state is State.READY and not c.removing
+        ]
+        try:
+            ordered = [pid for pid in self.pipeline_order if pid in loaded]
+            chain = topology.plan_chain(ordered + [x for x in loaded if x not in ordered], asked)
+        except topology.ChainError as exc:
+            error = exc
+        else:
+            stages = [self._placed(stage) for stage in chain.stages(req.mode)]
+            first = next(
+                (s for s in stages if topology.stage_kind(s) in chain.processing), stages[0]
+            )
+            child = self.children.get(first)
+            free = child.memory_free_bytes if child is not None else None
+            room = topology.Room(first, free, self._sessions_in(first))
+            options.append(Placement(stages, chain.pipeline_ids, room))
+        placed: dict[str, int] = {}
+        for session in self.sessions.values():
+            if session.node is not None:
+                placed[session.node] = placed.get(session.node, 0) + 1
+        options += self.node_table.placements(asked, req.mode, placed)
+        if not options:
+            raise error or topology.ChainError("pipeline_ids: no pipeline is loaded")
+        best = topology.place([o.room for o in options])
+        return next(o for o in options if o.room.service == best)
+
+    def _open_on_node(
+        self, req: p.OpenSession, node: str, placement: Placement, now: float
+    ) -> tuple[p.SessionOpened, list[Effect]]:
+        """A session on a media node: its rings are the node's; the front's link carries the
+        request there (a failure comes back as ``SessionFailed``)."""
+        self._check_size(req)
+        session = ChainSession(
+            req.session_id, placement.stages, req.width, req.height, req.sink,
+            dict(req.params), owner=req.owner, mode=req.mode, codec=req.codec, node=node,
+            opened_at=now,
+        )  # fmt: skip
+        self.sessions[req.session_id] = session
+        request = p.OpenSession(
+            session_id=req.session_id,
+            width=req.width,
+            height=req.height,
+            pipeline_ids=list(placement.pipeline_ids),
+            params=dict(req.params),
+            mode=req.mode,
+            codec=req.codec,
+        )
+        logger.info(
+            "session %s opened on node %s: %s", req.session_id, node, " → ".join(session.stages)
+        )
+        opened = p.SessionOpened(req.session_id, stages=list(session.stages), rings=[])
+        return opened, self._to_node(node, request)
+
+    def _to_node(
+        self, node: str, request: p.OpenSession | p.CloseSession | p.LoadPipelines
+    ) -> list[Effect]:
+        return self._send_to(topology.NODES, p.ToNode(node, request))
+
+    def _node_report(self, report: p.NodeReport, now: float) -> list[Effect]:
+        """A node's beat (or its loss): its sessions stop when it is lost; what it and the
+        front disagree on is settled (the front's view wins)."""
+        joined = self.node_table.update(report)
+        effects: list[Effect] = []
+        mine = [s for s in self.sessions.values() if s.node == report.node]
+        if not report.up:
+            for session in mine:
+                failed = p.SessionFailed(
+                    session.session_id, topology.node_service(report.node, ""), report.reason
+                )
+                effects += self._notify_owner(failed)
+            return effects
+        if joined:
+            logger.info("media node %s is up (%s)", report.node, report.address)
+            if self.loads is not None:
+                effects += self._to_node(report.node, p.LoadPipelines(list(self.loads)))
+        for session_id in set(report.sessions) - {s.session_id for s in mine}:
+            effects += self._to_node(report.node, p.CloseSession(session_id))
+        grace = self.config.heartbeat_interval_s * 4
+        for session in mine:
+            if session.session_id not in report.sessions and now - session.opened_at > grace:
+                if session.failures:
+                    continue  # told once
+                reason = f"media node {report.node} no longer serves the session"
+                failed = p.SessionFailed(
+                    session.session_id, topology.node_service(report.node, ""), reason
+                )
+                effects += self._notify_owner(failed)
+        return effects
 
     def _placed(self, stage: str) -> str:
         """A pipeline's per-device processes: the one with the most room takes the session."""
@@ -608,6 +748,9 @@ class SupervisorCore:
 
     def close_session(self, session_id: str) -> list[Effect]:
         session = self.sessions.pop(session_id)
+        if session.node is not None:
+            logger.info("session %s closed (node %s)", session_id, session.node)
+            return self._to_node(session.node, p.CloseSession(session_id))
         effects: list[Effect] = []
         for stage in session.stages:
             effects += self._send_to(stage, p.EndSession(session_id=session_id))

@@ -66,6 +66,7 @@ class DecodeStage(RingStage[DecodeState, p.DecodeInbox]):
         stamps = np.zeros(N_STAMPS, dtype=np.int64)
         stamps[Stage.RTP_ARRIVAL] = msg.rtp_arrival_ns
         stamps[Stage.FRAME_COMPLETE] = msg.frame_complete_ns
+        stamps[Stage.NODE_IN] = msg.node_in_ns
         stamps[Stage.DECODE_START] = time.monotonic_ns()
         slot = session.output.begin(session.width, session.height)
         decoded = self.core.decode(
