@@ -665,7 +665,12 @@ class SupervisorCore:
                 placed[session.node] = placed.get(session.node, 0) + 1
         options += self.node_table.placements(asked, req.mode, placed)
         if not options:
-            raise error or topology.ChainError("pipeline_ids: no pipeline is loaded")
+            remote = self.node_table.pipeline_states()
+            everywhere = loaded + [s.pipeline_id for s in remote if s.status == "loaded"]
+            topology.plan_chain([s for s in everywhere if s], asked)  # says what is missing
+            raise error or topology.ChainError(
+                f"pipeline_ids: no server has all of {', '.join(asked or everywhere)} loaded"
+            )
         best = topology.place([o.room for o in options])
         return next(o for o in options if o.room.service == best)
 

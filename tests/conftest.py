@@ -83,8 +83,20 @@ def pid_alive(pid: int) -> bool:
 class SupervisorRun:
     """A ``supervisor start`` subprocess with its own run base, port and config."""
 
-    def __init__(self, base: Path, config: str, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        config: str,
+        extra_args: list[str] | None = None,
+        *,
+        command: str = "start",
+        prefix: list[str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        """``command`` is ``start`` or ``node``; ``prefix`` runs it elsewhere (``ip netns exec
+        NS``), where its HTTP API answers on ``host``."""
         self.base = base
+        self.host = host
         self.port = free_port()
         self.config_path = base / "dreamwire.toml"
         self.config_path.write_text(f"port = {self.port}\n{config}")
@@ -101,10 +113,11 @@ class SupervisorRun:
             "PYTHONPATH": python_path,
         }
         self.args = [
+            *(prefix or []),
             sys.executable,
             "-m",
             "supervisor.cli",
-            "start",
+            command,
             "--config",
             str(self.config_path),
             *(extra_args or []),
@@ -156,7 +169,7 @@ class SupervisorRun:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5):
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=5):
                 return True
         except urllib.error.HTTPError:
             return True  # 503 is an answer
