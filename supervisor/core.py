@@ -421,6 +421,7 @@ class SupervisorCore:
             for svc in pipeline_services(self.config, self.run.models_dir, pid, load.load_params):
                 wanted[svc.name] = svc
         self.loads = list(loads)
+        self.node_table.wanted = {load.pipeline_id: dict(load.load_params) for load in loads}
         effects: list[Effect] = []
         for node in self.node_table.up():
             effects += self._to_node(node.node, p.LoadPipelines(list(loads)))

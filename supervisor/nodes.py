@@ -25,6 +25,23 @@ class Placement:
 class NodeTable:
     def __init__(self) -> None:
         self.reports: dict[str, p.NodeReport] = {}
+        #: The pipelines (and load params) the front last asked its nodes for: until a node
+        #: reports them loaded so, they are loading there, whatever it said before.
+        self.wanted: dict[str, dict[str, object]] | None = None
+
+    def states(self, report: p.NodeReport) -> list[p.PipelineState]:
+        """The node's pipelines as the front may use them (see :attr:`wanted`)."""
+        if self.wanted is None:
+            return list(report.pipelines)
+        out = []
+        for state in report.pipelines:
+            wanted = self.wanted.get(state.pipeline_id)
+            if wanted is None:
+                continue  # being unloaded there
+            if state.status == "loaded" and state.load_params != wanted:
+                state = p.PipelineState(state.pipeline_id, "loading", dict(wanted))
+            out.append(state)
+        return out
 
     def update(self, report: p.NodeReport) -> bool:
         """Keep the node's latest report; True when it was not up before (it (re)joined)."""
@@ -51,7 +68,7 @@ class NodeTable:
         the sessions the front has put on each node (the node's beat may not show them yet)."""
         out = []
         for report in self.up():
-            loaded = [s.pipeline_id for s in report.pipelines if s.status == "loaded"]
+            loaded = [s.pipeline_id for s in self.states(report) if s.status == "loaded"]
             try:
                 chain = topology.plan_chain(loaded, asked)
             except topology.ChainError:
@@ -76,7 +93,7 @@ class NodeTable:
         rank = {"loaded": 0, "loading": 1, "error": 2, "not_loaded": 3}
         best: dict[str, p.PipelineState] = {}
         for report in self.up():
-            for state in report.pipelines:
+            for state in self.states(report):
                 held = best.get(state.pipeline_id)
                 if held is None or rank.get(state.status, 9) < rank.get(held.status, 9):
                     best[state.pipeline_id] = state

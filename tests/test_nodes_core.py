@@ -172,3 +172,22 @@ def test_the_clock_offset_is_the_least_queued_estimate() -> None:
     assert clock.to_front(7) == 7 + clock.offset_ns
     assert clock.to_node(clock.to_front(123)) == 123
     assert clock.to_front(0) == 0  # an absent stamp stays absent
+
+
+def test_after_a_load_a_node_counts_only_once_it_reports_the_new_load() -> None:
+    """A node that beat "loaded" before the load reached it is loading until it says so with
+    the asked load params: a client that polls the status must not stream to the old one."""
+    rig = front()
+    report(rig, beat("a"))
+    loads = [p.PipelineLoad("passthrough", {"width": 512})]
+    rig.core.admin(p.LoadPipelines(loads), rig.now)
+    report(rig, beat("a"))  # the beat it sent before the load arrived
+    assert [s.status for s in rig.core.pipeline_states()] == ["loading"]
+    reply, _ = open_session(rig, "s1", pipeline_ids=["passthrough"])
+    assert isinstance(reply, p.Rejected)
+    done = beat("a")
+    done.pipelines[0].load_params = {"width": 512}
+    report(rig, done)
+    assert [s.status for s in rig.core.pipeline_states()] == ["loaded"]
+    reply, _ = open_session(rig, "s1", pipeline_ids=["passthrough"])
+    assert isinstance(reply, p.SessionOpened)

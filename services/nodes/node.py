@@ -223,6 +223,8 @@ class NodeLink(ServiceCore[Any]):
                 logger.info("session %s opened here: %s", session_id, " → ".join(stages))
             case "open", p.Rejected(reason=reason):
                 self._send(wire.Failed(session_id, self.spec.name, reason))
+            case "close", p.Rejected():
+                pass  # it never opened here (its open was refused)
             case _, p.Rejected(reason=reason):
                 logger.warning("node supervisor refused %s: %s", what, reason)
 
