@@ -203,7 +203,9 @@ def test_prometheus_text_parses_with_histograms_per_stage() -> None:
     hist = families["dreamwire_stage_latency_seconds"]
     assert hist.type == "histogram"
     stages = {s.labels["stage"] for s in hist.samples if s.name.endswith("_count")}
-    assert stages == {n for n in SEGMENT_ORDER if n not in ("to_overlay", "overlay")}
+    # The fed frames pass no overlay and no media node.
+    local = {"to_overlay", "overlay", "to_node", "from_node"}
+    assert stages == {n for n in SEGMENT_ORDER if n not in local}
     counts = {
         s.labels["pipeline"]: s.value
         for s in families["dreamwire_frame_latency_seconds"].samples

@@ -81,3 +81,19 @@ def test_the_shipped_container_configs_load() -> None:
     with_longlive = msgspec.structs.replace(two, pipelines=["longlive"])
     assert {"inference/longlive@cuda:0", "inference/longlive@cuda:1"} <= set(plan(with_longlive))
     assert plan(with_longlive)["inference/longlive@cuda:1"].options["device"] == "cuda:1"
+
+
+def test_the_shipped_front_and_node_configs_load_and_plan_their_processes() -> None:
+    """deploy/front.toml runs signalling and the nodes link, no media; deploy/node*.toml run the
+    media and a link to the front, no HTTP server (as ``supervisor node`` starts them)."""
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    front = load_config(root / "front.toml")
+    assert front.nodes is not None and set(front.nodes.allowed) == {"gpu1", "gpu2"}
+    assert set(plan(front)) == {"nodes", "signalling"}
+    for name, path in (("gpu1", "node.toml"), ("gpu2", "node-gpu2.toml")):
+        node = load_config(root / path)
+        assert node.node is not None and node.node.name == name
+        as_node = msgspec.structs.replace(node, signalling=False)
+        services = plan(as_node)
+        assert {"decode", "encode", "node-link", "inference/longlive@cuda:0"} <= set(services)
+        assert "signalling" not in services
