@@ -30,7 +30,15 @@ stun_urls = []
 PASSTHROUGH_STAMPS = [
     s.name.lower()
     for s in STAMP_ORDER
-    if s not in (Stage.SOURCE, Stage.GENERATION_START, Stage.OVERLAY_START, Stage.OVERLAY_END)
+    if s
+    not in (
+        Stage.SOURCE,
+        Stage.GENERATION_START,
+        Stage.OVERLAY_START,
+        Stage.OVERLAY_END,
+        Stage.NODE_IN,  # one box: no media node on the way
+        Stage.NODE_OUT,
+    )
 ]
 
 
