@@ -151,6 +151,22 @@ def _cpu_s(proc: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
+async def traced_latency(http: aiohttp.ClientSession, base: str, after: int) -> dict[str, Any]:
+    """dreamwire's latency from its frame traces since ``after``: end to end and per stage,
+    aggregated as `supervisor profile` does."""
+    async with http.get(f"{base}/api/v1/metrics/traces?after={after}") as r:
+        feed = msgspec.json.decode(await r.read(), type=TraceFeed)
+    report = aggregate(feed.traces)
+    e2e = report["end_to_end"]
+    return {
+        "latency_p50_ms": round(e2e["p50_ms"], 2),
+        "latency_p95_ms": round(e2e["p95_ms"], 2),
+        "latency_p99_ms": round(e2e["p99_ms"], 2),
+        "latency_mean_ms": round(e2e["mean_ms"], 2) if e2e["count"] else None,
+        "stages_mean_ms": {row["stage"]: round(row["mean_ms"], 2) for row in report["stages"]},
+    }
+
+
 # ------------------------------------------------------------------ one measurement
 
 
@@ -273,21 +289,7 @@ async def bench_dreamwire(ks: list[int], work: Workload, tmp: Path) -> list[dict
                     meter: CpuMeter = meter, mark: dict[str, int] = mark
                 ) -> dict[str, Any]:
                     cpu = meter.end()
-                    async with http.get(f"{base}/api/v1/metrics/traces?after={mark['seq']}") as r:
-                        feed = msgspec.json.decode(await r.read(), type=TraceFeed)
-                    # The same aggregation as `supervisor profile`.
-                    report = aggregate(feed.traces)
-                    e2e = report["end_to_end"]
-                    return {
-                        "latency_p50_ms": round(e2e["p50_ms"], 2),
-                        "latency_p95_ms": round(e2e["p95_ms"], 2),
-                        "latency_p99_ms": round(e2e["p99_ms"], 2),
-                        "latency_mean_ms": round(e2e["mean_ms"], 2) if e2e["count"] else None,
-                        "stages_mean_ms": {
-                            row["stage"]: round(row["mean_ms"], 2) for row in report["stages"]
-                        },
-                        "cpu_percent": cpu,
-                    }
+                    return {**await traced_latency(http, base, mark["seq"]), "cpu_percent": cpu}
 
                 run = await run_sessions(base, k, work, begin, end)
                 results.append(run)

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgspec
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,12 +42,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import netlab  # noqa: E402
-from bench_e2e import CpuMeter, Workload, run_sessions, stop, wait_http  # noqa: E402
+from bench_e2e import (  # noqa: E402
+    CpuMeter,
+    Workload,
+    run_sessions,
+    stop,
+    traced_latency,
+    wait_http,
+)
 
 from services.nodes.wire import keypair  # noqa: E402
-from signalling.metrics_schema import TraceFeed  # noqa: E402
 from supervisor.client import AdminClient, find_run_dirs  # noqa: E402
-from supervisor.profile import aggregate  # noqa: E402
 
 PORT = 8000
 NODES_PORT = 7700
@@ -185,19 +189,7 @@ async def measure(hosts: Hosts, topology: str, k: int, work: Workload) -> dict[s
 
             async def end() -> dict[str, Any]:
                 cpu = meter.end()
-                async with http.get(f"{base}/api/v1/metrics/traces?after={mark['seq']}") as r:
-                    feed = msgspec.json.decode(await r.read(), type=TraceFeed)
-                report = aggregate(feed.traces)
-                e2e = report["end_to_end"]
-                return {
-                    "latency_p50_ms": round(e2e["p50_ms"], 2),
-                    "latency_p95_ms": round(e2e["p95_ms"], 2),
-                    "latency_p99_ms": round(e2e["p99_ms"], 2),
-                    "stages_mean_ms": {
-                        row["stage"]: round(row["mean_ms"], 2) for row in report["stages"]
-                    },
-                    "cpu_percent": cpu,
-                }
+                return {**await traced_latency(http, base, mark["seq"]), "cpu_percent": cpu}
 
             run = await run_sessions(base, k, work, begin, end)
             run.pop("unreadable_sample", None)

@@ -234,9 +234,6 @@ class FrontLink(ServiceCore[Any]):
                 self.reports.append(p.NodeReport(node=node.name, up=False, reason=reason))
         return min(0.25, self.options.timeout_s / 4)
 
-    def session_count(self) -> int:
-        return 0
-
     def start_session(self, msg: p.StartSession) -> None:
         raise ValueError("the nodes link serves no session itself")
 

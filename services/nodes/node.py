@@ -148,8 +148,7 @@ class NodeLink(ServiceCore[Any]):
             logger.warning("rejected message from the front: %s", exc)
             return
         self.front_seen = time.monotonic()
-        if not self.front_up:
-            self.front_up = True
+        self.front_up = True
         match msg:
             case wire.Pong():
                 self.clock.pong(msg, time.monotonic_ns())
