@@ -61,7 +61,7 @@ class PatternTrack(VideoStreamTrack):
         self.count = 0
         self._start = 0.0
         ramp = np.linspace(40, 215, width, dtype=np.uint8)
-        self._background = np.repeat(np.stack([ramp, ramp[::-1], ramp], axis=-1)[None], height, 0)
+        self.background = np.repeat(np.stack([ramp, ramp[::-1], ramp], axis=-1)[None], height, 0)
 
     async def recv(self) -> av.VideoFrame:
         n = self.count
@@ -72,7 +72,7 @@ class PatternTrack(VideoStreamTrack):
             if (wait := due - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
         self.count += 1
-        rgb = self._background.copy()
+        rgb = self.background.copy()
         draw_frame_number(rgb, n)
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame.pts = int(n * VIDEO_CLOCK_HZ / self.fps)

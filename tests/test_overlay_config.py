@@ -18,7 +18,8 @@ from services.overlay.config import (
 
 pytestmark = pytest.mark.timeout(60)
 
-# (name, default, minimum, maximum, order, category, is_load_param), as Scope's plugin.
+# (name, default, minimum, maximum, order, category, is_load_param), as Scope's plugin, and
+# dreamwire's token budget.
 REFERENCE = [
     ("feature", "detect", None, None, 1, "configuration", False),
     ("caption_length", "normal", None, None, 2, "configuration", False),
@@ -28,6 +29,7 @@ REFERENCE = [
     ("overlay_opacity", 0.8, 0.0, 1.0, 6, "configuration", False),
     ("font_scale", 1.0, 0.5, 3.0, 7, "configuration", False),
     ("compile_model", False, None, None, 8, "configuration", True),
+    ("max_tokens", 128, 1, 1024, 9, "configuration", False),  # dreamwire's: a bounded answer
     ("question", "What is in this image?", None, None, 1, "input", False),
     ("detect_object", "person", None, None, 2, "input", False),
 ]

@@ -178,15 +178,19 @@ def test_interval_schedule_and_feature_change_forces_a_call(make: Any) -> None:
 
 def test_settings_reach_the_model_as_in_the_reference(make: Any) -> None:
     h = make()
-    h.start(feature="caption", temperature=0.25, max_objects=1, caption_length="short")
+    h.start(
+        feature="caption", temperature=0.25, max_objects=1, caption_length="short", max_tokens=20
+    )
     h.push()
     h.settle()
     h.update(feature="detect")
     h.push()
     h.settle()
     caption, detect = h.model.calls
-    assert caption[0] == "caption" and caption[2] == {"temperature": 0.25}
-    assert detect[0] == "detect" and detect[2] == {"max_objects": 1}
+    # Every key Moondream's code reads, "variant" included (it reads that one unguarded).
+    assert caption[0] == "caption"
+    assert caption[2] == {"temperature": 0.25, "top_p": 0.3, "max_tokens": 20, "variant": None}
+    assert detect[0] == "detect" and detect[2] == {"max_objects": 1, "variant": None}
     (fetch,) = h.outbox.outputs("fetch_output")[-1:]
     assert fetch.data["result"]["objects"] == [
         {"x_min": 0.25, "y_min": 0.25, "x_max": 0.75, "y_max": 0.75}

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 from overlay_stand_in import StandInMoondream
 
+from services.models.store import mark_complete
 from services.overlay.config import MoondreamFeature as F
 from services.overlay.core import OverlayCore
 from services.overlay.model import (
     ARTIFACTS,
-    MOONDREAM_REPO,
     FeatureRequest,
     ModelsNotDownloaded,
     check_downloaded,
     load_moondream,
-    local_tokenizer,
     make_model,
     run_feature,
 )
+from services.overlay.moondream import MOONDREAM_REPO
 from services.runtime import ServiceSpec
 
 pytestmark = pytest.mark.timeout(30)
@@ -31,8 +31,7 @@ MISSING = "models not downloaded for moondream: run download_models --pipeline m
 def test_missing_models_give_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelsNotDownloaded, match=MISSING):
         load_moondream(tmp_path / "nowhere")
-    (tmp_path / MOONDREAM_REPO).mkdir(parents=True)
-    (tmp_path / MOONDREAM_REPO / "config.json").write_text("{}")
+    mark_complete(tmp_path, MOONDREAM_REPO)
     with pytest.raises(ModelsNotDownloaded, match="moondream/starmie-v1"):
         check_downloaded(tmp_path)
 
@@ -49,9 +48,11 @@ def test_overlay_service_fails_to_start_with_that_error(tmp_path: Path) -> None:
 def test_artifacts_are_declared_for_the_downloader() -> None:
     moondream, tokenizer = ARTIFACTS
     assert moondream.repo_id == "vikhyatk/moondream2"
-    assert moondream.revision == "2025-06-21"
+    assert moondream.revision == "9a7d4024050840e001defacec2b00727e89149e6"  # tag 2025-06-21
     assert {"*.safetensors", "*.py", "*.json"} <= set(moondream.patterns)
+    # The model code asks for its tokenizer unpinned; dreamwire downloads a fixed revision.
     assert tokenizer.repo_id == "moondream/starmie-v1"
+    assert tokenizer.revision == "35192e10a54e36eabe0a7cc57a2c1aab371cafc5"
 
 
 def test_stand_in_factory(tmp_path: Path) -> None:
@@ -62,7 +63,7 @@ def test_stand_in_factory(tmp_path: Path) -> None:
 
 
 def request(feature: F, max_objects: int = 10) -> FeatureRequest:
-    return FeatureRequest(feature, "short", "Why?", "cat", 0.3, max_objects)
+    return FeatureRequest(feature, "short", "Why?", "cat", 0.3, max_objects, 40)
 
 
 def test_each_feature_calls_the_model_and_returns_json_data() -> None:
@@ -83,26 +84,10 @@ def test_each_feature_calls_the_model_and_returns_json_data() -> None:
     }
     pointed = run_feature(model, request(F.POINT), rgb)
     assert pointed["object"] == "cat" and len(pointed["points"]) == 2
+    text = {"temperature": 0.3, "top_p": 0.3, "max_tokens": 40, "variant": None}
     assert [call[2] for call in model.calls] == [
-        {"temperature": 0.3},
-        {"temperature": 0.3},
-        {"max_objects": 1},
-        {"max_objects": 10},
+        text,
+        text,
+        {"max_objects": 1, "variant": None},
+        {"max_objects": 10, "variant": None},
     ]
-
-
-def test_local_tokenizer_serves_moondreams_tokenizer_from_the_models_dir(tmp_path: Path) -> None:
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"[UNK]": 0, "hello": 1, "moon": 2}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    path = tmp_path / "tokenizer.json"
-    tok.save(str(path))
-    real = tokenizers.Tokenizer
-    with local_tokenizer(path):
-        from tokenizers import Tokenizer  # as Moondream's remote code imports it
-
-        loaded = Tokenizer.from_pretrained("moondream/starmie-v1")
-        assert loaded.encode("hello moon").ids == [1, 2]
-        assert Tokenizer.from_file(str(path)).encode("moon").ids == [2]
-    assert tokenizers.Tokenizer is real

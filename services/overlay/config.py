@@ -151,6 +151,19 @@ class MoondreamConfig(msgspec.Struct, kw_only=True, frozen=True):
         ),
     ] = False
 
+    # dreamwire's addition: Scope's plugin leaves Moondream's 768-token default.
+    max_tokens: Annotated[
+        int,
+        _field(
+            "Max Tokens",
+            "Longest caption or answer, in tokens (Moondream's own default, 768, takes seconds "
+            "per result on live video)",
+            ui_field_config(order=9, label="Max Tokens (caption/query)"),
+            ge=1,
+            le=1024,
+        ),
+    ] = 128
+
     # --- Input fields (Input & Controls panel) ---
     question: Annotated[
         str,
@@ -173,9 +186,9 @@ class MoondreamConfig(msgspec.Struct, kw_only=True, frozen=True):
         """What a result depends on: a change here invalidates the cached result."""
         match self.feature:
             case MoondreamFeature.CAPTION:
-                return (self.feature.value, self.caption_length.value)
+                return (self.feature.value, self.caption_length.value, str(self.max_tokens))
             case MoondreamFeature.QUERY:
-                return (self.feature.value, self.question)
+                return (self.feature.value, self.question, str(self.max_tokens))
             case _:
                 return (self.feature.value, self.detect_object)
 

@@ -201,6 +201,7 @@ class OverlayCore(FrameStage[OverlayState]):
             detect_object=config.detect_object,
             temperature=config.temperature,
             max_objects=config.max_objects,
+            max_tokens=config.max_tokens,
         )
         return ModelJob(
             session_id=session_id,

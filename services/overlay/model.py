@@ -1,21 +1,18 @@
-"""Moondream 2: its artifacts, loading it the real way, and calling one feature on one frame.
+"""Moondream 2: its artifacts, loading its own code, and calling one feature on one frame.
 
-The model is loaded with ``transformers`` (``AutoModelForCausalLM.from_pretrained`` with
-``trust_remote_code``) from the local models directory that ``download_models`` fills; nothing
-is fetched at load time. bfloat16 on CUDA, float32 on CPU.
+The real model is Moondream's own code and weights from the models directory that
+``download_models`` fills, loaded by :mod:`services.overlay.moondream` (no ``trust_remote_code``,
+nothing fetched at load time).
 
-Anything with Moondream's four methods can stand in for the model (tests, plugins): see
-:class:`VisionModel` and :func:`make_model`. torch and transformers are imported only when the
-real model is loaded.
+Anything with Moondream's four methods can stand in for the model (tests that need canned
+answers, plugins): see :class:`VisionModel` and :func:`make_model`. torch and transformers are
+imported only when the real model is loaded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -23,37 +20,26 @@ from typing import Any, Protocol, cast
 import msgspec
 import numpy as np
 
+from services.models.store import is_complete, repo_dir
+from services.overlay import moondream as md
 from services.overlay.config import PIPELINE_ID, MoondreamFeature
 
 logger = logging.getLogger(__name__)
 
 
 class HFArtifact(msgspec.Struct, frozen=True):
-    """Files of one Hugging Face repository a pipeline needs (``fnmatch`` patterns).
-
-    Downloaded to ``<models_dir>/<repo_id>/`` (the layout of ``services.models.store``)."""
+    """Files of one Hugging Face repository a pipeline needs (``fnmatch`` patterns), at a fixed
+    revision; downloaded to ``<models_dir>/<repo_id>/`` (``services.models.store``)."""
 
     repo_id: str
     patterns: tuple[str, ...]
     revision: str
-    #: A file whose presence says the repository is there.
-    required: str = "config.json"
 
-
-MOONDREAM_REPO = "vikhyatk/moondream2"
-#: The last Moondream 2 release (a tag of the repository).
-MOONDREAM_REVISION = "2025-06-21"
-#: Moondream's remote code loads its tokenizer from this repository by name (unpinned there).
-TOKENIZER_REPO = "moondream/starmie-v1"
 
 ARTIFACTS: tuple[HFArtifact, ...] = (
-    HFArtifact(MOONDREAM_REPO, ("*.json", "*.py", "*.safetensors"), MOONDREAM_REVISION),
-    HFArtifact(TOKENIZER_REPO, ("*.json",), "main", required="tokenizer.json"),
+    HFArtifact(md.MOONDREAM_REPO, ("*.json", "*.py", "*.safetensors"), md.MOONDREAM_REVISION),
+    HFArtifact(md.TOKENIZER_REPO, ("*.json",), md.TOKENIZER_REVISION),
 )
-
-
-def artifact_dir(models_dir: Path, artifact: HFArtifact) -> Path:
-    return models_dir / artifact.repo_id
 
 
 class ModelsNotDownloaded(RuntimeError):
@@ -61,7 +47,7 @@ class ModelsNotDownloaded(RuntimeError):
 
 
 class VisionModel(Protocol):
-    """Moondream 2's interface (``hf_moondream.HfMoondream``); images are PIL images.
+    """Moondream 2's interface (``moondream.MoondreamModel``); images are PIL images.
 
     ``settings`` is keyword-only for caption and query: Moondream has other parameters (``stream``,
     and ``reasoning`` for query) before it.
@@ -77,82 +63,27 @@ class VisionModel(Protocol):
 
 
 def check_downloaded(models_dir: Path) -> None:
-    """Raise :class:`ModelsNotDownloaded` unless every artifact's directory has files."""
+    """Raise :class:`ModelsNotDownloaded` unless the downloader completed every artifact."""
     for artifact in ARTIFACTS:
-        path = artifact_dir(models_dir, artifact)
-        if not (path / artifact.required).is_file():
+        if not is_complete(models_dir, artifact.repo_id):
             raise ModelsNotDownloaded(
                 f"models not downloaded for {PIPELINE_ID}: run download_models --pipeline "
-                f"{PIPELINE_ID} ({artifact.repo_id} is missing from {path})"
+                f"{PIPELINE_ID} ({artifact.repo_id} is missing from "
+                f"{repo_dir(models_dir, artifact.repo_id)})"
             )
 
 
 def load_moondream(models_dir: Path, compile_model: bool = False) -> VisionModel:
-    """Load Moondream 2 from ``models_dir`` with transformers (no network)."""
+    """Moondream 2 from ``models_dir``: its own code, its weights, the pinned tokenizer."""
     check_downloaded(models_dir)
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model_dir = artifact_dir(models_dir, ARTIFACTS[0])
-    logger.info(
-        "loading %s@%s from %s on %s as %s",
-        MOONDREAM_REPO,
-        MOONDREAM_REVISION,
-        model_dir,
-        device,
-        str(dtype).removeprefix("torch."),
+    loaded = md.load(
+        repo_dir(models_dir, md.MOONDREAM_REPO),
+        repo_dir(models_dir, md.TOKENIZER_REPO) / "tokenizer.json",
     )
-    started = time.monotonic()
-    with local_tokenizer(artifact_dir(models_dir, ARTIFACTS[1]) / "tokenizer.json"):
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            str(model_dir),
-            revision=MOONDREAM_REVISION,
-            trust_remote_code=True,
-            local_files_only=True,
-            dtype=dtype,
-        )
-    model.to(device).eval()
     if compile_model:
         logger.info("compiling moondream (slower start-up, faster inference)")
-        # Moondream's own compile() (on the inner model) compiles its decode steps.
-        inner: Any = getattr(model, "model", model)
-        inner.compile()
-    logger.info("moondream loaded in %.1f s", time.monotonic() - started)
-    return cast(VisionModel, model)
-
-
-@contextlib.contextmanager
-def local_tokenizer(tokenizer_json: Path) -> Iterator[None]:
-    """Serve ``Tokenizer.from_pretrained(TOKENIZER_REPO)`` from the downloaded file.
-
-    Moondream's remote code (imported during ``from_pretrained``) does
-    ``from tokenizers import Tokenizer`` and fetches its tokenizer by repository name at
-    construction. While this context is active that name resolves to a shim whose
-    ``from_pretrained`` reads the local file; every other attribute is the real class's.
-    """
-    import tokenizers
-
-    real = tokenizers.Tokenizer
-
-    class _Meta(type):
-        def __getattr__(cls, name: str) -> Any:
-            return getattr(real, name)
-
-    class TokenizerShim(metaclass=_Meta):
-        @staticmethod
-        def from_pretrained(identifier: str, *args: Any, **kwargs: Any) -> Any:
-            if identifier == TOKENIZER_REPO:
-                return real.from_file(str(tokenizer_json))
-            return real.from_pretrained(identifier, *args, **kwargs)
-
-    setattr(tokenizers, "Tokenizer", TokenizerShim)  # noqa: B010 - module attribute swap
-    try:
-        yield
-    finally:
-        setattr(tokenizers, "Tokenizer", real)  # noqa: B010
+        loaded.model.model.compile()  # Moondream's own: vision encoder, prefill, decode steps
+    return cast(VisionModel, loaded.model)
 
 
 def make_model(
@@ -169,6 +100,10 @@ def make_model(
     return cast(VisionModel, built)
 
 
+#: Moondream's own default nucleus for caption and query (passed explicitly, as every key is).
+TOP_P = 0.3
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureRequest:
     """One model call: the feature and the parameters it uses."""
@@ -179,33 +114,44 @@ class FeatureRequest:
     detect_object: str
     temperature: float
     max_objects: int
+    max_tokens: int
+
+
+def text_settings(request: FeatureRequest) -> dict[str, Any]:
+    """Every key Moondream's caption and query read: ``variant`` None (no fine-tuned variant:
+    those are fetched from Moondream's servers) and a bounded answer (its default is 768
+    tokens: seconds per result on live video)."""
+    return {
+        "temperature": request.temperature,
+        "top_p": TOP_P,
+        "max_tokens": request.max_tokens,
+        "variant": None,
+    }
+
+
+def object_settings(request: FeatureRequest) -> dict[str, Any]:
+    """Every key Moondream's detect and point read."""
+    return {"max_objects": request.max_objects, "variant": None}
 
 
 def run_feature(model: VisionModel, request: FeatureRequest, rgb: np.ndarray) -> dict[str, Any]:
     """Call the model on an H×W×3 uint8 frame; a JSON-able result (model keys + its input).
-
-    Settings as Scope's plugin passes them: ``temperature`` for caption and query,
-    ``max_objects`` for detect and point. Coordinates stay normalised to [0, 1].
-    """
+    Coordinates stay normalised to [0, 1], as Moondream gives them."""
     from PIL import Image
 
     image = Image.fromarray(rgb)  # H×W×3 uint8 → mode "RGB"
     match request.feature:
         case MoondreamFeature.CAPTION:
             out = model.caption(
-                image,
-                length=request.caption_length,
-                settings={"temperature": request.temperature},
+                image, length=request.caption_length, settings=text_settings(request)
             )
             return {"caption": str(out.get("caption", "")), "length": request.caption_length}
         case MoondreamFeature.QUERY:
-            out = model.query(
-                image, question=request.question, settings={"temperature": request.temperature}
-            )
+            out = model.query(image, question=request.question, settings=text_settings(request))
             return {"question": request.question, "answer": str(out.get("answer", ""))}
         case MoondreamFeature.DETECT:
             out = model.detect(
-                image, object=request.detect_object, settings={"max_objects": request.max_objects}
+                image, object=request.detect_object, settings=object_settings(request)
             )
             objects = [
                 {k: float(obj[k]) for k in ("x_min", "y_min", "x_max", "y_max")}
@@ -214,7 +160,7 @@ def run_feature(model: VisionModel, request: FeatureRequest, rgb: np.ndarray) ->
             return {"object": request.detect_object, "objects": objects}
         case MoondreamFeature.POINT:
             out = model.point(
-                image, object=request.detect_object, settings={"max_objects": request.max_objects}
+                image, object=request.detect_object, settings=object_settings(request)
             )
             points = [
                 {"x": float(pt["x"]), "y": float(pt["y"])}
