@@ -103,14 +103,24 @@ CORPUS_TEXT = (
 
 
 def corpus(lines: int = 4000) -> list[str]:
-    """A fixed text: word sequences drawn by a linear congruential generator (no randomness)."""
+    """A fixed text: English words and made-up ones (enough pairs for 1,024 tokens), in an
+    order drawn by a linear congruential generator, so every run trains the same tokenizer."""
+    syllables = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"]
     vocabulary = CORPUS_TEXT.split()
     state, out = 12345, []
+
+    def draw(n: int) -> int:
+        nonlocal state
+        state = (state * 1103515245 + 12345) % 2**31
+        return (state >> 8) % n
+
     for _ in range(lines):
         words = []
         for _ in range(12):
-            state = (state * 1103515245 + 12345) % 2**31
-            words.append(vocabulary[state % len(vocabulary)])
+            if draw(3):
+                words.append(vocabulary[draw(len(vocabulary))])
+            else:
+                words.append("".join(syllables[draw(len(syllables))] for _ in range(1 + draw(3))))
         out.append(" ".join(words) + ".")
     return out
 
