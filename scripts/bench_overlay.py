@@ -11,7 +11,12 @@
    1``): the output fps should equal the input fps. Three stand-ins (``--models``): ``sleep``
    (waits, costs nothing), ``numpy`` (matrix products for that long: competes for the CPU and,
    like torch, releases the interpreter lock while it computes) and ``python`` (a pure-Python
-   loop for that long: holds the interpreter lock, the worst case for the video thread).
+   loop for that long: holds the interpreter lock, the worst case for the video thread), and
+   ``moondream``: Moondream 2's own code with tiny random weights
+   (``scripts/make_tiny_moondream.py``, built in a temporary directory unless
+   ``--moondream-models DIR`` has one), detect on every frame.
+3. **latency**: per feature and frame size, one call of the tiny real Moondream through
+   ``run_feature`` (what the overlay's model thread does), median and p95.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import secrets
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +33,13 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from services import protocol as p
 from services.overlay.config import MoondreamFeature
 from services.overlay.core import OverlayCore
 from services.overlay.draw import build_plan
+from services.overlay.model import FeatureRequest, VisionModel, load_moondream, run_feature
 from services.runtime import ServiceSpec
 from shm.ring import N_STAMPS, FrameMeta, FrameRing, RingConsumer, RingProducer
 
@@ -127,6 +135,78 @@ class StandInModel:
         return {"points": RESULTS[MoondreamFeature.POINT]["points"]}
 
 
+class TimedModel:
+    """A model whose calls are counted and timed (the real Moondream, here)."""
+
+    def __init__(self, model: VisionModel) -> None:
+        self.model = model
+        self.calls = 0
+        self.seconds = 0.0
+
+    def _timed(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            result: dict[str, Any] = getattr(self.model, method)(*args, **kwargs)
+            return result
+        finally:
+            self.calls += 1
+            self.seconds += time.perf_counter() - started
+
+    def caption(self, image: Any, length: str = "normal", settings: Any = None) -> dict[str, Any]:
+        return self._timed("caption", image, length=length, settings=settings)
+
+    def query(self, image: Any, question: str, settings: Any = None) -> dict[str, Any]:
+        return self._timed("query", image, question=question, settings=settings)
+
+    def detect(self, image: Any, object: str, settings: Any = None) -> dict[str, Any]:
+        return self._timed("detect", image, object=object, settings=settings)
+
+    def point(self, image: Any, object: str, settings: Any = None) -> dict[str, Any]:
+        return self._timed("point", image, object=object, settings=settings)
+
+
+def tiny_moondream(models_dir: Path | None) -> VisionModel:
+    if models_dir is None:
+        import make_tiny_moondream
+
+        models_dir = Path(tempfile.mkdtemp(prefix="tiny-moondream-"))
+        make_tiny_moondream.make_moondream(models_dir, make_tiny_moondream.DEFAULT_CODE)
+    return load_moondream(models_dir)
+
+
+def bench_latency(model: VisionModel, repeats: int, max_tokens: int) -> None:
+    print(
+        f"\ntiny real Moondream, one call per feature ({repeats} calls each, max_tokens "
+        f"{max_tokens}, max_objects 10, torch threads {torch_threads()})\n"
+    )
+    print("| feature | size | median ms | p95 ms |")
+    print("|---|---|---:|---:|")
+    rng = np.random.default_rng(2)
+    for width, height in SIZES:
+        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        for feature in MoondreamFeature:
+            request = FeatureRequest(
+                feature, "normal", "What is this?", "person", 0.5, 10, max_tokens
+            )
+            run_feature(model, request, rgb)  # warm
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                run_feature(model, request, rgb)
+                times.append(time.perf_counter() - started)
+            times.sort()
+            print(
+                f"| {feature.value} | {width}x{height} | {statistics.median(times) * 1e3:.0f} | "
+                f"{times[int(len(times) * 0.95) - 1] * 1e3:.0f} |"
+            )
+
+
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 class CountingOutbox:
     def __init__(self) -> None:
         self.frames = 0
@@ -141,11 +221,19 @@ class CountingOutbox:
 
 
 def bench_fps(
-    seconds: float, fps: float, delay_s: float, width: int, height: int, kind: str
+    seconds: float,
+    fps: float,
+    delay_s: float,
+    width: int,
+    height: int,
+    kind: str,
+    real: VisionModel | None = None,
 ) -> None:
     run_id = "bench" + secrets.token_hex(3)
     rings = [FrameRing.create(run_id, name, 4, width * height * 3) for name in ("in", "out")]
-    model = StandInModel(delay_s, kind)
+    model: StandInModel | TimedModel = (
+        TimedModel(real) if real is not None else StandInModel(delay_s, kind)
+    )
     cpu_started = time.process_time()
     outbox = CountingOutbox()
     spec = ServiceSpec("overlay", "overlay", "/nonexistent", run_id, 0)
@@ -173,9 +261,11 @@ def bench_fps(
             core.tick()
             time.sleep(max(0.0, started + n * period - time.monotonic()))
         elapsed = time.monotonic() - started
-        core.runner.wait_idle(5 * delay_s + 1)
+        core.runner.wait_idle(5 * delay_s + 5)
         core.tick()
         cpu = (time.process_time() - cpu_started) / elapsed * 100
+        if isinstance(model, TimedModel):
+            delay_s = model.seconds / max(1, model.calls)  # measured
         print(
             f"| {kind} | {delay_s * 1e3:.0f} | {width}x{height} | {n / elapsed:.1f} | "
             f"{outbox.frames / elapsed:.1f} | {model.calls} | {outbox.results} | "
@@ -191,15 +281,22 @@ def bench_fps(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["draw", "fps", "all"], default="all")
+    parser.add_argument("--part", choices=["draw", "fps", "latency", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--model-delay-ms", type=float, default=200.0)
     parser.add_argument(
-        "--models", default="sleep,numpy,python", help="stand-in models: sleep, numpy, python"
+        "--models",
+        default="sleep,numpy,python,moondream",
+        help="models for the fps part: the stand-ins sleep, numpy, python; moondream (tiny, real)",
     )
+    parser.add_argument("--moondream-models", type=Path, help="a models dir with tiny Moondream")
+    parser.add_argument("--max-tokens", type=int, default=32, help="caption/query budget")
     args = parser.parse_args()
+    real: VisionModel | None = None
+    if args.part in ("latency", "all") or "moondream" in args.models.split(","):
+        real = tiny_moondream(args.moondream_models)
     if args.part in ("draw", "all"):
         bench_draw(args.repeats)
     if args.part in ("fps", "all"):
@@ -209,7 +306,17 @@ def main() -> int:
         )
         print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
         for kind in args.models.split(","):
-            bench_fps(args.seconds, args.fps, args.model_delay_ms / 1e3, 512, 512, kind)
+            bench_fps(
+                args.seconds,
+                args.fps,
+                args.model_delay_ms / 1e3,
+                512,
+                512,
+                kind,
+                real if kind == "moondream" else None,
+            )
+    if args.part in ("latency", "all") and real is not None:
+        bench_latency(real, args.repeats // 30 or 1, args.max_tokens)
     return 0
 
 
