@@ -3,8 +3,9 @@
 ``python scripts/make_tiny_models.py DIR`` fills DIR (a dreamwire models directory) with:
 
 * ``DIR/stabilityai/sd-turbo/``: ``model_index.json``, ``unet/``, ``text_encoder/``,
-  ``tokenizer/`` and ``scheduler/`` exactly as diffusers / transformers ``save_pretrained``
-  write them (fp16 variant files, like the real repository's);
+  ``tokenizer/`` and ``scheduler/`` as diffusers / transformers ``save_pretrained`` write them
+  (fp16 variant files, like the real repository's), the text encoder's keys named as in the real
+  files (``text_model.…``, which transformers 5 no longer writes);
 * ``DIR/madebyollin/taesd/``: an ``AutoencoderTiny``.
 
 The tokenizer is a CLIP BPE tokenizer over a character-level vocabulary written here (the real
@@ -82,6 +83,7 @@ def make_sd(root: Path, seed: int = 0) -> None:
     )
     text_encoder = CLIPTextModel(text_config)
     text_encoder.half().save_pretrained(root / "text_encoder", variant="fp16")
+    prefix_text_model_keys(root / "text_encoder" / "model.fp16.safetensors")
     write_tokenizer(root / "tokenizer")
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -105,6 +107,22 @@ def make_sd(root: Path, seed: int = 0) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def prefix_text_model_keys(path: Path) -> None:
+    """The real sd-turbo files name the CLIP text encoder's weights ``text_model.…``;
+    transformers 5 saves them without the prefix (and transformers 4 silently random-initialises
+    a text encoder from such a file). Write the real layout."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    renamed = {
+        k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()
+    }
+    save_file(renamed, str(path), metadata=metadata)
 
 
 def make_taesd(root: Path, seed: int = 1) -> None:

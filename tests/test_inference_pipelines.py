@@ -299,3 +299,40 @@ def test_dream_transition_steps_once_per_frame(dream: Any) -> None:
         step(dream, state, None, i)
         seen.append(float((state.prompt.current - start).norm()))
     assert seen[0] < seen[1] < seen[2] == seen[3]
+
+
+def test_text_encoder_files_of_either_layout_load_and_a_missing_weight_is_refused(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    """The real sd-turbo names its CLIP weights ``text_model.…`` (the fixture writes that);
+    transformers 5 saves them without the prefix. Both load to the same weights; a file that
+    lacks one is an error, never a silently random text encoder."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from services.inference import diffusion as d
+    from services.inference.specs import SD_TURBO, TAESD
+
+    device = d.select_device()
+    prefixed = d.load_components(tiny_models, SD_TURBO.repo_id, TAESD.repo_id, device)
+    weights = "stabilityai/sd-turbo/text_encoder/model.fp16.safetensors"
+    on_disk = load_file(str(tiny_models / weights))
+    assert all(key.startswith("text_model.") for key in on_disk)
+    loaded = prefixed.text_encoder.state_dict()
+    for key, value in on_disk.items():
+        assert torch.equal(loaded[key.removeprefix("text_model.")].half(), value), key
+
+    other = tmp_path / "models"
+    shutil.copytree(tiny_models, other)
+    stripped = {k.removeprefix("text_model."): v for k, v in on_disk.items()}
+    save_file(stripped, str(other / weights), metadata={"format": "pt"})
+    unprefixed = d.load_components(other, SD_TURBO.repo_id, TAESD.repo_id, device)
+    ids = torch.tensor([[0, 5, 9, 2]])
+    with torch.inference_mode():
+        assert torch.equal(prefixed.text_encoder(ids)[0], unprefixed.text_encoder(ids)[0])
+
+    stripped.pop("encoder.layers.1.mlp.fc2.weight")
+    save_file(stripped, str(other / weights), metadata={"format": "pt"})
+    with pytest.raises(d.WeightsMissing, match=r"text_encoder: 1 weights missing.*fc2\.weight"):
+        d.load_components(other, SD_TURBO.repo_id, TAESD.repo_id, device)

@@ -105,6 +105,22 @@ def _low_cpu_mem_kwargs() -> dict[str, Any]:
     return {}
 
 
+class WeightsMissing(RuntimeError):
+    """A model file lacks weights its model has (they would be left random)."""
+
+
+def every_weight_loaded(folder: Path, loaded: tuple[Any, dict[str, Any]]) -> Any:
+    """The model of ``from_pretrained(..., output_loading_info=True)``, refused when a weight
+    was not in the files: the libraries then initialise it at random and only warn."""
+    model, info = loaded
+    if missing := sorted(info.get("missing_keys") or ()):
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise WeightsMissing(f"{folder}: {len(missing)} weights missing from the files ({shown})")
+    return model
+
+
 def load_components(models_dir: Path, sd_repo: str, vae_repo: str, device: Device) -> Components:
     """UNet + CLIP text encoder + tokenizer + schedule from ``sd_repo``, TAESD from ``vae_repo``."""
     from diffusers import AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
@@ -112,16 +128,23 @@ def load_components(models_dir: Path, sd_repo: str, vae_repo: str, device: Devic
 
     root = repo_dir(models_dir, sd_repo)
     dtype = device.dtype
-    extra = _low_cpu_mem_kwargs()
-    unet = UNet2DConditionModel.from_pretrained(
-        root, subfolder="unet", variant="fp16", torch_dtype=dtype, **extra
+    extra = {**_low_cpu_mem_kwargs(), "output_loading_info": True}
+    unet = every_weight_loaded(
+        root / "unet",
+        UNet2DConditionModel.from_pretrained(
+            root, subfolder="unet", variant="fp16", torch_dtype=dtype, **extra
+        ),
     )
-    text_encoder = CLIPTextModel.from_pretrained(
-        root, subfolder="text_encoder", variant="fp16", dtype=dtype
+    text_encoder = every_weight_loaded(
+        root / "text_encoder",
+        CLIPTextModel.from_pretrained(
+            root, subfolder="text_encoder", variant="fp16", dtype=dtype, output_loading_info=True
+        ),
     )
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    vae = AutoencoderTiny.from_pretrained(
-        repo_dir(models_dir, vae_repo), torch_dtype=dtype, **extra
+    vae = every_weight_loaded(
+        repo_dir(models_dir, vae_repo),
+        AutoencoderTiny.from_pretrained(repo_dir(models_dir, vae_repo), torch_dtype=dtype, **extra),
     )
     scheduler_config = DDPMScheduler.load_config(root, subfolder="scheduler")
     scheduler = DDPMScheduler.from_config(scheduler_config)
@@ -307,6 +330,17 @@ def predict_x0(
     return (x_t - sb * out) / sa
 
 
+def lcm_scalings(
+    timesteps: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's boundary condition (``LCMScheduler.get_scalings_for_boundary_condition_discrete``):
+    (c_skip, c_out) shaped [N, 1, 1, 1]; the denoised latent is ``c_out·x0 + c_skip·x_t``."""
+    scaled = timesteps.double().view(-1, 1, 1, 1) * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
 def add_noise(
     c: Components, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scale: float = 1.0
 ) -> torch.Tensor:
@@ -324,10 +358,16 @@ def run_unet(c: Components, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tenso
     return c.unet(x, t, encoder_hidden_states=emb.to(dtype), return_dict=False)[0]
 
 
+def to_unit_range(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [-1, 1], as diffusers'
+    ``VaeImageProcessor.preprocess`` computes it (``x / 255 * 2 - 1`` in float32)."""
+    return rgb.movedim(-1, -3).float().div(255.0).mul(2.0).sub(1.0)
+
+
 @torch.inference_mode()
 def encode_images(c: Components, rgb: torch.Tensor) -> torch.Tensor:
     """uint8 [N,H,W,3] on the device -> latents [N,4,H/8,W/8] (float32)."""
-    x = rgb.permute(0, 3, 1, 2).to(c.device.dtype).div(127.5).sub(1.0)
+    x = to_unit_range(rgb).to(c.device.dtype)
     if c.device.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     latents = c.vae.encode(x, return_dict=False)[0]
@@ -338,7 +378,8 @@ def encode_images(c: Components, rgb: torch.Tensor) -> torch.Tensor:
 def decode_latents(c: Components, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> uint8 [N,H,W,3] on the device (converted there: one copy to host later)."""
     img = c.vae.decode((latents / c.latent_scale).to(c.device.dtype), return_dict=False)[0]
-    img = img.float().add(1.0).mul(127.5).clamp(0, 255).round().to(torch.uint8)
+    # As StreamDiffusion's ``postprocess_image``: (x / 2 + 0.5) clamped to [0, 1], × 255, rounded.
+    img = img.float().div(2.0).add(0.5).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
     return img.permute(0, 2, 3, 1).contiguous()
 
 

@@ -56,6 +56,15 @@ def _steps(description: str) -> msgspec.Meta:
 
 
 StepList = Annotated[list[Timestep], _steps("Descending timesteps, one UNet step each")]
+#: StreamDiffusion's steps: its users pick ``t_index_list`` indices on a 50-step LCM grid.
+LCMStepList = Annotated[
+    list[Timestep],
+    _steps(
+        "Descending timesteps, one UNet step each. StreamDiffusion's t_index_list on its "
+        "50-step LCM grid is timesteps 999 - 20*index (its img2img example [32, 45] is "
+        "[359, 99]); other timesteps from 1 to 999 are used as given"
+    ),
+]
 #: Wan timesteps: 1000 is pure noise; a block's last step is the smallest.
 WanTimestep = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 WanStepList = Annotated[

@@ -11,6 +11,7 @@ from typing import Annotated
 import msgspec
 
 from services.inference.fields import (
+    LCMStepList,
     MaybeTransition,
     Paused,
     PlainHeight,
@@ -103,13 +104,16 @@ class StreamDiffusionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     prompts: Prompts = msgspec.field(default_factory=_default_prompts)
     prompt_interpolation_method: PromptInterpolation = "linear"
     transition: MaybeTransition = None
-    denoising_step_list: StepList = msgspec.field(default_factory=lambda: [500, 250])
+    # The original's img2img example: t_index_list [32, 45].
+    denoising_step_list: LCMStepList = msgspec.field(default_factory=lambda: [359, 99])
     noise_scale: Annotated[
         float,
         msgspec.Meta(
             ge=0.0,
             le=1.0,
-            description="Scale of the noise added to the input frame (1 = the schedule's)",
+            description="Scale of the noise re-added to each latent between its steps (1 = the "
+            "schedule's: StreamDiffusion's do_add_noise; 0 = none); a new frame is always "
+            "noised to the first step",
             extra_json_schema=ui(4, label="Noise scale"),
         ),
     ] = 1.0

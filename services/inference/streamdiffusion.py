@@ -14,11 +14,25 @@ During warm-up (fewer than n-1 frames in flight) the call has fewer rows and no 
 sessions of one call (same resolution) go through one VAE encode, one UNet call (rows of every
 session, each with its own timesteps and prompt embedding) and one VAE decode.
 
-Per session: fixed seeded noise per stage (as StreamDiffusion does, steadier video), the prompt
-track (blend, transition), and the stochastic similarity filter: when the input is almost the
-same as the last processed one (cosine similarity above the threshold), it is skipped with a
-probability growing with the similarity, at most ``similar_image_filter_max_skip_frame`` in a
-row, and the previous output is sent again.
+It is the original StreamDiffusion's img2img stream (cumulo-autumn/StreamDiffusion, stream
+batch, ``cfg_type="none"``): for the same weights, frames and seed it gives the original's
+frames (``tests/test_sd_golden.py``, against the original's outputs). Per session, as there:
+
+* the noise: one ``randn((n, 4, h, w))`` from a CPU generator seeded with ``seed``, fixed for the
+  session; row 0 noises each new frame to t0, row j re-noises stage j's estimate;
+* the denoised estimate of each row with LCM's boundary condition (``c_out·x0 + c_skip·x_t``);
+* ``noise_scale`` scales the re-noising of the buffer only (1 = the original's
+  ``do_add_noise=True``, 0 = ``False``); a new frame is always noised to t0;
+* the similar-image filter on the whole frame in [-1, 1]: when the cosine similarity to the last
+  processed input is above the threshold, the frame is skipped with probability
+  ``1 - (1 - sim) / (1 - threshold)`` and the previous output is sent again.
+
+Where it deliberately differs: no frames during warm-up (the original decodes its zero-filled
+buffer for the first n-1 calls: garbage); the filter's random draws come from a generator per
+session seeded with ``seed`` (the original uses the global ``random``), and it skips at most
+``similar_image_filter_max_skip_frame`` frames in a row, counting afresh after every processed
+frame (the original never resets its count on a processed frame, so how many it may skip in a row
+depends on what came before).
 """
 
 from __future__ import annotations
@@ -49,7 +63,7 @@ class SDState:
     noise: torch.Tensor  # [n, C, h, w]: one fixed noise per stage
     buffer: list[torch.Tensor] = field(default_factory=list)  # x_t of stage 1..
     tags: list[Any] = field(default_factory=list)  # tag of each buffered latent
-    prev_input: torch.Tensor | None = None
+    prev_input: torch.Tensor | None = None  # the last processed frame, flat, in [-1, 1]
     prev_output: torch.Tensor | None = None
     skipped_in_row: int = 0
     rng: random.Random = field(default_factory=random.Random)
@@ -70,9 +84,9 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
     def _fresh_noise(self, s: SDState) -> None:
         shape = d.latent_shape(self.c, s.width, s.height)
         n = len(s.config.denoising_step_list)
-        s.noise = torch.stack(
-            [d.seeded_noise(s.config.seed, i, shape, self.device) for i in range(n)]
-        )
+        # As the original's prepare(): one draw from a CPU generator seeded with the seed.
+        generator = torch.Generator("cpu").manual_seed(s.config.seed)
+        s.noise = torch.randn((n, *shape), generator=generator).to(self.device.device)
         s.buffer, s.tags = [], []
         s.prev_input = s.prev_output = None
         s.skipped_in_row = 0
@@ -109,21 +123,24 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
     # ------------------------------------------------------------ the call
 
     def _skip(self, s: SDState, frame: torch.Tensor) -> bool:
+        """The similar-image filter (the original's ``SimilarImageFilter``, see the module)."""
         cfg = s.config
-        small = frame[::8, ::8].float()
-        skip = False
-        if cfg.similar_image_filter and s.prev_input is not None and s.prev_output is not None:
-            sim = d.cosine_similarity(small, s.prev_input)
-            threshold = cfg.similar_image_filter_threshold
-            if sim > threshold and s.skipped_in_row < cfg.similar_image_filter_max_skip_frame:
-                p_skip = max(0.0, 1.0 - (1.0 - sim) / max(1e-6, 1.0 - threshold))
-                skip = s.rng.random() < p_skip
-        if skip:
+        if not cfg.similar_image_filter:
+            return False
+        x = d.to_unit_range(frame).flatten()
+        if s.prev_input is None or s.prev_output is None:
+            s.prev_input = x
+            return False
+        sim = float(torch.nn.functional.cosine_similarity(s.prev_input, x, dim=0, eps=1e-6))
+        sample = s.rng.random()
+        threshold = cfg.similar_image_filter_threshold
+        p_skip = 0.0 if threshold >= 1 else max(0.0, 1.0 - (1.0 - sim) / (1.0 - threshold))
+        if p_skip > sample and s.skipped_in_row < cfg.similar_image_filter_max_skip_frame:
             s.skipped_in_row += 1
-        else:
-            s.skipped_in_row = 0
-            s.prev_input = small
-        return skip
+            return True
+        s.skipped_in_row = 0
+        s.prev_input = x
+        return False
 
     def __call__(self, requests: Sequence[Request]) -> list[Result]:
         results: list[Result] = []
@@ -148,7 +165,7 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
             steps = s.steps
             emb = s.prompt.step()
             t0 = torch.tensor([steps[0]], device=self.device.device)
-            new = d.add_noise(c, x0_new[i : i + 1], s.noise[0:1], t0, s.config.noise_scale)
+            new = d.add_noise(c, x0_new[i : i + 1], s.noise[0:1], t0)
             s_rows = [new, *s.buffer]
             start = len(rows)
             rows.extend(s_rows)
@@ -161,7 +178,8 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
         t = torch.tensor(ts, device=self.device.device, dtype=torch.long)
         out = d.run_unet(c, x_t, t, torch.stack(embs))
         self.unet_calls += 1
-        x0 = d.predict_x0(c, x_t, t, out)
+        c_skip, c_out = d.lcm_scalings(t)
+        x0 = c_out * d.predict_x0(c, x_t, t, out) + c_skip * x_t.float()
         finished: list[tuple[SDState, torch.Tensor, Any]] = []
         for r, (start, count) in zip(work, spans, strict=True):
             s = r.state
