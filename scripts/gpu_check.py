@@ -21,7 +21,10 @@ Checks (the CUDA paths dreamwire takes):
   close to bf16, with its speed;
 * ``oom``: an impossible allocation is the out-of-memory error dreamwire's services report as
   ``ServiceFailed`` (``is_out_of_memory``), and a smaller allocation works after it;
-* ``vram_returned``: unloading a model gives its memory back.
+* ``vram_returned``: unloading a model gives its memory back;
+* ``moondream``: Moondream 2's own model code (``--moondream-code``, default the copy in
+  ``../shared/artifacts/moondream2-torch``) built full size by dreamwire's loader with random
+  weights: each feature's latency at 512² (caption and query to 32 tokens), bf16.
 
 Speed (ms per block and frames/s of the model loop), next to the published figures:
 causal Wan 1.3B as streamdiffusionv2 (512², 2 steps) and longlive (576×320, 4 steps), Krea 14B
@@ -180,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="tiny models on the CPU (a dry run)")
     ap.add_argument("--out", type=Path, default=Path("gpu-check"))
     ap.add_argument("--budget-s", type=float, default=480.0)
+    ap.add_argument(
+        "--moondream-code",
+        type=Path,
+        default=ROOT.parent / "shared" / "artifacts" / "moondream2-torch",
+        help="a folder with Moondream 2's model code (hf_moondream.py, …)",
+    )
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda and not args.cpu:
@@ -425,7 +434,52 @@ def main(argv: list[str] | None = None) -> int:
             out["status"] = "fail"
         return out
 
+    def moondream() -> dict[str, Any]:
+        import tempfile
+
+        import numpy as np
+
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import make_tiny_moondream as tiny
+
+        from services.overlay import moondream as md
+        from services.overlay.config import MoondreamFeature
+        from services.overlay.model import FeatureRequest, run_feature
+
+        if not (args.moondream_code / f"{md.ENTRY_MODULE}.py").is_file():
+            raise Skip(f"no Moondream model code at {args.moondream_code} (--moondream-code)")
+        with tempfile.TemporaryDirectory(prefix="moondream-") as tmp:
+            # Full size: the release's config.json has an empty "config" (its defaults).
+            sizes: dict[str, Any] = {} if cuda else tiny.TINY_SIZES
+            repo = tiny.write_repository(Path(tmp), args.moondream_code, sizes)
+            started = time.perf_counter()
+            model = md.build_model(repo, tiny.tokenizer_path(Path(tmp)), device.type, "random")
+        with torch.no_grad():
+            for key, tensor in model.state_dict().items():
+                tensor.copy_(tiny.recipe_weight(key, tuple(tensor.shape)).to(tensor.dtype))
+        sync(device)
+        out: dict[str, Any] = {
+            "build_s": round(time.perf_counter() - started, 1),
+            "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        }
+        rgb = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+        for feature in MoondreamFeature:
+            request = FeatureRequest(feature, "normal", "What is this?", "person", 0.0, 5, 32)
+            run_feature(model, request, rgb)  # warm
+            sync(device)
+            t0 = time.perf_counter()
+            n = 3
+            for _ in range(n):
+                run_feature(model, request, rgb)
+            sync(device)
+            out[f"{feature.value}_ms"] = round((time.perf_counter() - t0) * 1e3 / n, 1)
+        del model
+        free()
+        return out
+
     check.run("dtypes", dtypes, 5)
+    check.run("moondream (its own code, random weights)", moondream, 60)
     check.run("video codecs (NVENC/NVDEC)", video_codecs, 30)
     check.run("pinned", pinned, 5)
     check.run("vram_returned", vram_returned, 30)

@@ -162,11 +162,10 @@ def recipe_weight(key: str, shape: tuple[int, ...]) -> Any:
     return 0.05 * r
 
 
-def make_moondream(models_dir: Path, code_dir: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    from services.models.store import mark_complete, repo_dir
+def write_repository(models_dir: Path, code_dir: Path, sizes: dict[str, Any]) -> Path:
+    """The model code, a ``config.json`` with ``sizes`` (empty: the release's own) and the
+    tokenizer, where ``download_models`` puts them; returns the model repository's folder."""
+    from services.models.store import repo_dir
     from services.overlay import moondream as md
 
     repo = repo_dir(models_dir, md.MOONDREAM_REPO)
@@ -177,10 +176,28 @@ def make_moondream(models_dir: Path, code_dir: Path) -> None:
     for path in [*sources, code_dir / "LICENSE"]:
         if path.is_file():
             shutil.copy2(path, repo / path.name)
-    (repo / "config.json").write_text(json.dumps(CONFIG_JSON, indent=2) + "\n")
-    tokenizer_json = write_tokenizer(repo_dir(models_dir, md.TOKENIZER_REPO))
+    config = {**CONFIG_JSON, "config": sizes}
+    (repo / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_tokenizer(repo_dir(models_dir, md.TOKENIZER_REPO))
+    return repo
 
-    model = md.build_model(repo, tokenizer_json, "cpu", "tiny")
+
+def tokenizer_path(models_dir: Path) -> Path:
+    from services.models.store import repo_dir
+    from services.overlay import moondream as md
+
+    return repo_dir(models_dir, md.TOKENIZER_REPO) / "tokenizer.json"
+
+
+def make_moondream(models_dir: Path, code_dir: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from services.models.store import mark_complete
+    from services.overlay import moondream as md
+
+    repo = write_repository(models_dir, code_dir, TINY_SIZES)
+    model = md.build_model(repo, tokenizer_path(models_dir), "cpu", "tiny")
     state = {
         key: recipe_weight(key, tuple(value.shape)).to(torch.bfloat16).contiguous()
         for key, value in model.state_dict().items()
