@@ -114,11 +114,11 @@ def prefix_text_model_keys(path: Path) -> None:
     transformers 5 saves them without the prefix (and transformers 4 silently random-initialises
     a text encoder from such a file). Write the real layout."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    tensors = load_file(str(path))
     renamed = {
         k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()
     }

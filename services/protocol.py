@@ -294,6 +294,9 @@ class SessionOpened(msgspec.Struct, tag=True, forbid_unknown_fields=True):
 
 class Rejected(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     reason: str
+    #: The request was fine but the server lacks a resource for it now (shared memory): the
+    #: client gets 503 and may try again, rather than a 400 for its request.
+    unavailable: bool = False
 
 
 AdminReply = StatusReport | Ack | SessionOpened | Rejected

@@ -13,6 +13,7 @@ from signalling.api.errors import (
     InvalidParameters,
     InvalidSdp,
     NoPipelineLoaded,
+    OutOfResources,
     UnknownPipeline,
     UnknownSession,
 )
@@ -36,7 +37,10 @@ logger = logging.getLogger(__name__)
 
 
 class SessionRefused(RuntimeError):
-    pass
+    def __init__(self, reason: str, unavailable: bool = False) -> None:
+        super().__init__(reason)
+        #: The server lacks a resource now (503), rather than the session being wrong.
+        self.unavailable = unavailable
 
 
 class SignallingBackend:
@@ -163,6 +167,8 @@ class SignallingBackend:
         except ParameterError as exc:
             raise InvalidParameters(str(exc)) from None
         except SessionRefused as exc:
+            if exc.unavailable:
+                raise OutOfResources(str(exc)) from None
             raise NoPipelineLoaded(str(exc)) from None
         except ValueError as exc:
             raise InvalidSdp(f"invalid SDP offer: {exc}") from None
@@ -187,7 +193,7 @@ class SignallingBackend:
             )
         )
         if isinstance(reply, p.Rejected):
-            raise SessionRefused(reply.reason)
+            raise SessionRefused(reply.reason, reply.unavailable)
         assert isinstance(reply, p.SessionOpened)
         return list(reply.stages)
 

@@ -21,7 +21,7 @@ import msgspec
 from services import protocol as p
 from services import topology
 from services.runtime import ServiceSpec
-from shm.ring import RingStats
+from shm.ring import RingError, RingStats
 from supervisor.children import Child, State
 from supervisor.config import Config, ServiceConfig, default_home
 from supervisor.nodes import NodeTable, Placement
@@ -70,6 +70,14 @@ class RingStore(Protocol):
     def create(self, key: str, slots: int, nbytes: int) -> str: ...
     def free(self, name: str) -> None: ...
     def stats(self, name: str) -> RingStats: ...
+    def room(self, slots: int, nbytes: int) -> tuple[int, int]:
+        """(bytes one such ring takes, bytes free where rings live)."""
+        ...
+
+
+class NoRoom(RuntimeError):
+    """Not enough shared memory for a session's rings: the server is full, not the request
+    wrong (503)."""
 
 
 # ---------------------------------------------------------------- sessions
@@ -387,6 +395,9 @@ class SupervisorCore:
             case p.OpenSession():
                 try:
                     return self.open_session(request, now)
+                except NoRoom as exc:
+                    logger.warning("session %s refused: %s", request.session_id, exc)
+                    return p.Rejected(reason=str(exc), unavailable=True), []
                 except (ValueError, OSError) as exc:
                     return p.Rejected(reason=str(exc)), []
             case p.CloseSession(session_id=session_id):
@@ -610,12 +621,22 @@ class SupervisorCore:
             req.session_id, stages, req.width, req.height, req.sink, dict(req.params),
             owner=req.owner, mode=req.mode, codec=req.codec, opened_at=now,
         )  # fmt: skip
+        frame_bytes = req.width * req.height * 3
+        ring_bytes, free = self.rings.room(cfg.ring_slots, frame_bytes)
+        needed = ring_bytes * (len(stages) - 1)
+        no_room = (
+            f"no room in /dev/shm for a {req.width}×{req.height} session: "
+            f"{needed / 2**20:.1f} MB needed, {free / 2**20:.1f} MB free"
+        )
+        if needed > free:
+            raise NoRoom(no_room)
         try:
             for i in range(len(stages) - 1):
                 key = f"{req.session_id}.{i}"
-                session.rings.append(
-                    self.rings.create(key, cfg.ring_slots, req.width * req.height * 3)
-                )
+                session.rings.append(self.rings.create(key, cfg.ring_slots, frame_bytes))
+        except RingError as exc:  # taken between the check and now, or another failure
+            self._free_rings(session)
+            raise NoRoom(f"{no_room} ({exc})") from exc
         except Exception:
             self._free_rings(session)
             raise

@@ -78,6 +78,9 @@ class SharedRings:
     def stats(self, name: str) -> RingStats:
         return self.rings[name].stats()
 
+    def room(self, slots: int, nbytes: int) -> tuple[int, int]:
+        return ring_bytes(slots, nbytes), shm_free_bytes()
+
 
 @dataclass
 class ChildProcess:

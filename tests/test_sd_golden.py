@@ -26,6 +26,7 @@ from shared_dir import shared_dir
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from services.inference import registry  # noqa: E402
 from services.inference.pipeline import Request  # noqa: E402
@@ -43,8 +44,7 @@ pytestmark = [
 
 
 def tensors(path: Path) -> dict[str, Any]:
-    with safe_open(str(path), "pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys()}
+    return dict(load_file(str(path)))
 
 
 def test_the_tiny_models_are_the_goldens(tiny_models: Path) -> None:

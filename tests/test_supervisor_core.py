@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services import protocol as p
-from shm.ring import RingStats
+from shm.ring import RingError, RingStats
 from supervisor.children import State
 from supervisor.config import Config, RestartPolicy, ServiceConfig
 from supervisor.core import Kill, RunInfo, Send, Spawn, StopRequested, SupervisorCore
@@ -30,11 +30,19 @@ class DictRings:
     def __init__(self) -> None:
         self.live: dict[str, int] = {}
         self.freed: list[str] = []
+        self.capacity = 2**40  # bytes of "shared memory"
+        self.fail_next: Exception | None = None
 
     def create(self, key: str, slots: int, nbytes: int) -> str:
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
         name = f"ring.{key}"
         self.live[name] = nbytes
         return name
+
+    def room(self, slots: int, nbytes: int) -> tuple[int, int]:
+        return slots * nbytes, self.capacity - sum(slots * n for n in self.live.values())
 
     def free(self, name: str) -> None:
         del self.live[name]
@@ -233,6 +241,32 @@ def test_bad_requests_are_refused_with_the_reason() -> None:
     assert isinstance(reply, p.Rejected) and "invalid pipeline id" in reply.reason
     assert rig.core.admin(p.Shutdown(reason="bye"), 0.0) == (p.Ack(), [StopRequested("bye")])
     assert rig.rings.live == {}
+
+
+def test_a_session_without_room_for_its_rings_is_refused_and_the_others_go_on() -> None:
+    rig = Rig()
+    for name in ("src", "mid", "sink"):
+        rig.add(name)
+    rig.open(["src", "mid", "sink"])  # two rings of 4 × 64×32×3 bytes
+    ring = 4 * 64 * 32 * 3
+    rig.rings.capacity = 2 * ring + ring  # room for one more ring, not two
+    big = p.OpenSession("s2", 64, 32, stages=["src", "mid", "sink"], sink="signalling")
+    reply, effects = rig.core.admin(big, 0.0)
+    assert isinstance(reply, p.Rejected) and reply.unavailable
+    assert reply.reason == (
+        f"no room in /dev/shm for a 64×32 session: {2 * ring / 2**20:.1f} MB needed, "
+        f"{ring / 2**20:.1f} MB free"
+    )
+    assert effects == [] and list(rig.core.sessions) == ["s1"]
+    assert len(rig.rings.live) == 2  # s1's, untouched
+    # Space taken between the check and the ring (another process): the same answer, nothing
+    # half made.
+    rig.rings.capacity = 2**40
+    rig.rings.fail_next = RingError("no room in /dev/shm for ring s2.1: size 28672 bytes")
+    reply, _ = rig.core.admin(big, 0.0)
+    assert isinstance(reply, p.Rejected) and reply.unavailable
+    assert reply.reason.startswith("no room in /dev/shm for a 64×32 session")
+    assert list(rig.core.sessions) == ["s1"] and len(rig.rings.live) == 2
 
 
 def test_a_dreams_worker_is_a_plain_child_its_owner_hears_of() -> None:

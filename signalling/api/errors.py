@@ -15,6 +15,7 @@ __all__ = [
     "InvalidParameters",
     "InvalidSdp",
     "NoPipelineLoaded",
+    "OutOfResources",
     "UnknownPipeline",
     "UnknownSession",
 ]
@@ -36,6 +37,14 @@ class ConcurrencyLimitReached(ApiError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"concurrency limit of {limit} sessions reached")
         self.limit = limit
+
+
+class OutOfResources(ApiError):
+    """The request is fine but the server has no room for it now (shared memory for a
+    session's frames): 503, try again later or elsewhere."""
+
+    status = 503
+    code = "out_of_resources"
 
 
 class NoPipelineLoaded(ApiError):

@@ -257,6 +257,7 @@ def api_operations() -> list[Operation]:
                 200: Resp("SDP answer", WebRtcOfferResponse),
                 400: _err("Malformed body, unusable SDP, or no pipeline loaded"),
                 429: Resp("Concurrency limit reached (FastRTC's body)", ConcurrencyLimitResponse),
+                503: _err("No room for the session's frames now (shared memory)"),
             },
         ),
         Operation(
