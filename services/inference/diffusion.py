@@ -109,7 +109,7 @@ class WeightsMissing(RuntimeError):
     """A model file lacks weights its model has (they would be left random)."""
 
 
-def every_weight_loaded(folder: Path, loaded: tuple[Any, dict[str, Any]]) -> Any:
+def every_weight_loaded(folder: Path, loaded: Any) -> Any:
     """The model of ``from_pretrained(..., output_loading_info=True)``, refused when a weight
     was not in the files: the libraries then initialise it at random and only warn."""
     model, info = loaded
