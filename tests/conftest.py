@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from services import protocol as p
-from supervisor.client import AdminClient, SupervisorUnreachable, find_run_dirs
+from supervisor.client import AdminClient, SupervisorUnreachable
 
 POLL_S = 0.05
 
@@ -138,7 +138,9 @@ class SupervisorRun:
         if self.proc.poll() is not None:
             raise AssertionError(f"supervisor exited early:\n{self.log()}")
         pid = self.proc.pid
-        runs = find_run_dirs(self.base / "run")
+        # By the pid it recorded, not by its lock in /dev/shm: a run in a mount namespace of its
+        # own has its lock in a /dev/shm this process cannot see.
+        runs = [p.parent for p in (self.base / "run").glob("*/supervisor.json")]
         mine = [r for r in runs if json.loads((r / "supervisor.json").read_text())["pid"] == pid]
         if not mine:
             return None
@@ -250,9 +252,12 @@ def start_supervisor(
     request.node.supervisor_runs = runs
 
     def start(
-        config: str = "", extra_args: list[str] | None = None, wait: bool = True
+        config: str = "",
+        extra_args: list[str] | None = None,
+        wait: bool = True,
+        prefix: list[str] | None = None,
     ) -> SupervisorRun:
-        run = SupervisorRun(short_tmp, config, extra_args)
+        run = SupervisorRun(short_tmp, config, extra_args, prefix=prefix)
         runs.append(run)
         if not wait:
             run.launch()
