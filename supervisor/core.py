@@ -244,6 +244,16 @@ class SupervisorCore:
     def spawned(self, name: str, pid: int, now: float) -> None:
         self.children[name].started(pid, now)
 
+    def spawn_failed(self, name: str, reason: str, now: float) -> list[Effect]:
+        """The process could not even be started (no pids or descriptors left)."""
+        child = self.children.get(name)
+        if child is None:
+            return []
+        child.pid = None
+        why = f"{name} could not be started: {reason}"
+        child.schedule_restart(why, now)
+        return []
+
     def exited(self, pid: int, code: int, now: float) -> list[Effect]:
         """The process ``pid`` is gone (the process layer reaped it)."""
         if (old := self.retiring.pop(pid, None)) is not None:

@@ -255,7 +255,13 @@ class Supervisor:
                     except zmq.ZMQError as exc:
                         logger.warning("could not send %s: %s", type(message).__name__, exc)
                 case Spawn(spec=spec):
-                    self.core.spawned(spec.name, self._spawn(spec), time.monotonic())
+                    try:
+                        pid = self._spawn(spec)
+                    except OSError as exc:  # out of processes or descriptors: try again later
+                        logger.error("cannot start %s: %s", spec.name, exc)
+                        self._apply(self.core.spawn_failed(spec.name, str(exc), time.monotonic()))
+                        continue
+                    self.core.spawned(spec.name, pid, time.monotonic())
                 case Kill(pid=pid, signal=sig):
                     self._signal(pid, sig)
                 case StopRequested(reason=reason):
@@ -337,7 +343,12 @@ class Supervisor:
             except p.MessageRejected as exc:
                 self.core.reject(f"control message from {identity!r}: {exc}")
                 continue
-            self._apply(self.core.control(identity, msg, time.monotonic()))
+            try:
+                effects = self.core.control(identity, msg, time.monotonic())
+            except Exception:  # the supervisor never dies of one message
+                logger.exception("control message %s from %r failed", type(msg).__name__, identity)
+                continue
+            self._apply(effects)
 
     def _drain_admin(self) -> None:
         assert self.core is not None
@@ -356,6 +367,10 @@ class Supervisor:
                 self.core.reject(f"admin message: {exc}")
                 reply: p.AdminReply = p.Rejected(reason=str(exc))
             else:
-                reply, effects = self.core.admin(request, time.monotonic())
+                try:
+                    reply, effects = self.core.admin(request, time.monotonic())
+                except Exception as exc:  # the supervisor never dies of one request
+                    logger.exception("admin request %s failed", type(request).__name__)
+                    reply, effects = p.Rejected(reason=f"internal error: {exc!r}"), []
                 self._apply(effects)
             self.admin.send_multipart([*envelope, self.admin_codec.encode(reply)])

@@ -162,6 +162,20 @@ def test_a_crash_restarts_with_backoff_until_the_budget_is_spent() -> None:
     assert child.state is State.FAILED and child.restarts == 2
 
 
+def test_a_process_that_cannot_be_started_is_tried_again_later() -> None:
+    rig = Rig()
+    rig.add("src")
+    rig.core.exited(101, -9, 0.0)
+    rig.now = 0.5
+    (spawn,) = [e for e in rig.core.timers(0.5) if isinstance(e, Spawn)]
+    # fork failed (EAGAIN, EMFILE): no pid; the supervisor lives and tries again with backoff.
+    assert rig.core.spawn_failed("src", "[Errno 24] Too many open files", 0.5) == []
+    child = rig.core.children["src"]
+    assert child.state is State.RESTARTING and child.pid is None
+    assert child.last_error == "src could not be started: [Errno 24] Too many open files"
+    assert any(isinstance(e, Spawn) for e in rig.tick(child.restart_due))
+
+
 def test_session_rings_wiring_and_a_stage_that_comes_back() -> None:
     rig = Rig()
     for name in ("src", "mid", "sink"):
