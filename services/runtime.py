@@ -34,6 +34,7 @@ import msgspec
 import zmq
 
 from services import protocol as p
+from services.logsummary import REPEATS
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def configure_logging(process_name: str, level: str = "INFO", run_dir: str | Non
     logging.basicConfig(
         level=level, stream=sys.stderr, format=_log_format(process_name), force=True
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(REPEATS)
     if run_dir is not None:
         add_log_file(run_dir, process_name)
 
@@ -106,6 +109,7 @@ def add_log_file(run_dir: str | Path, process_name: str) -> logging.Handler:
     the run's processes interleave whole)."""
     handler = logging.FileHandler(log_file(run_dir), encoding="utf-8")
     handler.setFormatter(logging.Formatter(_log_format(process_name)))
+    handler.addFilter(REPEATS)
     logging.getLogger().addHandler(handler)
     return handler
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from services.models.store import resolve_models_dir
 from services.runtime import ServiceSpec, log_file
 from signalling.api import ApiConfig, StudioState, add_api_routes
 from signalling.backend import SignallingBackend
+from signalling.connections import ConnectionGuard
 from signalling.control import ControlLink
 from signalling.dreams.config import DreamsConfig
 from signalling.dreams.launcher import SupervisedWorker
@@ -30,6 +32,7 @@ from signalling.sessions import DEFAULT_CONNECT_TIMEOUT_S, PeerSession, SessionM
 logger = logging.getLogger(__name__)
 
 backend_key = web.AppKey("backend", SignallingBackend)
+guard_key = web.AppKey("connections", ConnectionGuard)
 
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -78,8 +81,14 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
         connect_timeout_s=float(options.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)),
         video_codec=api_config.video_codec,
     )
+    guard = ConnectionGuard(api_config.connections)
     backend = SignallingBackend(
-        admin, sessions, catalog, models, max_sessions=int(options.get("max_sessions", 8))
+        admin,
+        sessions,
+        catalog,
+        models,
+        max_sessions=int(options.get("max_sessions", 8)),
+        connections=guard,
     )
 
     async def on_inbox(msg: p.SignallingInbox) -> None:
@@ -104,6 +113,8 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
 
     app = web.Application(client_max_size=api_config.max_body_bytes)
     app[backend_key] = backend
+    app[guard_key] = guard
+    app.middlewares.append(guard.middleware)  # the outermost: it sees every request
     studio = StudioState(
         home=Path(str(options["home"])) if options.get("home") else None,
         models_dir=models.models_dir,
@@ -119,7 +130,9 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
     add_metrics_routes(app, sessions.metrics, admin.status)  # /api/v1/metrics, /metrics
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(guard.run_sweeper(), name="connections.sweep")
         yield
+        sweeper.cancel()
         await sessions.close_all()
         await models.close()
         outbox.close()

@@ -26,6 +26,7 @@ from signalling.api.types import (
     WebRtcOfferRequest,
     WebRtcOfferResponse,
 )
+from signalling.connections import DESCRIPTORS_LOW_SHARE, ConnectionGuard, descriptor_use
 from signalling.intent import Intent, offer_mode, read_intent
 from signalling.links import AdminLink
 from signalling.models import ModelsLink
@@ -51,8 +52,10 @@ class SignallingBackend:
         catalog: PipelineCatalog,
         models: ModelsLink,
         max_sessions: int,
+        connections: ConnectionGuard | None = None,
     ) -> None:
         self.admin = admin
+        self.connections = connections
         self.sessions = sessions
         self.catalog = catalog
         self.models = models
@@ -241,4 +244,14 @@ class SignallingBackend:
         detail: dict[str, Any] = {"services": services, "sessions": len(self.sessions)}
         if errors:
             detail["pipeline_errors"] = errors
+        used, limit = descriptor_use()
+        detail["file_descriptors"] = {"open": used, "limit": limit}
+        if used >= DESCRIPTORS_LOW_SHARE * limit:
+            ok = False
+            detail["file_descriptors"]["problem"] = (
+                f"signalling has {used} of its {limit} file descriptors open: new connections "
+                "and sessions will fail"
+            )
+        if self.connections is not None:
+            detail["connections"] = self.connections.stats()
         return ok, detail

@@ -14,7 +14,8 @@ from aiohttp import web
 from services import protocol as p
 from services.inference import registry
 from services.runtime import SPEC_ENV, ServiceSpec, configure_logging, die_with_parent
-from signalling.app import create_app
+from signalling.app import create_app, guard_key
+from signalling.connections import GuardedSite
 from signalling.control import ControlLink
 from signalling.dreams.routes import close_dreams
 from signalling.webrtc.forwarding import check_marker_completion
@@ -28,10 +29,19 @@ async def serve(spec: ServiceSpec) -> None:
     await link.hello()
     host = str(spec.options.get("host", "127.0.0.1"))
     port = int(spec.options.get("port", 8000))
-    runner = web.AppRunner(create_app(spec, link), access_log=None, handle_signals=False)
+    app = create_app(spec, link)
+    guard = app[guard_key]
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        # aiohttp's own timer as a backstop; the guard closes idle connections first (and
+        # counts them).
+        keepalive_timeout=2 * guard.limits.idle_timeout_s,
+    )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = GuardedSite(runner, host, port, guard)
         try:
             await site.start()
         except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -90,6 +91,29 @@ class ChildProcess:
     pidfd: int | None
 
 
+#: The soft limit asked for when the hard limit is unlimited.
+DESCRIPTOR_LIMIT_CAP = 1 << 20
+
+
+def raise_descriptor_limit() -> None:
+    """Raise this process's soft file-descriptor limit to its hard limit (the children inherit
+    it): a soft limit of 1024, the usual default, is a few hundred idle connections away from
+    failing every new session."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = DESCRIPTOR_LIMIT_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("file descriptors: could not raise the limit of %d: %s", soft, exc)
+            return
+        logger.info(
+            "file descriptors: soft limit raised from %d to %d (the hard limit)", soft, target
+        )
+    else:
+        logger.info("file descriptors: limit %d", soft)
+
+
 def command_for(spec: ServiceSpec) -> list[str]:
     """signalling has its own asyncio entry, a Dreams worker its command line; every other
     kind runs on services.main."""
@@ -151,6 +175,7 @@ class Supervisor:
         )
         self._log_handler = add_log_file(run.path, "supervisor")
         logger.info("run %s in %s", run.run_id, run.path)
+        raise_descriptor_limit()
         info = RunInfo(
             run.run_id, str(run.path), os.getpid(), self.secret, self.models_dir, time.monotonic()
         )

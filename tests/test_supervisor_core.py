@@ -167,7 +167,7 @@ def test_a_process_that_cannot_be_started_is_tried_again_later() -> None:
     rig.add("src")
     rig.core.exited(101, -9, 0.0)
     rig.now = 0.5
-    (spawn,) = [e for e in rig.core.timers(0.5) if isinstance(e, Spawn)]
+    assert [e for e in rig.core.timers(0.5) if isinstance(e, Spawn)]
     # fork failed (EAGAIN, EMFILE): no pid; the supervisor lives and tries again with backoff.
     assert rig.core.spawn_failed("src", "[Errno 24] Too many open files", 0.5) == []
     child = rig.core.children["src"]

@@ -8,6 +8,7 @@ import msgspec
 
 from signalling.api.cors import CorsConfig
 from signalling.api.ice import IceConfig
+from signalling.connections import ConnectionLimits
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "ApiConfig"]
 
@@ -17,6 +18,7 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 class ApiConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_BODY_BYTES
     cors: CorsConfig = msgspec.field(default_factory=CorsConfig)
+    connections: ConnectionLimits = msgspec.field(default_factory=ConnectionLimits)
     ice: IceConfig = msgspec.field(default_factory=IceConfig)
     #: Which video codec a session uses when the client offers both: ``offer`` (the client's
     #: order; browsers put VP8 first) or one to prefer. H.264 costs dreamwire about a third
