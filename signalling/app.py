@@ -16,8 +16,9 @@ from services import topology
 from services.models.store import resolve_models_dir
 from services.runtime import ServiceSpec, log_file
 from signalling.api import ApiConfig, StudioState, add_api_routes
+from signalling.api.hosts import host_middleware
 from signalling.backend import SignallingBackend
-from signalling.connections import ConnectionGuard
+from signalling.connections import ConnectionGuard, StreamCap, stream_cap_key
 from signalling.control import ControlLink
 from signalling.dreams.config import DreamsConfig
 from signalling.dreams.launcher import SupervisedWorker
@@ -114,7 +115,11 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
     app = web.Application(client_max_size=api_config.max_body_bytes)
     app[backend_key] = backend
     app[guard_key] = guard
+    app[stream_cap_key] = StreamCap()
     app.middlewares.append(guard.middleware)  # the outermost: it sees every request
+    app.middlewares.append(
+        host_middleware(str(options.get("host", "127.0.0.1")), api_config.allowed_hosts)
+    )
     studio = StudioState(
         home=Path(str(options["home"])) if options.get("home") else None,
         models_dir=models.models_dir,

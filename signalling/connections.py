@@ -20,10 +20,12 @@ and the log gets a summary every ``SUMMARY_INTERVAL_S``, never a line per connec
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -225,3 +227,47 @@ def descriptor_use() -> tuple[int, int]:
     except OSError:  # not Linux, or out of descriptors for the listing itself
         used = soft
     return used, soft
+
+
+class StreamCap:
+    """At most ``per_client`` open event streams from one address: each holds a connection for
+    as long as its client wants, so the idle limit does not apply to them."""
+
+    def __init__(self, per_client: int = 10) -> None:
+        self.per_client = per_client
+        self.open: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, request: web.Request) -> Iterator[None]:
+        client = request.remote or "?"
+        if self.open[client] >= self.per_client:
+            raise web.HTTPTooManyRequests(
+                text=json.dumps(
+                    {
+                        "error": "too_many_streams",
+                        "detail": f"at most {self.per_client} open event streams per client",
+                    }
+                ),
+                content_type="application/json",
+            )
+        self.open[client] += 1
+        try:
+            yield
+        finally:
+            self.open[client] -= 1
+            if self.open[client] <= 0:
+                del self.open[client]
+
+
+stream_cap_key = web.AppKey("stream_cap", StreamCap)
+
+
+@contextlib.contextmanager
+def event_stream_slot(request: web.Request) -> Iterator[None]:
+    """A slot under the app's :class:`StreamCap` (none configured: no limit)."""
+    cap = request.app.get(stream_cap_key)
+    if cap is None:
+        yield
+        return
+    with cap.hold(request):
+        yield

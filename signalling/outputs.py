@@ -12,7 +12,8 @@ import json
 
 from aiohttp import web
 
-from signalling.sessions import SessionManager
+from signalling.connections import event_stream_slot
+from signalling.sessions import PeerSession, SessionManager
 
 LISTENER_QUEUE = 64
 KEEPALIVE_S = 15.0
@@ -28,6 +29,11 @@ async def session_outputs(request: web.Request) -> web.StreamResponse:
         return web.json_response(
             {"error": "unknown_session", "detail": f"Unknown session {session_id!r}"}, status=404
         )
+    with event_stream_slot(request):
+        return await _stream_outputs(request, session)
+
+
+async def _stream_outputs(request: web.Request, session: PeerSession) -> web.StreamResponse:
     queue: asyncio.Queue[dict[str, object] | None] = asyncio.Queue(LISTENER_QUEUE)
     session.output_listeners.add(queue)
     response = web.StreamResponse(

@@ -32,7 +32,7 @@ __all__ = ["CorsConfig", "cors_middleware", "origin_allowed"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*")
-ALLOWED_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 DEFAULT_ALLOWED_HEADERS = "Content-Type, Authorization"
 PREFLIGHT_MAX_AGE_S = 600
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -57,6 +57,7 @@ from signalling.api.studio_types import (
     WorkflowResolutionPlan,
 )
 from signalling.api.types import ErrorResponse
+from signalling.connections import event_stream_slot
 
 logger = logging.getLogger(__name__)
 
@@ -432,15 +433,16 @@ async def osc_inventory(request: web.Request) -> web.StreamResponse:
 
 async def osc_stream(request: web.Request) -> web.StreamResponse:
     """Scope's OSC command stream: open, with keepalives only (no OSC server here)."""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-        while True:
-            await response.write(b": keepalive\n\n")
-            await asyncio.sleep(SSE_KEEPALIVE_S)
-    return response
+    with event_stream_slot(request):
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+            while True:
+                await response.write(b": keepalive\n\n")
+                await asyncio.sleep(SSE_KEEPALIVE_S)
+        return response
 
 
 # --- keys, assets ------------------------------------------------------------------------------
