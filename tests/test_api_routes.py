@@ -788,3 +788,69 @@ async def test_a_write_from_an_allowed_origin_goes_through(client, backend) -> N
     )
     assert resp.status == 200
     assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+
+
+# --- hostile bodies ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def roomy_client(backend: InMemoryBackend) -> AsyncIterator[TestClient[Any, Any]]:
+    app = create_api_app(backend, ApiConfig(max_body_bytes=1 << 20))
+    async with TestClient(TestServer(app)) as test_client:
+        yield test_client
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PUT", "/api/v1/onboarding/status", '{"completed": ' + DEEP + "}"),
+        ("POST", "/api/v1/workflow/resolve", '{"nodes": ' + DEEP + "}"),
+        ("POST", "/api/v1/pipeline/load", '{"pipeline_id": "passthrough", "load_params": '
+         + "{\"a\": " * 100 + "1" + "}" * 100 + "}"),
+        ("POST", "/api/v1/webrtc/offer", '{"sdp": "v=0", "type": "offer", "x": ' + DEEP + "}"),
+        ("POST", "/api/v1/osc/inventory", '{"a": ' + DEEP + "}"),
+    ],
+)  # fmt: skip
+async def test_deeply_nested_bodies_are_a_clear_400(
+    roomy_client: TestClient[Any, Any], method: str, path: str, body: str
+) -> None:
+    resp = await roomy_client.request(
+        method, path, data=body, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 400, await resp.text()
+    answer = await resp.json()
+    # Refused by depth, or first by type where the route's body is typed: never a 500.
+    assert (answer["error"], answer["detail"]) == (
+        "invalid_json",
+        "Request body is nested deeper than 32 levels",
+    ) or (answer["error"] == "invalid_request" and "Expected" in answer["detail"]), answer
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"nodes": 5}, "$.nodes"),
+        ({"pipelines": [{"pipeline_id": 5}]}, "$.pipelines[0].pipeline_id"),
+        ({"nodes": [{"pipeline_id": "passthrough", "loras": 5}]}, "$.nodes[0].loras"),
+        ({"nodes": [{"loras": [{"filename": ["x"]}]}]}, "$.nodes[0].loras[0].filename"),
+    ],
+)
+async def test_a_workflow_of_the_wrong_shape_names_the_field(
+    roomy_client: TestClient[Any, Any], body: dict[str, Any], field: str
+) -> None:
+    resp = await roomy_client.post("/api/v1/workflow/resolve", json=body)
+    assert resp.status == 400, await resp.text()
+    answer = await resp.json()
+    assert answer["error"] == "invalid_request" and answer["detail"].endswith(f"at `{field}`")
+
+
+async def test_cors_preflight_for_put_from_an_allowed_origin(client) -> None:
+    resp = await client.options(
+        "/api/v1/onboarding/status",
+        headers={"Origin": "http://localhost:5173", "Access-Control-Request-Method": "PUT"},
+    )
+    assert resp.status == 204
+    assert "PUT" in resp.headers["Access-Control-Allow-Methods"].split(", ")

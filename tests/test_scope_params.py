@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from signalling.api.studio import list_loras, resolve_workflow, tail_log
+from signalling.api.studio import Workflow, list_loras, resolve_workflow, tail_log
 from signalling.intent import graph_chain, offer_mode, read_intent
 from signalling.pipelines import ParameterError, PipelineCatalog
 
@@ -243,7 +244,7 @@ def test_log_tail_follows_offsets_and_waits_for_whole_lines(tmp_path: Path) -> N
 def test_workflow_resolution(tmp_path: Path, catalog: PipelineCatalog) -> None:
     schemas = catalog.schemas()
     none = list_loras(tmp_path)
-    plan = resolve_workflow(CAMERA_PREVIEW_WORKFLOW, schemas, none)
+    plan = resolve_workflow(msgspec.convert(CAMERA_PREVIEW_WORKFLOW, Workflow), schemas, none)
     assert plan.can_apply and plan.warnings == []
     assert [(i.kind, i.name, i.status) for i in plan.items] == [("pipeline", "passthrough", "ok")]
     (tmp_path / "loras" / "styles").mkdir(parents=True)
@@ -256,7 +257,7 @@ def test_workflow_resolution(tmp_path: Path, catalog: PipelineCatalog) -> None:
             {"pipeline_id": "ltx-video", "loras": [{"filename": "ink.safetensors"}]},
         ]
     }
-    plan = resolve_workflow(other, schemas, found)
+    plan = resolve_workflow(msgspec.convert(other, Workflow), schemas, found)
     assert not plan.can_apply
     assert [(i.kind, i.name, i.status) for i in plan.items] == [
         ("node", "scheduler", "missing"),

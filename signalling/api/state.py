@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,11 +88,40 @@ async def decode_body(request: web.Request, decoder: msgspec.json.Decoder[T]) ->
     if not body.strip():
         raise MalformedJson("Request body is empty; expected a JSON object")
     try:
-        return decoder.decode(body)
+        value = decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise BadRequest(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise MalformedJson(str(exc)) from None
+    except RecursionError:
+        raise MalformedJson(f"Request body is nested deeper than {MAX_BODY_DEPTH} levels") from None
+    if nesting_exceeds(value, MAX_BODY_DEPTH):
+        raise MalformedJson(f"Request body is nested deeper than {MAX_BODY_DEPTH} levels")
+    return value
+
+
+#: No body Scope's clients send nests deeper than a handful of levels; a deeper one is refused
+#: before anything walks it recursively.
+MAX_BODY_DEPTH = 32
+
+
+def nesting_exceeds(value: object, limit: int) -> bool:
+    """Whether lists/dicts/structs in ``value`` nest deeper than ``limit`` (iteratively)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, msgspec.Struct):
+            item = msgspec.structs.asdict(item)
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def guarded(handler: Handler) -> Handler:

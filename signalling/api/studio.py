@@ -331,23 +331,41 @@ async def node_definitions(request: web.Request) -> web.StreamResponse:
     return json_response(NodeDefinitionsResponse(nodes=nodes))
 
 
+class WorkflowLora(msgspec.Struct):
+    filename: str | None = None
+
+
+class WorkflowEntry(msgspec.Struct):
+    """A node or pipeline of a ``.scope-workflow`` (other keys are Scope's, ignored here)."""
+
+    pipeline_id: str | None = None
+    node_type_id: str | None = None
+    loras: list[WorkflowLora] | None = None
+
+
+class Workflow(msgspec.Struct):
+    nodes: list[WorkflowEntry] | None = None
+    pipelines: list[WorkflowEntry] | None = None
+
+
+_WORKFLOW = msgspec.json.Decoder(Workflow)
+
+
 def resolve_workflow(
-    workflow: dict[str, Any], schemas: dict[str, dict[str, Any]], loras: LorasResponse
+    workflow: Workflow, schemas: dict[str, dict[str, Any]], loras: LorasResponse
 ) -> WorkflowResolutionPlan:
     """Which of a ``.scope-workflow``'s pipelines, node types and LoRAs this server has."""
-    entries = [e for key in ("nodes", "pipelines") for e in workflow.get(key) or []]
+    entries = [*(workflow.nodes or []), *(workflow.pipelines or [])]
     items: list[ResolutionItem] = []
     seen: set[tuple[str, str]] = set()
     have_loras = {f.name for f in loras.lora_files} | {Path(f.path).name for f in loras.lora_files}
     for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        pid = entry.get("pipeline_id") or entry.get("node_type_id")
-        if isinstance(pid, str) and ("pipeline", pid) not in seen:
+        pid = entry.pipeline_id or entry.node_type_id
+        if pid is not None and ("pipeline", pid) not in seen:
             seen.add(("pipeline", pid))
             if pid in schemas and "error" not in schemas[pid]:
                 items.append(ResolutionItem(kind="pipeline", name=pid, status="ok"))
-            elif entry.get("pipeline_id") is None:
+            elif entry.pipeline_id is None:
                 items.append(
                     ResolutionItem(
                         kind="node",
@@ -367,9 +385,9 @@ def resolve_workflow(
                         f"(available: {', '.join(sorted(schemas))})",
                     )
                 )
-        for lora in entry.get("loras") or []:
-            name = lora.get("filename") if isinstance(lora, dict) else None
-            if isinstance(name, str) and ("lora", name) not in seen:
+        for lora in entry.loras or []:
+            name = lora.filename
+            if name is not None and ("lora", name) not in seen:
                 seen.add(("lora", name))
                 ok = name in have_loras or Path(name).stem in have_loras
                 items.append(
@@ -389,7 +407,7 @@ def resolve_workflow(
 
 
 async def workflow_resolve(request: web.Request) -> web.StreamResponse:
-    workflow = await decode_body(request, msgspec.json.Decoder(dict[str, Any]))
+    workflow = await decode_body(request, _WORKFLOW)
     schemas = await api_state(request).backend.pipeline_schemas()
     found = await asyncio.to_thread(list_loras, _studio(request).models_dir)
     return json_response(resolve_workflow(workflow, schemas, found))
