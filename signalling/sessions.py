@@ -52,8 +52,18 @@ STOPPED_LINGER_S = 2.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
+#: The max-message-size this server's SCTP transport (aiortc's) advertises in its answer.
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
 def parse_parameters_message(raw: str | bytes) -> dict[str, Any]:
-    """Decode a data-channel message into a dict, or raise ParameterError naming the problem."""
+    """Decode a data-channel message into a dict, or raise ParameterError naming the problem.
+    A message over the advertised size is refused unread (a peer that ignores the limit)."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ParameterError(
+            f"message: {len(raw)} bytes, over the {MAX_MESSAGE_BYTES} bytes this server accepts "
+            "(its max-message-size)"
+        )
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -112,6 +112,18 @@ async def test_deeply_nested_json_on_the_data_channel_is_an_error_reply(
     await client.wait_frames(15)
 
 
+async def test_a_message_over_the_advertised_size_is_refused_unread(
+    client: DreamwireClient,
+) -> None:
+    assert client.pc is not None and client.pc.sctp is not None
+    client.pc.sctp._remote_max_message_size = 0  # a peer that ignores the advertised limit
+    client._channel.send(json.dumps({"prompts": [{"text": "x" * (4 << 20)}]}))
+    error = await client.wait_message("error", timeout_s=30)
+    assert error["data"].startswith("message: 4194") and "over the 262144 bytes" in error["data"]
+    await client.send_parameters({"paused": False})
+    await client.wait_frames(15)
+
+
 async def test_session_slots_are_taken_atomically_and_freed_by_offers_that_never_connect(
     start_supervisor: Start,
 ) -> None:
