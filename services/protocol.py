@@ -43,6 +43,12 @@ class HeartbeatAck(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     sessions: int
     #: Free memory of the device the service computes on (CUDA); None: not a GPU service.
     memory_free_bytes: int | None = None
+    #: A model process: how long the model call in progress has run (0: none runs; the ack
+    #: then comes from the process's liveness thread), the longest of its recent calls, and
+    #: how many calls it finished. The supervisor judges a call's progress by these.
+    call_running_s: float = 0.0
+    longest_call_s: float = 0.0
+    calls_done: int = 0
 
 
 class ServiceFailed(msgspec.Struct, tag=True, forbid_unknown_fields=True):

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -34,11 +35,17 @@ import msgspec
 import zmq
 
 from services import protocol as p
+from services.calls import CallClock
 from services.logsummary import REPEATS
 
 logger = logging.getLogger(__name__)
 
 PARENT_CHECK_INTERVAL_S = 0.25
+#: A model call older than this has its heartbeats answered by the liveness thread (shorter
+#: ones by the loop, between calls).
+LIVENESS_AFTER_S = 0.5
+#: How often the liveness thread looks at the control socket while it answers.
+LIVENESS_POLL_S = 0.02
 DOWNSTREAM_HWM = 16
 PR_SET_PDEATHSIG = 1
 #: The environment variable a child finds its ServiceSpec in (JSON), set by the supervisor.
@@ -214,6 +221,8 @@ class ServiceCore(ABC, Generic[M]):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         self.spec = spec
         self.outbox = outbox
+        #: The model calls of a model process (its heartbeats report them).
+        self.calls = CallClock()
         self.session_failures: list[tuple[str, str]] = []
         #: Other reports for the supervisor (a node link's NodeReport), sent by the loop.
         self.reports: list[p.ServiceToSupervisor] = []
@@ -290,9 +299,80 @@ class ServiceProc:
         self.rejected = 0
         self._stopping = False
         self._last_parent_check = 0.0
+        # During a long model call the liveness thread answers on the control socket: it holds
+        # this lock while it does, and the loop takes it when the call ends, before it uses
+        # the socket again. Messages other than heartbeats wait for the loop.
+        self._control_lock = threading.Lock()
+        self._deferred: list[p.SupervisorToService] = []
+        self._memory_free: int | None = None
+        self._closing = threading.Event()
 
     def send_control(self, message: p.ServiceToSupervisor) -> None:
         self.control.send(self.control_codec.encode(message))
+
+    def _ack(self, core: ServiceCore[Any], seq: int, memory_free: int | None) -> p.HeartbeatAck:
+        calls = core.calls
+        return p.HeartbeatAck(
+            seq=seq,
+            frames_done=core.frames_done,
+            frames_waiting=core.frames_waiting(),
+            rejected=self.rejected,
+            sessions=core.session_count(),
+            memory_free_bytes=memory_free,
+            call_running_s=round(calls.running_s(), 3),
+            longest_call_s=round(calls.longest_s(), 3),
+            calls_done=calls.done,
+        )
+
+    # ------------------------------------------------------------ liveness during calls
+
+    def _start_liveness(self, core: ServiceCore[Any]) -> threading.Thread:
+        core.calls.after_call = self._after_call
+        thread = threading.Thread(
+            target=self._answer_during_calls, args=(core,), name=f"{self.spec.name}.liveness"
+        )
+        thread.daemon = True
+        thread.start()
+        return thread
+
+    def _after_call(self) -> None:
+        # Wait for the liveness thread to let go of the control socket.
+        with self._control_lock:
+            pass
+
+    def _answer_during_calls(self, core: ServiceCore[Any]) -> None:
+        """Answer heartbeats while a model call holds the loop (past ``LIVENESS_AFTER_S``)."""
+        calls = core.calls
+        while not self._closing.is_set():
+            started = calls.wait_for_call(timeout_s=1.0)
+            # Short calls never go further: the loop answers between them.
+            if started is None or calls.wait_for_end(started, LIVENESS_AFTER_S):
+                continue
+            with self._control_lock:
+                while calls.started == started and not self._closing.is_set():
+                    if self.control.poll(int(LIVENESS_POLL_S * 1000)):
+                        self._liveness_drain(core)
+
+    def _liveness_drain(self, core: ServiceCore[Any]) -> None:
+        while True:
+            try:
+                raw = self.control.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = self.control_codec.decode(raw)
+            except p.MessageRejected as exc:
+                self.rejected += 1
+                logger.warning("rejected control message: %s", exc)
+                continue
+            match msg:
+                case p.Heartbeat(seq=seq):
+                    self.send_control(self._ack(core, seq, self._memory_free))
+                case p.Stop():
+                    self._stopping = True
+                    self._deferred.append(msg)
+                case _:
+                    self._deferred.append(msg)
 
     def run(self, core_factory: Any) -> int:
         """Hello → build the core → Ready → loop until Stop. Returns the exit code."""
@@ -302,6 +382,7 @@ class ServiceProc:
         try:
             core = core_factory(spec, self.outbox)
             self.inbox_codec = p.inbox_codec(core.inbox)
+            self._start_liveness(core)
             self.send_control(p.Ready(service=spec.name))
             logger.info("ready (pid %d)", os.getpid())
             self._loop(core)
@@ -313,6 +394,7 @@ class ServiceProc:
                 self.send_control(p.ServiceFailed(service=spec.name, reason=reason))
             return 1
         finally:
+            self._closing.set()
             if core is not None:
                 with contextlib.suppress(Exception):
                     core.close()
@@ -339,7 +421,7 @@ class ServiceProc:
             if next_tick:
                 timeout_s = max(0.0, min(timeout_s, next_tick - now))
             events = dict(poller.poll(int(timeout_s * 1000)))
-            if self.control in events:
+            if self.control in events or self._deferred:
                 self._drain_control(core)
             if self.inbox in events and not self._stopping:
                 self._drain_inbox(core)
@@ -364,6 +446,8 @@ class ServiceProc:
                     return
 
     def _drain_control(self, core: ServiceCore[Any]) -> None:
+        while self._deferred:  # what arrived while a model call held the loop
+            self._on_control(core, self._deferred.pop(0))
         while True:
             try:
                 raw = self.control.recv(zmq.NOBLOCK)
@@ -380,16 +464,8 @@ class ServiceProc:
     def _on_control(self, core: ServiceCore[Any], msg: p.SupervisorToService) -> None:
         match msg:
             case p.Heartbeat(seq=seq):
-                self.send_control(
-                    p.HeartbeatAck(
-                        seq=seq,
-                        frames_done=core.frames_done,
-                        frames_waiting=core.frames_waiting(),
-                        rejected=self.rejected,
-                        sessions=core.session_count(),
-                        memory_free_bytes=core.memory_free_bytes(),
-                    )
-                )
+                self._memory_free = core.memory_free_bytes()
+                self.send_control(self._ack(core, seq, self._memory_free))
             case p.Stop(reason=reason):
                 logger.info("stopping (%s)", reason or "requested")
                 self._stopping = True

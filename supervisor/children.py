@@ -76,6 +76,10 @@ class Child:
         self.rejected = 0
         self.sessions = 0
         self.memory_free_bytes: int | None = None
+        #: A model process's calls, as its last heartbeat said (``services.calls``).
+        self.call_running_s = 0.0
+        self.longest_call_s = 0.0
+        self.calls_done = 0
         #: The device of a per-device inference process (``cuda:1``), else None.
         self.device: str | None = spec.options.get("device")
         #: The pipeline a pipeline process runs (None for other services).
@@ -124,6 +128,9 @@ class Child:
         self.rejected = ack.rejected
         self.sessions = ack.sessions
         self.memory_free_bytes = ack.memory_free_bytes
+        self.call_running_s = ack.call_running_s
+        self.longest_call_s = ack.longest_call_s
+        self.calls_done = ack.calls_done
 
     def said_failed(self, reason: str) -> None:
         self.failure_reason = reason
@@ -223,23 +230,46 @@ class Child:
         return self.kill_reason or None
 
     def _unresponsive(self, now: float, config: Config) -> str | None:
-        """A live process is not a live loop: stages that stop answering or progressing."""
+        """A live process is not a live loop: stages that stop answering (liveness) or stop
+        getting anywhere (progress)."""
         timeout_s, stall_s = config.heartbeat_timeout_s, config.stall_timeout_s
         if self.is_pipeline:
-            # Heartbeats are answered between model calls, and one call may be long (a block of
-            # a causal video model on a small GPU, a session's first call).
-            timeout_s = max(timeout_s, config.model_heartbeat_timeout_s)
+            # A model process answers during its calls too: silence means frozen.
+            timeout_s = config.model_heartbeat_timeout_s
             stall_s = max(stall_s, config.model_heartbeat_timeout_s)
         elif self.is_media:
             timeout_s = min(timeout_s, config.media_heartbeat_timeout_s)
         unanswered_s = 0.0 if self.unanswered_since is None else now - self.unanswered_since
+        if unanswered_s > timeout_s:
+            frozen = ": the process is frozen" if self.is_pipeline else ""
+            return f"no heartbeat answered for {unanswered_s:.1f} s{frozen}"
+        if self.call_running_s > 0:
+            return self._call_overdue(now, config)
         # Stalls are judged on the process's own latest report (frames waiting, none done
         # since progress_at), not on the clock now: a late report is the heartbeat's business.
         stalled_s = self.last_ack - self.progress_at
-        if unanswered_s > timeout_s:
-            return f"no heartbeat answered for {unanswered_s:.1f} s"
         if stalled_s > stall_s:
             return f"frames waiting but none done for {stalled_s:.1f} s"
+        return None
+
+    def _call_overdue(self, now: float, config: Config) -> str | None:
+        """A model call in progress: its age against what this process's calls take."""
+        running_s = self.call_running_s + (now - self.last_ack)
+        if self.calls_done == 0:
+            limit_s = config.model_first_call_timeout_s
+            if running_s > limit_s:
+                return (
+                    f"its first model call has run for {running_s:.0f} s, over "
+                    f"model_first_call_timeout_s ({limit_s:.0f} s): stuck"
+                )
+            return None
+        limit_s = max(config.stall_timeout_s, config.model_call_limit_factor * self.longest_call_s)
+        if running_s > limit_s:
+            return (
+                f"a model call has run for {running_s:.1f} s, over {limit_s:.1f} s "
+                f"({config.model_call_limit_factor:g}× its longest recent call, "
+                f"{self.longest_call_s:.1f} s): stuck"
+            )
         return None
 
     def uptime_s(self, now: float) -> float:

@@ -87,9 +87,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     #: A process whose loop does not answer for this long is restarted (10 s: a loaded
     #: 2-core box can stall a healthy loop for a few seconds).
     heartbeat_timeout_s: float = 10.0
-    #: Model processes answer heartbeats between calls; one call may take this long (the
-    #: heartbeat and the stall limit of inference and overlay processes).
-    model_heartbeat_timeout_s: float = 30.0
+    #: Model processes answer heartbeats during their calls too (a thread of their own): one
+    #: that does not for this long is frozen (SIGSTOP, a deadlock) and is restarted.
+    model_heartbeat_timeout_s: float = 10.0
+    #: A model call may run this many times its longest recent call (never less than
+    #: stall_timeout_s) before it is taken for stuck and its process restarted.
+    model_call_limit_factor: float = 4.0
+    #: The first call has no history (it may compile, warm up a 14B model on a small GPU).
+    model_first_call_timeout_s: float = 600.0
     #: decode and encode answer between frames (a few ms each): a frozen one is restarted
     #: after this long, so a viewer loses well under 3 s of video (restart and keyframe
     #: included). Media stages must not wait as long as a stage that runs a model.

@@ -4,6 +4,8 @@
   a causal video model may on a small GPU.
 * ``gatedpass=slow_pipeline:GATEDPASS``: loading waits until the file named by
   ``DREAMWIRE_TEST_LOAD_GATE`` exists, so a test holds the server in its start-up.
+* ``stuckpass=slow_pipeline:STUCKPASS``: calls take 0.6 s, until the fifth, which never ends
+  (a deadlocked model call).
 """
 
 from __future__ import annotations
@@ -62,4 +64,32 @@ GATEDPASS = dataclasses.replace(
     name="Gated passthrough",
     description="Loads once the test opens the gate.",
     loader="slow_pipeline:load_gated",
+)
+
+
+STEADY_CALL_S = 0.6
+STEADY_CALLS = 4
+
+
+class StuckPassthrough(PassthroughPipeline):
+    def __init__(self, spec: PipelineSpec) -> None:
+        super().__init__(spec)
+        self.calls = 0
+
+    def __call__(self, requests: Sequence[Request]) -> list[Result]:
+        self.calls += 1
+        time.sleep(STEADY_CALL_S if self.calls <= STEADY_CALLS else 3600.0)
+        return super().__call__(requests)
+
+
+def load_stuck(spec: PipelineSpec, load_params: Any, models_dir: Path) -> StuckPassthrough:
+    return StuckPassthrough(spec)
+
+
+STUCKPASS = dataclasses.replace(
+    SLOWPASS,
+    id="stuckpass",
+    name="Stuck passthrough",
+    description="Four calls of 0.6 s, then one that never ends.",
+    loader="slow_pipeline:load_stuck",
 )

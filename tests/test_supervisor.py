@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -300,23 +301,54 @@ def test_a_held_up_supervisor_keeps_its_healthy_stages(start_supervisor: Start) 
     assert run.stop() == 0
 
 
-def test_a_long_model_call_is_not_taken_for_a_stall(
+def test_a_long_model_call_is_not_taken_for_a_frozen_process(
     start_supervisor: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Every call of this model takes 2 s with frames waiting: longer than the stall limit of a
-    # plain stage (1 s here), shorter than the model processes' limit.
+    # Every call of this model takes 2 s with frames waiting: longer than the heartbeat limit
+    # of model processes (1 s here) and than the stall limit (1 s). Its liveness thread answers
+    # heartbeats during the calls, so it streams on; frozen (SIGSTOP), it is restarted.
     monkeypatch.setenv("DREAMWIRE_PIPELINES", "slowpass=slow_pipeline:SLOWPASS")
     run = start_supervisor(
-        "stall_timeout_s = 1.0\nmodel_heartbeat_timeout_s = 8.0\n"
+        "stall_timeout_s = 1.0\nmodel_heartbeat_timeout_s = 1.0\n"
         + CHAIN.replace('pipelines = ["passthrough"]', 'pipelines = ["slowpass"]')
     )
     stages = ["testsrc", "inference/slowpass", "testsink"]
     reply = run.request(p.OpenSession(session_id="s1", stages=stages, width=128, height=96))
     assert isinstance(reply, p.SessionOpened), reply
-    wait_until(lambda: sink_frames(run) >= 3, 30, "three slow calls' frames at the sink")
+    wait_until(lambda: sink_frames(run) >= 4, 30, "four slow calls' frames at the sink")
     slow = run.service("inference/slowpass")
     assert slow.restarts == 0 and slow.state == "ready", run.log()
     assert "killing it" not in run.log() and "corrupt" not in run.log()
+    assert slow.pid is not None
+    os.kill(slow.pid, signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: run.service("inference/slowpass").pid != slow.pid, 15, "the frozen one killed"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(slow.pid, signal.SIGCONT)
+    assert "no heartbeat answered for 1." in run.log() and "the process is frozen" in run.log()
+
+
+def test_a_stuck_model_call_is_killed_by_its_own_history(
+    start_supervisor: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Calls of 0.6 s, then one that never ends: killed after 4 × 0.6 s (not 1 h, not the
+    # first-call limit), with the reason.
+    monkeypatch.setenv("DREAMWIRE_PIPELINES", "stuckpass=slow_pipeline:STUCKPASS")
+    run = start_supervisor(
+        "stall_timeout_s = 1.0\nmodel_heartbeat_timeout_s = 1.0\n"
+        + CHAIN.replace('pipelines = ["passthrough"]', 'pipelines = ["stuckpass"]')
+    )
+    stages = ["testsrc", "inference/stuckpass", "testsink"]
+    pid = run.service("inference/stuckpass").pid
+    reply = run.request(p.OpenSession(session_id="s1", stages=stages, width=128, height=96))
+    assert isinstance(reply, p.SessionOpened), reply
+    wait_until(lambda: run.service("inference/stuckpass").pid != pid, 30, "the stuck call killed")
+    assert "a model call has run for 2." in run.log() and "its longest recent call, 0.6 s" in (
+        run.log()
+    )
 
 
 def test_a_run_whose_lock_is_in_another_dev_shm_is_left_alone(tmp_path: Path) -> None:

@@ -144,6 +144,59 @@ def test_an_answering_child_is_never_killed() -> None:
     assert not rig.core.children["encode"].kill_reason
 
 
+def test_a_long_model_call_is_judged_by_its_history_and_a_frozen_one_by_its_silence() -> None:
+    rig = Rig(model_heartbeat_timeout_s=2.0, stall_timeout_s=1.0, model_call_limit_factor=4.0,
+              model_first_call_timeout_s=60.0)  # fmt: skip
+    rig.add("inference/slow", kind="inference")
+    route = b"inference/slow"
+    child = rig.core.children["inference/slow"]
+
+    def beat(t: float, running: float, longest: float, done: int) -> list[Any]:
+        effects = rig.tick(t)
+        for _, hb in sent(effects, p.Heartbeat):
+            ack = p.HeartbeatAck(hb.seq, done, 3, 0, 1, None, running, longest, done)
+            rig.core.control(route, ack, t)
+        return effects
+
+    # The first call runs 40 s (it compiles) with frames waiting: liveness answered all along.
+    for t in range(41):
+        assert not any(isinstance(e, Kill) for e in beat(float(t), float(t), 0.0, 0)), t
+    # Calls of 10 s each, then one running past 4 × 10 s: stuck.
+    for t in range(41, 80):
+        assert not any(isinstance(e, Kill) for e in beat(float(t), (t - 41) % 10 + 0.5, 10.0, 3))
+    for t in range(80, 121):
+        effects = beat(float(t), float(t - 80), 10.0, 7)
+        assert not any(isinstance(e, Kill) for e in effects), t
+    effects = beat(121.0, 41.0, 10.0, 7)
+    assert Kill(child.pid or 0) in effects
+    assert child.kill_reason == (
+        "a model call has run for 41.0 s, over 40.0 s (4× its longest recent call, 10.0 s): stuck"
+    )
+
+
+def test_a_frozen_model_process_is_killed_by_the_heartbeat_limit() -> None:
+    rig = Rig(model_heartbeat_timeout_s=2.0)
+    rig.add("inference/x", kind="inference")
+    child = rig.core.children["inference/x"]
+    rig.tick(0.0)  # a heartbeat goes out and is never answered (SIGSTOP)
+    assert not any(isinstance(e, Kill) for e in rig.tick(2.0))
+    assert Kill(child.pid or 0) in rig.tick(2.1)
+    assert child.kill_reason == "no heartbeat answered for 2.1 s: the process is frozen"
+
+
+def test_a_first_model_call_has_its_own_limit() -> None:
+    rig = Rig(model_first_call_timeout_s=30.0, heartbeat_interval_s=1.0)
+    rig.add("inference/x", kind="inference")
+    child = rig.core.children["inference/x"]
+    for t in range(32):
+        for _, hb in sent(rig.tick(float(t)), p.Heartbeat):
+            ack = p.HeartbeatAck(hb.seq, 0, 1, 0, 1, None, float(t), 0.0, 0)
+            rig.core.control(b"inference/x", ack, float(t))
+    assert child.kill_reason == (
+        "its first model call has run for 31 s, over model_first_call_timeout_s (30 s): stuck"
+    )
+
+
 def test_a_crash_restarts_with_backoff_until_the_budget_is_spent() -> None:
     rig = Rig()
     rig.add("src")

@@ -247,7 +247,8 @@ class InferenceCore(FrameStage[InferenceState]):
         use, released once their output is filled)."""
         model_start = time.monotonic_ns()
         try:
-            results = self.pipeline(requests)
+            with self.calls.running():
+                results = self.pipeline(requests)
         except Exception as exc:
             if is_out_of_memory(exc):
                 # The pipeline's status becomes ``error`` with this text and the process gives
