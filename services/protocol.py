@@ -187,6 +187,10 @@ class CloseSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
 class PipelineLoad(msgspec.Struct, forbid_unknown_fields=True):
     pipeline_id: str
     load_params: dict[str, Any] = {}
+    #: Which of ``load_params`` take effect only at load (the pipeline's ``load_params`` in its
+    #: schema): a change of another key (a session setting Scope's UI sends with the load)
+    #: keeps the running process. Empty: every key counts.
+    load_keys: list[str] = []
 
 
 class LoadPipelines(msgspec.Struct, tag=True, forbid_unknown_fields=True):

@@ -75,13 +75,13 @@ class SignallingBackend:
                 raise InvalidParameters(
                     "load_params." + "; load_params.".join(sorted_params.errors)
                 )
-            if sorted_params.unknown:
-                logger.warning(
+            if sorted_params.unknown:  # Scope's UI sends height and width to every pipeline
+                logger.info(
                     "load %s: ignoring load_params it does not have: %s",
                     pid,
                     ", ".join(sorted_params.unknown),
                 )
-            loads.append(p.PipelineLoad(pid, sorted_params.valid))
+            loads.append(p.PipelineLoad(pid, sorted_params.valid, self.catalog.load_keys(pid)))
         reply = await self.admin.request(p.LoadPipelines(pipelines=loads))
         if isinstance(reply, p.Rejected):
             raise InvalidParameters(reply.reason)
@@ -106,7 +106,9 @@ class SignallingBackend:
     async def pipeline_schemas(self) -> dict[str, dict[str, Any]]:
         return self.catalog.schemas()
 
-    async def _session_plan(self, asked: tuple[str, ...] | None) -> SessionPlan:
+    async def _session_plan(
+        self, asked: tuple[str, ...] | None
+    ) -> tuple[SessionPlan, dict[str, Any]]:
         """The chain the loaded pipelines make (or those of them the client asked for): the
         first non-overlay pipeline runs in its inference process; an overlay (Moondream) comes
         after it, or alone on the camera."""
@@ -126,7 +128,20 @@ class SignallingBackend:
             raise InvalidParameters(f"initialParameters.{exc}") from None
         first = loaded[chain.pipeline_id]
         info = self.catalog.info(first.pipeline_id, first.load_params)
-        return SessionPlan(chain=chain, width=info.width, height=info.height, modes=info.modes)
+        plan = SessionPlan(chain=chain, width=info.width, height=info.height, modes=info.modes)
+        return plan, self._session_defaults([loaded[pid] for pid in chain.pipeline_ids])
+
+    def _session_defaults(self, states: list[p.PipelineState]) -> dict[str, Any]:
+        """The session settings the pipelines were last loaded with (Scope's UI sends a node's
+        settings with its load): a new session starts from them. The running process may have
+        been started with older ones (a change of these never reloads it)."""
+        defaults: dict[str, Any] = {}
+        for state in states:
+            load_keys = set(self.catalog.load_keys(state.pipeline_id))
+            for key, value in state.load_params.items():
+                if key not in load_keys:
+                    defaults.setdefault(key, value)
+        return defaults
 
     # ------------------------------------------------------------------ sessions
 
@@ -150,8 +165,8 @@ class SignallingBackend:
     async def _create_session(
         self, offer: WebRtcOfferRequest, intent: Intent, params: dict[str, Any]
     ) -> WebRtcOfferResponse:
-        plan = await self._session_plan(intent.pipeline_ids)
-        checked = self.catalog.sort(plan.chain.pipeline_ids, params)
+        plan, defaults = await self._session_plan(intent.pipeline_ids)
+        checked = self.catalog.sort(plan.chain.pipeline_ids, {**defaults, **params})
         if checked.errors:
             raise InvalidParameters(
                 "initialParameters." + "; initialParameters.".join(checked.errors)

@@ -91,6 +91,10 @@ class PipelineCatalog:
     def is_overlay(self, pipeline_id: str) -> bool:
         return topology.is_overlay(pipeline_id)
 
+    def load_keys(self, pipeline_id: str) -> list[str]:
+        registry = _registry()
+        return sorted(registry.load_param_names(registry.get(pipeline_id)))
+
     def fields(self, pipeline_id: str) -> set[str]:
         return {f.name for f in msgspec.structs.fields(_registry().get(pipeline_id).config)}
 

@@ -190,6 +190,19 @@ def pipeline_services(
     ]
 
 
+def same_load(running: dict[str, Any], wanted: dict[str, Any], load_keys: list[str]) -> bool:
+    """Whether a pipeline process started with ``running`` options serves a load asking for
+    ``wanted``: everything equal but the load params outside ``load_keys`` (none: all count)."""
+
+    def identity(options: dict[str, Any]) -> dict[str, Any]:
+        params = dict(options.get("load_params", {}))
+        if load_keys:
+            params = {k: v for k, v in params.items() if k in load_keys}
+        return {**options, "load_params": params}
+
+    return identity(running) == identity(wanted)
+
+
 # ---------------------------------------------------------------- the core
 
 
@@ -433,6 +446,7 @@ class SupervisorCore:
     def load_pipelines(self, loads: list[p.PipelineLoad], now: float) -> list[Effect]:
         """Start the inference processes asked for; stop those no longer wanted."""
         wanted: dict[str, ServiceConfig] = {}
+        load_keys: dict[str, list[str]] = {}
         for load in loads:
             pid = load.pipeline_id
             if not pid or not all(c.isalnum() or c in "-_." for c in pid) or len(pid) > 64:
@@ -441,6 +455,7 @@ class SupervisorCore:
                 continue
             for svc in pipeline_services(self.config, self.run.models_dir, pid, load.load_params):
                 wanted[svc.name] = svc
+                load_keys[svc.name] = load.load_keys
         self.loads = list(loads)
         self.node_table.wanted = {load.pipeline_id: dict(load.load_params) for load in loads}
         effects: list[Effect] = []
@@ -450,7 +465,10 @@ class SupervisorCore:
             if not child.is_pipeline or child.removing:
                 continue
             same = wanted.get(name)
-            if same is not None and child.spec.options == same.options:
+            if same is not None and same_load(child.spec.options, same.options, load_keys[name]):
+                # Only session settings changed (Scope's UI sends them with every load): the
+                # process stays; status shows them and new sessions take them as defaults.
+                child.spec.options["load_params"] = same.options["load_params"]
                 if child.state is State.FAILED:  # asked again after a failed load: once more
                     child.retry()
                     effects.append(Spawn(child.spec))

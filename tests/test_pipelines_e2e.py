@@ -152,3 +152,29 @@ async def test_out_of_memory_stops_sessions_and_a_smaller_load_works(
         await client.connect(None)
         await client.wait_frames(10, timeout_s=30)
         assert (client.received.width, client.received.height) == (128, 96)
+
+
+async def test_session_settings_sent_with_a_load_apply_without_reloading(
+    connect: Callable[[str], DreamwireClient],
+) -> None:
+    """Scope 0.2 sends a node's settings with every load: they become the settings of the next
+    session, and the model is not loaded again for them."""
+    config = 'overlay_model = "overlay_stand_in:StandInMoondream"\n'
+    async with connect(config) as client:
+        both = [{"pipeline_id": "passthrough"}]
+        await client.load_pipelines([*both, {"pipeline_id": "moondream", "load_params": {}}])
+        overlay_pid = await overlay_process(client)
+        await client.load_pipelines(
+            [*both, {"pipeline_id": "moondream", "load_params": {"feature": "point"}}]
+        )
+        assert await overlay_process(client) == overlay_pid  # the same process: no reload
+        client.pattern = PatternTrack(256, 256, 15)
+        await client.connect(client.pattern)  # no initialParameters: the load's settings
+        output = await client.wait_message("fetch_output", timeout_s=30)
+        assert output["data"]["feature"] == "point"
+
+
+async def overlay_process(client: DreamwireClient) -> int:
+    _, metrics = await client.request("GET", "/api/v1/metrics")
+    (pid,) = [p["pid"] for p in metrics["processes"] if p["name"] == "overlay"]
+    return int(pid)

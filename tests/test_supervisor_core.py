@@ -295,6 +295,29 @@ def test_unload_stops_then_kills_and_a_failed_load_can_be_asked_again() -> None:
     assert "inference/passthrough" not in rig.core.children
 
 
+def test_a_load_changing_only_session_settings_keeps_the_process() -> None:
+    rig = Rig()
+
+    def load(**params: Any) -> list[Any]:
+        loads = [p.PipelineLoad("moondream", params, load_keys=["compile_model"])]
+        reply, effects = rig.core.admin(p.LoadPipelines(loads), 0.0)
+        assert reply == p.Ack()
+        return rig.apply(effects)
+
+    assert [e.spec.name for e in load(feature="detect") if isinstance(e, Spawn)] == ["overlay"]
+    rig.hello_ready("overlay")
+    pid = rig.core.children["overlay"].pid
+    # Scope's UI sends a node's settings with each load: the model is not loaded again.
+    assert load(feature="caption", max_tokens=16) == []
+    assert rig.core.children["overlay"].pid == pid
+    (state,) = rig.core.pipeline_states()
+    assert state.load_params == {"feature": "caption", "max_tokens": 16}
+    # A load-time key does reload it.
+    assert sent(load(feature="caption", compile_model=True), p.Stop) == [
+        (b"overlay", p.Stop(reason="unloaded"))
+    ]
+
+
 def test_bad_requests_are_refused_with_the_reason() -> None:
     rig = Rig()
     rig.add("src")

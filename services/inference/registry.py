@@ -224,13 +224,20 @@ def schema(spec: PipelineSpec, plugin_name: str | None = None) -> dict[str, Any]
             {"repo_id": a.repo_id, "files": list(a.patterns), "revision": a.revision}
             for a in spec.artifacts
         ],
-        "load_params": sorted(
-            name
-            for name, prop in config["properties"].items()
-            if prop.get("ui", {}).get("is_load_param") or name in spec.load_only
-        ),
+        "load_params": sorted(load_param_names(spec, config)),
         "config_schema": config,
         **spec.extra,
+    }
+
+
+def load_param_names(spec: PipelineSpec, config: dict[str, Any] | None = None) -> set[str]:
+    """The fields that take effect only when the pipeline loads (a change reloads it); the
+    others are a session's settings, live while it streams."""
+    config = config if config is not None else config_schema(spec)
+    return {
+        name
+        for name, prop in config["properties"].items()
+        if prop.get("ui", {}).get("is_load_param") or name in spec.load_only
     }
 
 
