@@ -17,6 +17,7 @@ from services import protocol as p
 from services import topology
 from services.runtime import ServiceSpec
 from supervisor.config import Config, RestartPolicy
+from supervisor.events import Send
 
 logger = logging.getLogger(__name__)
 
@@ -276,3 +277,37 @@ class Child:
         if self.state not in (State.READY, State.STARTING):
             return 0.0
         return now - self.started_at
+
+
+class Children(dict[str, Child]):
+    """Every supervised child by name, and the routes to them: a message goes only to a child
+    whose connection has proved it (its Hello), and only to a ready one by name."""
+
+    def send(self, child: Child, message: p.SupervisorToService) -> list[Send]:
+        if child.route is None:
+            return []  # not (yet) proven: nothing is routed to it
+        return [Send(child.route, message)]
+
+    def send_to(self, name: str, message: p.SupervisorToService) -> list[Send]:
+        child = self.get(name)
+        if child is None or child.state is not State.READY:
+            return []
+        return self.send(child, message)
+
+    def by_route(self, route: bytes) -> Child | None:
+        return next((c for c in self.values() if c.route == route), None)
+
+    def by_pid(self, pid: int) -> Child | None:
+        return next((c for c in self.values() if c.pid == pid), None)
+
+    def of_pipeline(self, pipeline_id: str) -> list[Child]:
+        """The processes of a pipeline: one, or one per device."""
+        return [c for c in self.values() if c.pipeline_id == pipeline_id and not c.removing]
+
+    def ready_pipelines(self) -> list[str]:
+        """The pipelines with a ready process here (one entry per process)."""
+        return [
+            c.pipeline_id
+            for c in self.values()
+            if c.pipeline_id is not None and c.state is State.READY and not c.removing
+        ]

@@ -36,18 +36,28 @@ from services.runtime import (
     control_endpoint,
 )
 from shm.ring import FrameRing, RingStats, ring_bytes
-from supervisor.children import Child, State
 from supervisor.config import Config, default_run_base
-from supervisor.core import (
+from supervisor.core import RunInfo, SupervisorCore
+from supervisor.events import (
+    AdminRequest,
+    ControlMessage,
     Effect,
+    Event,
+    Exited,
     Kill,
-    RunInfo,
+    Reply,
     Send,
+    Shutdown,
     Spawn,
+    Spawned,
+    SpawnFailed,
+    Start,
+    StartupFailed,
     StopRequested,
-    SupervisorCore,
-    service_plan,
+    Tick,
+    Unreadable,
 )
+from supervisor.plan import service_plan
 from supervisor.procstats import ProcessSampler
 from supervisor.rundir import Run, create_run, reclaim_stale, shm_free_bytes
 
@@ -136,6 +146,7 @@ class Supervisor:
         self.procs: dict[int, ChildProcess] = {}
         self._log_handler: logging.Handler | None = None
         self._stop_reason: str | None = None
+        self._startup_error: str | None = None
         #: Handed to every child in its spec; a Hello must carry it.
         self.secret = secrets.token_hex(16)
         self.sampler = ProcessSampler()
@@ -180,10 +191,13 @@ class Supervisor:
             run.run_id, str(run.path), os.getpid(), self.secret, self.models_dir, time.monotonic()
         )
         self.core = SupervisorCore(self.config, info, SharedRings(run.run_id), self.sampler.sample)
-        for svc in service_plan(self.config, self.models_dir):
-            self._apply(self.core.add(svc))
-            self._wait_ready(self.core.children[svc.name])
-        self.core.phase = "running"
+        self._handle(Start(service_plan(self.config, self.models_dir)))
+        while self.core.phase == "starting":
+            if self._startup_error is not None:
+                raise StartupError(self._startup_error)
+            if self._stop_reason is not None:
+                raise StartupError(f"stopped while starting ({self._stop_reason})")
+            self.run_once(0.1)
 
     def _check_shm(self) -> None:
         cfg = self.config
@@ -196,21 +210,6 @@ class Supervisor:
                 "give the container more shared memory (docker run --shm-size=1g) "
                 "or lower max_frame_width/max_frame_height"
             )
-
-    def _wait_ready(self, child: Child) -> None:
-        cfg = self.config
-        limit = cfg.load_timeout_s if child.is_pipeline else cfg.ready_timeout_s
-        deadline = time.monotonic() + limit
-        while child.state is not State.READY:
-            if self._stop_reason is not None:
-                raise StartupError(f"stopped while starting {child.name}")
-            if child.state is State.FAILED:
-                if child.is_pipeline:
-                    return  # reported as the pipeline's error status; the server still serves
-                raise StartupError(f"{child.name} failed to start: {child.last_error}")
-            if time.monotonic() > deadline:
-                raise StartupError(f"{child.name} was not ready within {limit:.0f} s")
-            self.run_once(0.1)
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -238,7 +237,7 @@ class Supervisor:
         """Stop every child (Stop → SIGTERM → SIGKILL, one deadline), free every segment."""
         core = self.core
         if core is not None:
-            self._apply(core.begin_shutdown(self._stop_reason or "shutdown", time.monotonic()))
+            self._handle(Shutdown(self._stop_reason or "shutdown"))
             self._wait_exit(time.monotonic() + self.config.stop_timeout_s)
             for pid in list(self.procs):
                 self._signal(pid, signal.SIGTERM)
@@ -268,8 +267,20 @@ class Supervisor:
 
     # ------------------------------------------------------------------ effects
 
-    def _apply(self, effects: list[Effect]) -> None:
+    def _handle(self, event: Event) -> p.AdminReply | None:
+        """The core's answer to one event, carried out; the reply, for an admin request."""
         assert self.core is not None
+        try:
+            effects = self.core.handle(event, time.monotonic())
+        except Exception as exc:  # the supervisor never dies of one message
+            logger.exception("%s failed", type(event).__name__)
+            if isinstance(event, AdminRequest):
+                return p.Rejected(reason=f"internal error: {exc!r}")
+            return None
+        return self._apply(effects)
+
+    def _apply(self, effects: list[Effect]) -> p.AdminReply | None:
+        reply: p.AdminReply | None = None
         for effect in effects:
             match effect:
                 case Send(route=route, message=message):
@@ -284,13 +295,18 @@ class Supervisor:
                         pid = self._spawn(spec)
                     except OSError as exc:  # out of processes or descriptors: try again later
                         logger.error("cannot start %s: %s", spec.name, exc)
-                        self._apply(self.core.spawn_failed(spec.name, str(exc), time.monotonic()))
+                        self._handle(SpawnFailed(spec.name, str(exc)))
                         continue
-                    self.core.spawned(spec.name, pid, time.monotonic())
+                    self._handle(Spawned(spec.name, pid))
                 case Kill(pid=pid, signal=sig):
                     self._signal(pid, sig)
                 case StopRequested(reason=reason):
                     self.request_stop(reason)
+                case StartupFailed(reason=reason):
+                    self._startup_error = reason
+                case Reply(reply=answer):
+                    reply = answer
+        return reply
 
     def _spawn(self, spec: ServiceSpec) -> int:
         env = {k: v for k, v in os.environ.items() if k != AUTH_TOKEN_ENV}
@@ -323,8 +339,7 @@ class Supervisor:
         if proc.pidfd is not None:
             self.poller.unregister(proc.pidfd)
             os.close(proc.pidfd)
-        assert self.core is not None
-        self._apply(self.core.exited(pid, code, time.monotonic()))
+        self._handle(Exited(pid, code))
 
     # ------------------------------------------------------------------ loop
 
@@ -343,7 +358,7 @@ class Supervisor:
                 self._reaped(pid, code)
         if self.admin in events:
             self._drain_admin()
-        self._apply(self.core.timers(time.monotonic()))
+        self._handle(Tick())
 
     def _drain_wakeups(self) -> None:
         try:
@@ -360,20 +375,15 @@ class Supervisor:
             except zmq.Again:
                 return
             if len(frames) != 2:
-                self.core.reject(f"control message with {len(frames)} frames")
+                self._handle(Unreadable(f"control message with {len(frames)} frames"))
                 continue
             identity, raw = frames
             try:
                 msg = self.control_codec.decode(raw)
             except p.MessageRejected as exc:
-                self.core.reject(f"control message from {identity!r}: {exc}")
+                self._handle(Unreadable(f"control message from {identity!r}: {exc}"))
                 continue
-            try:
-                effects = self.core.control(identity, msg, time.monotonic())
-            except Exception:  # the supervisor never dies of one message
-                logger.exception("control message %s from %r failed", type(msg).__name__, identity)
-                continue
-            self._apply(effects)
+            self._handle(ControlMessage(identity, msg))
 
     def _drain_admin(self) -> None:
         assert self.core is not None
@@ -383,19 +393,16 @@ class Supervisor:
             except zmq.Again:
                 return
             if len(frames) < 3:
-                self.core.reject(f"admin message with {len(frames)} frames")
+                self._handle(Unreadable(f"admin message with {len(frames)} frames"))
                 continue
             envelope, raw = frames[:-1], frames[-1]
             try:
                 request = self.admin_codec.decode(raw)
             except p.MessageRejected as exc:
-                self.core.reject(f"admin message: {exc}")
-                reply: p.AdminReply = p.Rejected(reason=str(exc))
+                self._handle(Unreadable(f"admin message: {exc}"))
+                reply: p.AdminReply | None = p.Rejected(reason=str(exc))
             else:
-                try:
-                    reply, effects = self.core.admin(request, time.monotonic())
-                except Exception as exc:  # the supervisor never dies of one request
-                    logger.exception("admin request %s failed", type(request).__name__)
-                    reply, effects = p.Rejected(reason=f"internal error: {exc!r}"), []
-                self._apply(effects)
+                reply = self._handle(AdminRequest(request))
+            if reply is None:  # cannot happen: every admin request gets one
+                reply = p.Rejected(reason="internal error: no reply")
             self.admin.send_multipart([*envelope, self.admin_codec.encode(reply)])

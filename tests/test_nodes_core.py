@@ -13,7 +13,7 @@ from test_supervisor_core import Rig
 from services import protocol as p
 from services import topology
 from services.nodes.wire import Clock, Pong
-from supervisor.core import Send
+from supervisor.events import Send
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -43,12 +43,12 @@ def beat(
 
 
 def report(rig: Rig, msg: p.NodeReport) -> list[Any]:
-    return rig.core.control(topology.NODES.encode(), msg, rig.now)
+    return rig.control(topology.NODES.encode(), msg, rig.now)
 
 
 def open_session(rig: Rig, session_id: str, **kw: Any) -> tuple[p.AdminReply, list[Any]]:
     req = p.OpenSession(session_id, 64, 32, owner="signalling", sink="signalling", **kw)
-    return rig.core.admin(req, rig.now)
+    return rig.admin(req, rig.now)
 
 
 def to_nodes(effects: list[Any]) -> list[p.ToNode]:
@@ -83,7 +83,7 @@ def test_sessions_spread_over_the_nodes_and_the_node_is_asked_to_open_them() -> 
         placed.append(node)
     assert sorted(placed) == ["a", "a", "b", "b"]  # equal room: turn about
     # The pipeline is loaded as far as a client can tell (the API reads this).
-    assert [(s.pipeline_id, s.status) for s in rig.core.pipeline_states()] == [
+    assert [(s.pipeline_id, s.status) for s in rig.core.pipelines.states()] == [
         ("passthrough", "loaded")
     ]
 
@@ -139,7 +139,7 @@ def test_a_load_goes_to_every_node_and_to_a_node_that_joins_later() -> None:
     rig = front()
     report(rig, beat("a"))
     loads = [p.PipelineLoad("testcard", {"width": 64})]
-    reply, effects = rig.core.admin(p.LoadPipelines(loads), rig.now)
+    reply, effects = rig.admin(p.LoadPipelines(loads), rig.now)
     assert isinstance(reply, p.Ack)
     assert [(m.node, m.request) for m in to_nodes(effects)] == [("a", p.LoadPipelines(loads))]
     # A front without media of its own starts no pipeline process here.
@@ -153,10 +153,10 @@ def test_closing_a_node_session_asks_the_node() -> None:
     rig = front()
     report(rig, beat("a"))
     open_session(rig, "s1", pipeline_ids=["passthrough"])
-    reply, effects = rig.core.admin(p.CloseSession("s1"), rig.now)
+    reply, effects = rig.admin(p.CloseSession("s1"), rig.now)
     assert isinstance(reply, p.Ack)
     assert [(m.node, m.request) for m in to_nodes(effects)] == [("a", p.CloseSession("s1"))]
-    assert rig.core.sessions == {}
+    assert rig.core.sessions.sessions == {}
 
 
 def test_the_clock_offset_is_the_least_queued_estimate() -> None:
@@ -180,14 +180,14 @@ def test_after_a_load_a_node_counts_only_once_it_reports_the_new_load() -> None:
     rig = front()
     report(rig, beat("a"))
     loads = [p.PipelineLoad("passthrough", {"width": 512})]
-    rig.core.admin(p.LoadPipelines(loads), rig.now)
+    rig.admin(p.LoadPipelines(loads), rig.now)
     report(rig, beat("a"))  # the beat it sent before the load arrived
-    assert [s.status for s in rig.core.pipeline_states()] == ["loading"]
+    assert [s.status for s in rig.core.pipelines.states()] == ["loading"]
     reply, _ = open_session(rig, "s1", pipeline_ids=["passthrough"])
     assert isinstance(reply, p.Rejected)
     done = beat("a")
     done.pipelines[0].load_params = {"width": 512}
     report(rig, done)
-    assert [s.status for s in rig.core.pipeline_states()] == ["loaded"]
+    assert [s.status for s in rig.core.pipelines.states()] == ["loaded"]
     reply, _ = open_session(rig, "s1", pipeline_ids=["passthrough"])
     assert isinstance(reply, p.SessionOpened)

@@ -14,7 +14,7 @@ from services.inference.wan import specs as ws
 from services.options import START_BITRATE_BPS, EncodeOptions
 from services.runtime import ServiceSpec
 from supervisor.config import load_config
-from supervisor.core import service_plan
+from supervisor.plan import service_plan
 
 pytestmark = pytest.mark.timeout(30)
 

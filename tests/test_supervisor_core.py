@@ -16,7 +16,23 @@ from services import protocol as p
 from shm.ring import RingError, RingStats
 from supervisor.children import State
 from supervisor.config import Config, RestartPolicy, ServiceConfig
-from supervisor.core import Kill, RunInfo, Send, Spawn, StopRequested, SupervisorCore
+from supervisor.core import RunInfo, SupervisorCore
+from supervisor.events import (
+    AdminRequest,
+    ControlMessage,
+    Exited,
+    Kill,
+    Reply,
+    Send,
+    Shutdown,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    Start,
+    StartupFailed,
+    StopRequested,
+    Tick,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -69,11 +85,14 @@ class Rig:
         for effect in effects:
             if isinstance(effect, Spawn):
                 self.next_pid += 1
-                self.core.spawned(effect.spec.name, self.next_pid, self.now)
+                self.core.handle(Spawned(effect.spec.name, self.next_pid), self.now)
         return effects
 
+    def start(self, svc: ServiceConfig) -> list[Any]:
+        return self.apply(self.core.handle(Start([svc]), self.now))
+
     def add(self, name: str, kind: str = "testsrc") -> None:
-        self.apply(self.core.add(ServiceConfig(name, kind, restart=POLICY)))
+        self.start(ServiceConfig(name, kind, restart=POLICY))
         self.hello_ready(name)
 
     def hello_ready(self, name: str) -> None:
@@ -81,16 +100,32 @@ class Rig:
         assert child.pid is not None
         route = name.encode()
         hello = p.Hello(service=name, pid=child.pid, secret=SECRET)
-        assert self.core.control(route, hello, self.now) == []
-        self.apply(self.core.control(route, p.Ready(name), self.now))
+        assert self.control(route, hello, self.now) == []
+        self.apply(self.control(route, p.Ready(name), self.now))
+
+    # The core's one entry point, event by event.
+
+    def control(self, route: bytes, msg: p.ServiceToSupervisor, t: float) -> list[Any]:
+        return self.core.handle(ControlMessage(route, msg), t)
+
+    def admin(self, request: p.AdminRequest, t: float) -> tuple[p.AdminReply, list[Any]]:
+        effects = self.core.handle(AdminRequest(request), t)
+        (reply,) = [e.reply for e in effects if isinstance(e, Reply)]
+        return reply, [e for e in effects if not isinstance(e, Reply)]
+
+    def exited(self, pid: int, code: int, t: float) -> list[Any]:
+        return self.core.handle(Exited(pid, code), t)
+
+    def spawn_failed(self, name: str, reason: str, t: float) -> list[Any]:
+        return self.core.handle(SpawnFailed(name, reason), t)
 
     def tick(self, to: float) -> list[Any]:
         self.now = to
-        return self.apply(self.core.timers(to))
+        return self.apply(self.core.handle(Tick(), to))
 
     def open(self, stages: list[str], owner: str | None = None) -> p.SessionOpened:
         req = p.OpenSession("s1", 64, 32, stages=stages, sink="signalling", owner=owner)
-        reply, effects = self.core.admin(req, self.now)
+        reply, effects = self.admin(req, self.now)
         assert isinstance(reply, p.SessionOpened), reply
         self.opened_effects = effects
         return reply
@@ -102,15 +137,42 @@ def sent(effects: list[Any], kind: type) -> list[tuple[bytes, Any]]:
     ]
 
 
+def test_start_up_brings_services_up_one_after_the_other() -> None:
+    rig = Rig()
+    quick = RestartPolicy(max_restarts=0, window_s=60)
+    plan = [
+        ServiceConfig("inference/x", "inference", {"pipeline": "x"}, quick),
+        ServiceConfig("decode", "decode", restart=quick),
+        ServiceConfig("signalling", "signalling", restart=quick),
+    ]
+    spawned = rig.apply(rig.core.handle(Start(plan), 0.0))
+    assert [e.spec.name for e in spawned] == ["inference/x"] and rig.core.phase == "starting"
+    # A pipeline that fails to load is its status: start-up goes on.
+    nexts = rig.apply(rig.exited(rig.core.children["inference/x"].pid or 0, 1, 1.0))
+    assert [e.spec.name for e in nexts if isinstance(e, Spawn)] == ["decode"]
+    rig.hello_ready("decode")  # ready: signalling starts
+    assert rig.core.children["signalling"].state is State.STARTING
+    # A service the run needs, given up on: the run ends, saying why.
+    effects = rig.exited(rig.core.children["signalling"].pid or 0, 1, 2.0)
+    assert effects == [StartupFailed("signalling failed to start: signalling died (exit code 1)")]
+    assert rig.core.phase == "starting"
+
+
+def test_start_up_ends_running_once_all_are_ready() -> None:
+    rig = Rig()
+    rig.add("a")
+    assert rig.core.phase == "running"
+
+
 def test_a_hello_must_prove_pid_and_secret() -> None:
     rig = Rig()
-    rig.apply(rig.core.add(ServiceConfig("src", "testsrc")))
+    rig.start(ServiceConfig("src", "testsrc"))
     child = rig.core.children["src"]
     assert child.state is State.STARTING and child.pid == 101
-    assert rig.core.control(b"x", p.Hello("src", 101, "wrong"), 0.0) == []
-    assert rig.core.control(b"y", p.Hello("src", 999, SECRET), 0.0) == []
+    assert rig.control(b"x", p.Hello("src", 101, "wrong"), 0.0) == []
+    assert rig.control(b"y", p.Hello("src", 999, SECRET), 0.0) == []
     assert child.route is None and rig.core.rejected == 2
-    rig.core.control(b"x", p.Ready("src"), 0.0)  # an unproven peer's Ready changes nothing
+    rig.control(b"x", p.Ready("src"), 0.0)  # an unproven peer's Ready changes nothing
     assert child.state is State.STARTING and rig.core.rejected == 3
     rig.hello_ready("src")
     assert child.state is State.READY and child.route == b"src"
@@ -139,7 +201,7 @@ def test_an_answering_child_is_never_killed() -> None:
         ack = p.HeartbeatAck(
             seq=step + 1, frames_done=step, frames_waiting=0, rejected=0, sessions=0
         )
-        rig.core.control(b"encode", ack, t + 0.1)
+        rig.control(b"encode", ack, t + 0.1)
     assert rig.core.children["encode"].state is State.READY
     assert not rig.core.children["encode"].kill_reason
 
@@ -155,7 +217,7 @@ def test_a_long_model_call_is_judged_by_its_history_and_a_frozen_one_by_its_sile
         effects = rig.tick(t)
         for _, hb in sent(effects, p.Heartbeat):
             ack = p.HeartbeatAck(hb.seq, done, 3, 0, 1, None, running, longest, done)
-            rig.core.control(route, ack, t)
+            rig.control(route, ack, t)
         return effects
 
     # The first call runs 40 s (it compiles) with frames waiting: liveness answered all along.
@@ -191,7 +253,7 @@ def test_a_first_model_call_has_its_own_limit() -> None:
     for t in range(32):
         for _, hb in sent(rig.tick(float(t)), p.Heartbeat):
             ack = p.HeartbeatAck(hb.seq, 0, 1, 0, 1, None, float(t), 0.0, 0)
-            rig.core.control(b"inference/x", ack, float(t))
+            rig.control(b"inference/x", ack, float(t))
     assert child.kill_reason == (
         "its first model call has run for 31 s, over model_first_call_timeout_s (30 s): stuck"
     )
@@ -201,28 +263,28 @@ def test_a_crash_restarts_with_backoff_until_the_budget_is_spent() -> None:
     rig = Rig()
     rig.add("src")
     rig.now = 10.0
-    assert rig.core.exited(101, -9, 10.0) == []
+    assert rig.exited(101, -9, 10.0) == []
     child = rig.core.children["src"]
     assert child.state is State.RESTARTING and child.restart_due == pytest.approx(10.5)
     assert "killed by SIGKILL" in child.last_error
     assert not any(isinstance(e, Spawn) for e in rig.tick(10.4))
     assert any(isinstance(e, Spawn) for e in rig.tick(10.5))
     assert child.state is State.STARTING and child.pid == 102
-    rig.core.exited(102, 1, 11.0)
+    rig.exited(102, 1, 11.0)
     assert child.restart_due == pytest.approx(12.0)  # backoff doubles
     rig.tick(12.0)
-    rig.core.exited(103, 1, 12.5)  # a third failure within the window: given up
+    rig.exited(103, 1, 12.5)  # a third failure within the window: given up
     assert child.state is State.FAILED and child.restarts == 2
 
 
 def test_a_process_that_cannot_be_started_is_tried_again_later() -> None:
     rig = Rig()
     rig.add("src")
-    rig.core.exited(101, -9, 0.0)
+    rig.exited(101, -9, 0.0)
     rig.now = 0.5
-    assert [e for e in rig.core.timers(0.5) if isinstance(e, Spawn)]
+    assert [e for e in rig.core.handle(Tick(), 0.5) if isinstance(e, Spawn)]
     # fork failed (EAGAIN, EMFILE): no pid; the supervisor lives and tries again with backoff.
-    assert rig.core.spawn_failed("src", "[Errno 24] Too many open files", 0.5) == []
+    assert rig.spawn_failed("src", "[Errno 24] Too many open files", 0.5) == []
     child = rig.core.children["src"]
     assert child.state is State.RESTARTING and child.pid is None
     assert child.last_error == "src could not be started: [Errno 24] Too many open files"
@@ -241,16 +303,16 @@ def test_session_rings_wiring_and_a_stage_that_comes_back() -> None:
     assert starts[b"mid"].input_ring == "ring.s1.0" and starts[b"mid"].downstream == "sink"
     assert starts[b"sink"].output_ring is None and starts[b"sink"].downstream == "signalling"
     # mid crashes and restarts: once Ready again it is given the session anew.
-    rig.core.exited(rig.core.children["mid"].pid or 0, -11, 1.0)
+    rig.exited(rig.core.children["mid"].pid or 0, -11, 1.0)
     rig.tick(2.0)
     mid = rig.core.children["mid"]
     route = b"mid2"
-    rig.core.control(route, p.Hello("mid", mid.pid or 0, SECRET), 2.0)
-    again = sent(rig.core.control(route, p.Ready("mid"), 2.0), p.StartSession)
+    rig.control(route, p.Hello("mid", mid.pid or 0, SECRET), 2.0)
+    again = sent(rig.control(route, p.Ready("mid"), 2.0), p.StartSession)
     assert again == [(route, starts[b"mid"])]
     status = rig.core.status(3.0)
     assert [r.producer for r in status.rings] == ["src", "mid"] and status.sessions == ["s1"]
-    closed = rig.core.admin(p.CloseSession("s1"), 3.0)
+    closed = rig.admin(p.CloseSession("s1"), 3.0)
     assert closed[0] == p.Ack() and len(sent(closed[1], p.EndSession)) == 3
     assert rig.rings.live == {} and sorted(rig.rings.freed) == reply.rings
 
@@ -261,37 +323,37 @@ def test_an_inference_crash_fails_its_sessions_and_an_owner_crash_closes_them() 
     rig.add("inference/x", kind="inference")
     rig.add("sink")
     rig.open(["inference/x", "sink"], owner="owner")
-    effects = rig.core.exited(rig.core.children["inference/x"].pid or 0, -9, 1.0)
+    effects = rig.exited(rig.core.children["inference/x"].pid or 0, -9, 1.0)
     ((route, failed),) = sent(effects, p.SessionFailed)
     assert route == b"owner" and failed.service == "inference/x"
     assert "inference/x died (killed by SIGKILL)" in failed.reason
-    effects = rig.core.exited(rig.core.children["owner"].pid or 0, 1, 2.0)
+    effects = rig.exited(rig.core.children["owner"].pid or 0, 1, 2.0)
     assert [r for r, _ in sent(effects, p.EndSession)] == [b"sink"]  # inference/x is down
-    assert rig.core.sessions == {} and rig.rings.live == {}
+    assert rig.core.sessions.sessions == {} and rig.rings.live == {}
 
 
 def test_unload_stops_then_kills_and_a_failed_load_can_be_asked_again() -> None:
     rig = Rig(stop_timeout_s=3.0)
     loads = [p.PipelineLoad("passthrough")]
-    reply, effects = rig.core.admin(p.LoadPipelines(loads), 0.0)
+    reply, effects = rig.admin(p.LoadPipelines(loads), 0.0)
     assert reply == p.Ack() and [e.spec.name for e in rig.apply(effects)] == [
         "inference/passthrough"
     ]
     child = rig.core.children["inference/passthrough"]
-    rig.core.exited(child.pid or 0, 1, 1.0)  # died while loading: the pipeline's error
+    rig.exited(child.pid or 0, 1, 1.0)  # died while loading: the pipeline's error
     assert child.state is State.FAILED
-    assert rig.core.pipeline_states()[0].status == "error"
-    _, effects = rig.core.admin(p.LoadPipelines(loads), 2.0)  # asked again: tried once more
+    assert rig.core.pipelines.states()[0].status == "error"
+    _, effects = rig.admin(p.LoadPipelines(loads), 2.0)  # asked again: tried once more
     rig.apply(effects)
     assert child.state is State.STARTING
     rig.hello_ready("inference/passthrough")
-    assert rig.core.pipeline_states()[0].status == "loaded"
-    _, effects = rig.core.admin(p.LoadPipelines([]), 5.0)
+    assert rig.core.pipelines.states()[0].status == "loaded"
+    _, effects = rig.admin(p.LoadPipelines([]), 5.0)
     assert sent(effects, p.Stop) == [(b"inference/passthrough", p.Stop(reason="unloaded"))]
-    assert child.state is State.STOPPING and rig.core.pipeline_states() == []
+    assert child.state is State.STOPPING and rig.core.pipelines.states() == []
     assert Kill(child.pid or 0) not in rig.tick(7.9)
     assert Kill(child.pid or 0) in rig.tick(8.1)  # ignored Stop for longer than 3 s
-    rig.core.exited(child.pid or 0, -9, 8.2)
+    rig.exited(child.pid or 0, -9, 8.2)
     assert "inference/passthrough" not in rig.core.children
 
 
@@ -300,7 +362,7 @@ def test_a_load_changing_only_session_settings_keeps_the_process() -> None:
 
     def load(**params: Any) -> list[Any]:
         loads = [p.PipelineLoad("moondream", params, load_keys=["compile_model"])]
-        reply, effects = rig.core.admin(p.LoadPipelines(loads), 0.0)
+        reply, effects = rig.admin(p.LoadPipelines(loads), 0.0)
         assert reply == p.Ack()
         return rig.apply(effects)
 
@@ -310,7 +372,7 @@ def test_a_load_changing_only_session_settings_keeps_the_process() -> None:
     # Scope's UI sends a node's settings with each load: the model is not loaded again.
     assert load(feature="caption", max_tokens=16) == []
     assert rig.core.children["overlay"].pid == pid
-    (state,) = rig.core.pipeline_states()
+    (state,) = rig.core.pipelines.states()
     assert state.load_params == {"feature": "caption", "max_tokens": 16}
     # A load-time key does reload it.
     assert sent(load(feature="caption", compile_model=True), p.Stop) == [
@@ -321,15 +383,15 @@ def test_a_load_changing_only_session_settings_keeps_the_process() -> None:
 def test_bad_requests_are_refused_with_the_reason() -> None:
     rig = Rig()
     rig.add("src")
-    reply, _ = rig.core.admin(p.OpenSession("s1", 64, 32, stages=["src", "gone"]), 0.0)
+    reply, _ = rig.admin(p.OpenSession("s1", 64, 32, stages=["src", "gone"]), 0.0)
     assert isinstance(reply, p.Rejected) and "unknown stage(s): gone" in reply.reason
-    reply, _ = rig.core.admin(p.OpenSession("s1", 64, 32, pipeline_ids=["krea"]), 0.0)
+    reply, _ = rig.admin(p.OpenSession("s1", 64, 32, pipeline_ids=["krea"]), 0.0)
     assert isinstance(reply, p.Rejected) and reply.reason == "pipeline_ids: no pipeline is loaded"
-    reply, _ = rig.core.admin(p.OpenSession("s 1", 64, 32, stages=["src"]), 0.0)
+    reply, _ = rig.admin(p.OpenSession("s 1", 64, 32, stages=["src"]), 0.0)
     assert isinstance(reply, p.Rejected) and "session_id" in reply.reason
-    reply, _ = rig.core.admin(p.LoadPipelines([p.PipelineLoad("../x")]), 0.0)
+    reply, _ = rig.admin(p.LoadPipelines([p.PipelineLoad("../x")]), 0.0)
     assert isinstance(reply, p.Rejected) and "invalid pipeline id" in reply.reason
-    assert rig.core.admin(p.Shutdown(reason="bye"), 0.0) == (p.Ack(), [StopRequested("bye")])
+    assert rig.admin(p.Shutdown(reason="bye"), 0.0) == (p.Ack(), [StopRequested("bye")])
     assert rig.rings.live == {}
 
 
@@ -341,29 +403,29 @@ def test_a_session_without_room_for_its_rings_is_refused_and_the_others_go_on() 
     ring = 4 * 64 * 32 * 3
     rig.rings.capacity = 2 * ring + ring  # room for one more ring, not two
     big = p.OpenSession("s2", 64, 32, stages=["src", "mid", "sink"], sink="signalling")
-    reply, effects = rig.core.admin(big, 0.0)
+    reply, effects = rig.admin(big, 0.0)
     assert isinstance(reply, p.Rejected) and reply.unavailable
     assert reply.reason == (
         f"no room in /dev/shm for a 64×32 session: {2 * ring / 2**20:.1f} MB needed, "
         f"{ring / 2**20:.1f} MB free"
     )
-    assert effects == [] and list(rig.core.sessions) == ["s1"]
+    assert effects == [] and list(rig.core.sessions.sessions) == ["s1"]
     assert len(rig.rings.live) == 2  # s1's, untouched
     # Space taken between the check and the ring (another process): the same answer, nothing
     # half made.
     rig.rings.capacity = 2**40
     rig.rings.fail_next = RingError("no room in /dev/shm for ring s2.1: size 28672 bytes")
-    reply, _ = rig.core.admin(big, 0.0)
+    reply, _ = rig.admin(big, 0.0)
     assert isinstance(reply, p.Rejected) and reply.unavailable
     assert reply.reason.startswith("no room in /dev/shm for a 64×32 session")
-    assert list(rig.core.sessions) == ["s1"] and len(rig.rings.live) == 2
+    assert list(rig.core.sessions.sessions) == ["s1"] and len(rig.rings.live) == 2
 
 
 def test_a_dreams_worker_is_a_plain_child_its_owner_hears_of() -> None:
     rig = Rig(stop_timeout_s=3.0)
     rig.add("signalling", kind="signalling")
     start = p.StartWorker("dreams", ["--connect", "ws://x/ws/gpu"], token="t", owner="signalling")
-    reply, effects = rig.core.admin(start, 0.0)
+    reply, effects = rig.admin(start, 0.0)
     (spawn,) = rig.apply(effects)
     assert reply == p.Ack() and spawn.spec.options == {"args": start.args, "token": "t"}
     worker = rig.core.children["dreams-worker/dreams"]
@@ -373,8 +435,8 @@ def test_a_dreams_worker_is_a_plain_child_its_owner_hears_of() -> None:
         assert Kill(worker.pid or 0) not in effects
         assert not [e for e in sent(effects, p.Heartbeat) if e[0] != b"signalling"]
         ack = p.HeartbeatAck(seq=0, frames_done=0, frames_waiting=0, rejected=0, sessions=0)
-        rig.core.control(b"signalling", ack, t)
-    effects = rig.core.exited(worker.pid or 0, -9, 61.0)
+        rig.control(b"signalling", ack, t)
+    effects = rig.exited(worker.pid or 0, -9, 61.0)
     assert sent(effects, p.WorkerExited) == [
         (
             b"signalling",
@@ -382,16 +444,16 @@ def test_a_dreams_worker_is_a_plain_child_its_owner_hears_of() -> None:
         )
     ]
     assert "dreams-worker/dreams" not in rig.core.children  # not restarted: the hub decides
-    rig.apply(rig.core.admin(start, 62.0)[1])
+    rig.apply(rig.admin(start, 62.0)[1])
     pid = rig.core.children["dreams-worker/dreams"].pid or 0
-    reply, effects = rig.core.admin(p.StopWorker("dreams"), 63.0)
+    reply, effects = rig.admin(p.StopWorker("dreams"), 63.0)
     assert effects == [Kill(pid, signal.SIGTERM)]
     assert Kill(pid) in rig.tick(66.5)  # still there after the stop deadline
-    assert rig.core.exited(pid, -9, 66.6) == []  # asked for: no news to the owner
-    assert rig.core.admin(p.StopWorker("dreams"), 67.0) == (p.Ack(), [])
-    assert isinstance(rig.core.admin(p.StartWorker("../x", []), 67.0)[0], p.Rejected)
-    rig.apply(rig.core.admin(start, 68.0)[1])  # at shutdown: Stop to services, SIGTERM to it
-    effects = rig.core.begin_shutdown("bye", 69.0)
+    assert rig.exited(pid, -9, 66.6) == []  # asked for: no news to the owner
+    assert rig.admin(p.StopWorker("dreams"), 67.0) == (p.Ack(), [])
+    assert isinstance(rig.admin(p.StartWorker("../x", []), 67.0)[0], p.Rejected)
+    rig.apply(rig.admin(start, 68.0)[1])  # at shutdown: Stop to services, SIGTERM to it
+    effects = rig.core.handle(Shutdown("bye"), 69.0)
     assert sent(effects, p.Stop) == [(b"signalling", p.Stop(reason="bye"))]
     assert Kill(rig.core.children["dreams-worker/dreams"].pid or 0, signal.SIGTERM) in effects
 
@@ -399,37 +461,37 @@ def test_a_dreams_worker_is_a_plain_child_its_owner_hears_of() -> None:
 def test_sessions_spread_over_devices_and_a_crash_stops_only_its_own() -> None:
     rig = Rig(devices=["cuda:0", "cuda:1"], media=True)
     rig.add("owner")
-    rig.apply(rig.core.add(ServiceConfig("encode", "encode", restart=POLICY)))
+    rig.start(ServiceConfig("encode", "encode", restart=POLICY))
     rig.hello_ready("encode")
-    _, effects = rig.core.admin(p.LoadPipelines([p.PipelineLoad("testcard")]), 0.0)
+    _, effects = rig.admin(p.LoadPipelines([p.PipelineLoad("testcard")]), 0.0)
     spawned = rig.apply(effects)
     names = ["inference/testcard@cuda:0", "inference/testcard@cuda:1"]
     assert [e.spec.name for e in spawned] == names
     assert [e.spec.options["device"] for e in spawned] == ["cuda:0", "cuda:1"]
-    assert rig.core.pipeline_states()[0].status == "loading"
+    assert rig.core.pipelines.states()[0].status == "loading"
     rig.hello_ready(names[0])
-    assert rig.core.pipeline_states()[0].status == "loaded"  # sessions can go to cuda:0
+    assert rig.core.pipelines.states()[0].status == "loaded"  # sessions can go to cuda:0
     rig.hello_ready(names[1])
-    assert rig.core.pipeline_states()[0].status == "loaded"
+    assert rig.core.pipelines.states()[0].status == "loaded"
     gib = 2**30
     for name, free in zip(names, (4 * gib, 12 * gib), strict=True):  # cuda:1 has more room
         ack = p.HeartbeatAck(1, 0, 0, 0, 0, memory_free_bytes=free)
-        rig.core.control(name.encode(), ack, 0.5)
+        rig.control(name.encode(), ack, 0.5)
 
     def open_text(session_id: str) -> list[str]:
         req = p.OpenSession(
             session_id, 64, 32, pipeline_ids=["testcard"], mode="text", owner="owner"
         )
-        reply, _ = rig.core.admin(req, 1.0)
+        reply, _ = rig.admin(req, 1.0)
         assert isinstance(reply, p.SessionOpened), reply
         return reply.stages
 
     assert open_text("a") == [names[1], "encode"]  # the most free memory
     for name in names:  # equal room now: the fewer sessions
-        rig.core.control(name.encode(), p.HeartbeatAck(2, 0, 0, 0, 0, memory_free_bytes=gib), 1.0)
+        rig.control(name.encode(), p.HeartbeatAck(2, 0, 0, 0, 0, memory_free_bytes=gib), 1.0)
     assert open_text("b") == [names[0], "encode"]
-    effects = rig.core.exited(rig.core.children[names[1]].pid or 0, -9, 2.0)
+    effects = rig.exited(rig.core.children[names[1]].pid or 0, -9, 2.0)
     assert [m.session_id for _, m in sent(effects, p.SessionFailed)] == ["a"]
-    assert rig.core.pipeline_states()[0].status == "loaded"  # cuda:0 still serves
+    assert rig.core.pipelines.states()[0].status == "loaded"  # cuda:0 still serves
     status = {s.name: s for s in rig.core.status(3.0).services}
     assert status[names[0]].device == "cuda:0" and status[names[0]].memory_free_bytes == gib
