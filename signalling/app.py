@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, assert_never
+from typing import assert_never
 
 import msgspec
 from aiohttp import web
@@ -15,20 +15,20 @@ from services import protocol as p
 from services import topology
 from services.models.store import resolve_models_dir
 from services.runtime import ServiceSpec, log_file
-from signalling.api import ApiConfig, StudioState, add_api_routes
+from signalling.api import StudioState, add_api_routes
 from signalling.api.hosts import host_middleware
 from signalling.backend import SignallingBackend
 from signalling.connections import ConnectionGuard, StreamCap, stream_cap_key
 from signalling.control import ControlLink
-from signalling.dreams.config import DreamsConfig
 from signalling.dreams.launcher import SupervisedWorker
 from signalling.dreams.routes import add_dreams_routes
 from signalling.links import AdminLink, AsyncOutbox
 from signalling.metrics_routes import add_metrics_routes
 from signalling.models import ModelsLink
+from signalling.options import SignallingOptions
 from signalling.outputs import add_output_routes
 from signalling.pipelines import PipelineCatalog
-from signalling.sessions import DEFAULT_CONNECT_TIMEOUT_S, PeerSession, SessionManager
+from signalling.sessions import SessionManager
 
 logger = logging.getLogger(__name__)
 
@@ -58,28 +58,17 @@ def add_page_routes(app: web.Application) -> None:
 
 
 def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
-    options = spec.options
-    api_config = msgspec.convert(options.get("api", {}), ApiConfig)
+    options = msgspec.convert(spec.options, SignallingOptions)
+    api_config = options.api
     admin = AdminLink(control.ctx, spec.run_dir)
     outbox = AsyncOutbox(control.ctx, spec.run_dir)
     catalog = PipelineCatalog()
-    models = ModelsLink(resolve_models_dir(options.get("models_dir")))
-    backend: SignallingBackend
-
-    async def open_chain(
-        session: PeerSession, width: int, height: int, params: dict[str, Any]
-    ) -> list[str]:
-        return await backend.open_chain(session, width, height, params)
-
-    async def close_chain(session_id: str) -> None:
-        await backend.close_chain(session_id)
-
+    models = ModelsLink(resolve_models_dir(options.models_dir))
     sessions = SessionManager(
         outbox,
         catalog,
-        open_chain,
-        close_chain,
-        connect_timeout_s=float(options.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)),
+        admin,
+        connect_timeout_s=options.connect_timeout_s,
         video_codec=api_config.video_codec,
     )
     guard = ConnectionGuard(api_config.connections)
@@ -88,7 +77,7 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
         sessions,
         catalog,
         models,
-        max_sessions=int(options.get("max_sessions", 8)),
+        max_sessions=options.max_sessions,
         connections=guard,
     )
 
@@ -117,18 +106,16 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
     app[guard_key] = guard
     app[stream_cap_key] = StreamCap()
     app.middlewares.append(guard.middleware)  # the outermost: it sees every request
-    app.middlewares.append(
-        host_middleware(str(options.get("host", "127.0.0.1")), api_config.allowed_hosts)
-    )
+    app.middlewares.append(host_middleware(options.host, api_config.allowed_hosts))
     studio = StudioState(
-        home=Path(str(options["home"])) if options.get("home") else None,
+        home=Path(options.home) if options.home else None,
         models_dir=models.models_dir,
         log_file=log_file(spec.run_dir),
     )
     add_api_routes(app, backend, api_config, studio=studio)
     add_page_routes(app)
     add_output_routes(app, sessions)
-    dreams_config = msgspec.convert(options.get("dreams", {}), DreamsConfig)
+    dreams_config = options.dreams
     hub = add_dreams_routes(app, dreams_config, supervisor=admin)
     if isinstance(hub.launcher, SupervisedWorker):
         control.on_worker_exited = hub.launcher.exited

@@ -31,17 +31,10 @@ from signalling.intent import Intent, offer_mode, read_intent
 from signalling.links import AdminLink
 from signalling.models import ModelsLink
 from signalling.pipelines import ParameterError, PipelineCatalog
-from signalling.sessions import PeerSession, SessionManager, SessionPlan
+from signalling.sessions import SessionManager, SessionPlan, SessionRefused
 from signalling.webrtc.offer_limits import check_offer
 
 logger = logging.getLogger(__name__)
-
-
-class SessionRefused(RuntimeError):
-    def __init__(self, reason: str, unavailable: bool = False) -> None:
-        super().__init__(reason)
-        #: The server lacks a resource now (503), rather than the session being wrong.
-        self.unavailable = unavailable
 
 
 class SignallingBackend:
@@ -191,32 +184,6 @@ class SignallingBackend:
         except ValueError as exc:
             raise InvalidSdp(f"invalid SDP offer: {exc}") from None
         return WebRtcOfferResponse(sdp=answer.sdp, type=answer.type, sessionId=session_id)
-
-    async def open_chain(
-        self, session: PeerSession, width: int, height: int, params: dict[str, Any]
-    ) -> list[str]:
-        """The supervisor plans the session's processes from its pipelines and makes its
-        rings; returns the stages its frames pass."""
-        reply = await self.admin.request(
-            p.OpenSession(
-                session_id=session.session_id,
-                pipeline_ids=list(session.pipeline_ids),
-                width=width,
-                height=height,
-                sink=topology.SIGNALLING,
-                params=params,
-                owner=topology.SIGNALLING,
-                mode=session.mode,
-                codec=session.codec,
-            )
-        )
-        if isinstance(reply, p.Rejected):
-            raise SessionRefused(reply.reason, reply.unavailable)
-        assert isinstance(reply, p.SessionOpened)
-        return list(reply.stages)
-
-    async def close_chain(self, session_id: str) -> None:
-        await self.admin.request(p.CloseSession(session_id=session_id))
 
     async def add_ice_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
         if session_id not in self.sessions.sessions:

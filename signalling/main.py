@@ -18,6 +18,7 @@ from signalling.app import create_app, guard_key
 from signalling.connections import GuardedSite
 from signalling.control import ControlLink
 from signalling.dreams.routes import close_dreams
+from signalling.options import SignallingOptions
 from signalling.webrtc.forwarding import check_marker_completion
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ async def serve(spec: ServiceSpec) -> None:
     check_marker_completion()  # before saying hello: a start-up failure names the cause
     link = ControlLink(spec)
     await link.hello()
-    host = str(spec.options.get("host", "127.0.0.1"))
-    port = int(spec.options.get("port", 8000))
+    options = msgspec.convert(spec.options, SignallingOptions)
+    host, port = options.host, options.port
     app = create_app(spec, link)
     guard = app[guard_key]
     runner = web.AppRunner(

@@ -13,9 +13,9 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiortc import (
     RTCConfiguration,
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 PARAMETERS_CHANNEL = "parameters"
 STOPPED_LINGER_S = 2.0
-DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
 #: The max-message-size this server's SCTP transport (aiortc's) advertises in its answer.
@@ -148,9 +147,19 @@ class PeerSession:
             self.pending_messages.append(text)
 
 
-#: Opens the session's chain (supervisor): returns the stages its frames pass.
-OpenChain = Callable[[PeerSession, int, int, dict[str, Any]], Awaitable[list[str]]]
-CloseChain = Callable[[str], Awaitable[None]]
+class Admin(Protocol):
+    """The supervisor's admin requests (``signalling.links.AdminLink``)."""
+
+    async def request(self, message: p.AdminRequest) -> p.AdminReply: ...
+
+
+class SessionRefused(RuntimeError):
+    """The supervisor would not open the session's chain."""
+
+    def __init__(self, reason: str, unavailable: bool = False) -> None:
+        super().__init__(reason)
+        #: The server lacks a resource now (503), rather than the session being wrong.
+        self.unavailable = unavailable
 
 
 class SessionManager:
@@ -160,11 +169,11 @@ class SessionManager:
         self,
         outbox: AsyncOutbox,
         catalog: PipelineCatalog,
-        open_chain: OpenChain,
-        close_chain: CloseChain,
+        admin: Admin,
+        *,
+        connect_timeout_s: float,
         ice_servers: list[RTCIceServer] | None = None,
         metrics: MetricsAggregator | None = None,
-        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         video_codec: str = "offer",
     ) -> None:
         self.outbox = outbox
@@ -172,8 +181,7 @@ class SessionManager:
         self.preferred_codec = None if video_codec == "offer" else video_codec
         self.metrics = metrics or MetricsAggregator()  # per-stage latency (issue 5)
         self.catalog = catalog
-        self._open_chain = open_chain
-        self._close_chain = close_chain
+        self.admin = admin
         self._ice_servers = ice_servers or []
         self.sessions: dict[str, PeerSession] = {}
         self.connect_timeout_s = connect_timeout_s
@@ -296,6 +304,29 @@ class SessionManager:
             height,
         )
         return session_id, pc.localDescription
+
+    async def _open_chain(
+        self, session: PeerSession, width: int, height: int, params: dict[str, Any]
+    ) -> list[str]:
+        """The supervisor plans the session's processes from its pipelines and makes its
+        rings; the stages its frames pass."""
+        reply = await self.admin.request(
+            p.OpenSession(
+                session_id=session.session_id,
+                pipeline_ids=list(session.pipeline_ids),
+                width=width,
+                height=height,
+                sink=topology.SIGNALLING,
+                params=params,
+                owner=topology.SIGNALLING,
+                mode=session.mode,
+                codec=session.codec,
+            )
+        )
+        if isinstance(reply, p.Rejected):
+            raise SessionRefused(reply.reason, reply.unavailable)
+        assert isinstance(reply, p.SessionOpened)
+        return list(reply.stages)
 
     def _wire_events(self, session: PeerSession) -> None:
         pc = session.pc
@@ -492,7 +523,7 @@ class SessionManager:
         if session.drain is not None:
             await session.drain.stop()
         try:
-            await self._close_chain(session_id)
+            await self.admin.request(p.CloseSession(session_id=session_id))
         except Exception as exc:
             logger.warning("session %s: closing its chain: %s", session_id, exc)
         if linger_s > 0:
