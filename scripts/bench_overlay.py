@@ -237,7 +237,7 @@ def bench_fps(
     cpu_started = time.process_time()
     outbox = CountingOutbox()
     spec = ServiceSpec("overlay", "overlay", "/nonexistent", run_id, 0)
-    core = OverlayCore(spec, outbox, model=model)  # type: ignore[arg-type]
+    core = OverlayCore(spec, outbox, model=model)
     try:
         core.start_session(
             p.StartSession(

@@ -22,6 +22,21 @@ import msgspec
 # ---------------------------------------------------------------- control: service → supervisor
 
 
+# ---------------------------------------------------------------- vocabulary
+
+#: A session's kind: frames in and out (``video``), or generated from prompts (``text``).
+Mode = Literal["video", "text"]
+#: The video codecs a session can use on the wire.
+VideoCodec = Literal["VP8", "H264"]
+#: A pipeline as Scope's status reports it.
+PipelineStatus = Literal["not_loaded", "loading", "loaded", "error"]
+#: A supervised service (``supervisor.children.State``).
+ServiceState = Literal["starting", "ready", "restarting", "failed", "stopping", "stopped"]
+SupervisorPhase = Literal["starting", "running", "stopping"]
+#: What a stage tells a session's client (FastRTC's message types).
+OutputKind = Literal["fetch_output", "error", "warning", "log"]
+
+
 class Hello(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     """A service's first message: who it is, proved by its pid (the supervisor spawned it) and
     the run's secret (from its spec). Only then does the supervisor route to its connection."""
@@ -93,9 +108,9 @@ class StartSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     #: The pipeline's runtime parameters (validated against its schema).
     params: dict[str, Any] = {}
     #: "video" (frames come in) or "text" (the pipeline generates).
-    mode: str = "video"
+    mode: Mode = "video"
     #: The negotiated WebRTC codec, for decode and encode.
-    codec: str = "VP8"
+    codec: VideoCodec = "VP8"
 
 
 class EndSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -174,8 +189,8 @@ class OpenSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     stages: list[str] = []
     sink: str | None = None
     params: dict[str, Any] = {}
-    mode: str = "video"
-    codec: str = "VP8"
+    mode: Mode = "video"
+    codec: VideoCodec = "VP8"
     #: The service told when a stage of the session fails (signalling, for the client).
     owner: str | None = None
 
@@ -227,7 +242,7 @@ AdminRequest = (
 
 class ServiceStatus(msgspec.Struct, forbid_unknown_fields=True):
     name: str
-    state: str  # starting | ready | restarting | failed | stopped
+    state: ServiceState
     pid: int | None
     uptime_s: float
     restarts: int
@@ -267,12 +282,9 @@ class RingStatus(RingCounters, forbid_unknown_fields=True):
 
 class PipelineState(msgspec.Struct, forbid_unknown_fields=True):
     pipeline_id: str
-    status: str  # not_loaded | loading | loaded | error
+    status: PipelineStatus
     load_params: dict[str, Any] = {}
     error: str | None = None
-
-
-SupervisorPhase = Literal["starting", "running", "stopping"]
 
 
 class StatusReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -385,7 +397,7 @@ class StageOutput(msgspec.Struct, tag=True, array_like=True, gc=False):
 
     session_id: str
     service: str
-    kind: str
+    kind: OutputKind
     data: Any
 
 

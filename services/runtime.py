@@ -29,7 +29,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import msgspec
 import zmq
@@ -198,7 +198,15 @@ class InboxSockets(Generic[S]):
         self._sockets.clear()
 
 
-class Outbox(InboxSockets[zmq.Socket[bytes]]):
+class Outbox(Protocol):
+    """Where a core sends messages to other services' inboxes (a fake in tests)."""
+
+    def send(self, service: str, message: p.InboxMessage) -> bool:
+        """Queued (True) or dropped because the receiver is not keeping up (False)."""
+        ...
+
+
+class ZmqOutbox(InboxSockets[zmq.Socket[bytes]]):
     """Non-blocking sends to other services' inboxes; a stage that is down costs a drop."""
 
     def send(self, service: str, message: p.InboxMessage) -> bool:
@@ -293,7 +301,7 @@ class ServiceProc:
         self.spec = spec
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.control, self.inbox = service_sockets(self.ctx, spec)
-        self.outbox = Outbox(self.ctx, spec.run_dir)
+        self.outbox = ZmqOutbox(self.ctx, spec.run_dir)
         self.control_codec = p.service_control_codec()
         self.inbox_codec = p.inbox_codec()
         self.rejected = 0

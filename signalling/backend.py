@@ -89,7 +89,7 @@ class SignallingBackend:
         if state.status == "loaded" and any(s.status == "loading" for s in states):
             state = next(s for s in states if s.status == "loading")
         return PipelineStatusResponse(
-            status=state.status,  # type: ignore[arg-type]
+            status=state.status,
             pipeline_id=state.pipeline_id,
             load_params=state.load_params,
             loaded_lora_adapters=[],

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from services.protocol import Mode
 from signalling.pipelines import ParameterError
 
-Mode = Literal["video", "text"]
 _DIRECTIONS = ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")
 
 
@@ -144,7 +144,7 @@ def _video_section(sdp: str) -> tuple[str, bool]:
     return direction, has_stream
 
 
-def offer_mode(sdp: str, modes: Sequence[str], asked: Mode | None) -> str:
+def offer_mode(sdp: str, modes: Sequence[str], asked: Mode | None) -> Mode:
     """The session's mode: what the client asked for, else what its SDP and the pipeline say."""
     if asked is not None:
         return asked

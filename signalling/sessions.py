@@ -96,7 +96,7 @@ class PeerSession:
 
     session_id: str
     pipeline_id: str
-    mode: str  # "video" | "text"
+    mode: p.Mode
     pc: RTCPeerConnection
     track: EncodedVideoTrack
     transceiver: RTCRtpTransceiver
@@ -106,7 +106,7 @@ class PeerSession:
     nodes: dict[str, str] = field(default_factory=dict)
     #: Ignored parameter names already reported to the client (once each).
     reported: set[str] = field(default_factory=set)
-    codec: str = "VP8"
+    codec: p.VideoCodec = "VP8"
     channel: RTCDataChannel | None = None
     drain: FrameDrain | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -224,7 +224,7 @@ class SessionManager:
         self,
         sdp: str,
         plan: SessionPlan,
-        mode: str,
+        mode: p.Mode,
         initial_params: dict[str, Any],
         *,
         nodes: dict[str, str] | None = None,
@@ -270,7 +270,9 @@ class SessionManager:
             negotiated = negotiated_video_codec(transceiver)
             if negotiated is None:
                 raise ValueError("the offer has no video codec dreamwire supports (VP8, H264)")
-            session.codec = negotiated.name
+            if negotiated.name not in ("VP8", "H264"):
+                raise ValueError(f"the offer's video codec {negotiated.name} is not VP8 or H264")
+            session.codec = "VP8" if negotiated.name == "VP8" else "H264"
             if mode == "video":
                 forward_encoded(transceiver.receiver)
             answer = await pc.createAnswer()

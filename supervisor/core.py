@@ -343,7 +343,7 @@ class SupervisorCore:
             services=[
                 p.ServiceStatus(
                     name=c.name,
-                    state=str(c.state),
+                    state=c.state.value,
                     pid=c.pid,
                     uptime_s=c.uptime_s(now),
                     restarts=c.restarts,

@@ -110,6 +110,7 @@ class PipelineSet:
                 continue
             if not children:
                 continue
+            status: p.PipelineStatus
             if any(c.state is State.READY for c in children):
                 status = "loaded"
             elif all(c.state is State.FAILED for c in children):

@@ -47,8 +47,8 @@ class ChainSession:
     sink: str | None
     params: dict[str, object]
     owner: str | None = None
-    mode: str = "video"
-    codec: str = "VP8"
+    mode: p.Mode = "video"
+    codec: p.VideoCodec = "VP8"
     rings: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     #: The media node it runs on (None: here); its stages are ``node/<name>/…``.

@@ -57,7 +57,7 @@ class Rig:
                 **options,
             },
         )
-        self.core = InferenceCore(spec, self.outbox)  # type: ignore[arg-type]
+        self.core = InferenceCore(spec, self.outbox)
         self.producers: dict[str, RingProducer] = {}
         self.consumers: dict[str, RingConsumer] = {}
 
@@ -245,7 +245,7 @@ def test_out_of_memory_while_loading_and_missing_models(
         options={"pipeline": "dream", "models_dir": str(tmp_path / "empty")},
     )
     with pytest.raises(Exception) as info:
-        InferenceCore(spec, RecordingOutbox())  # type: ignore[arg-type]
+        InferenceCore(spec, RecordingOutbox())
     assert str(info.value) == (
         "models for dream are not downloaded: run download_models --pipeline dream"
     )
@@ -257,7 +257,7 @@ def test_out_of_memory_while_loading_and_missing_models(
     monkeypatch.setattr(diffusion, "load_components", oom)
     spec.options["models_dir"] = str(tiny_models)
     with pytest.raises(RuntimeError, match="out of memory loading dream: CUDA out of memory"):
-        InferenceCore(spec, RecordingOutbox())  # type: ignore[arg-type]
+        InferenceCore(spec, RecordingOutbox())
 
 
 def test_text_mode_generates_from_tick(rig: Callable[..., Rig]) -> None:

@@ -44,16 +44,16 @@ def test_the_config_trees_encode_section_reaches_the_encoder() -> None:
     config = load_config(
         None, encode={"start_bitrate_bps": 2_000_000, "max_bitrate_bps": 4_000_000}
     )
-    stage = EncodeStage(spec(plan(config)["encode"].options), NullOutbox())  # type: ignore[arg-type]
+    stage = EncodeStage(spec(plan(config)["encode"].options), NullOutbox())
     assert stage.initial_bitrate_bps == 2_000_000 and stage.core.max_bitrate_bps == 4_000_000
     # Without a section: the one default (the encoder core's own default is the same value).
-    plain = EncodeStage(spec(plan(load_config(None))["encode"].options), NullOutbox())  # type: ignore[arg-type]
+    plain = EncodeStage(spec(plan(load_config(None))["encode"].options), NullOutbox())
     assert plain.initial_bitrate_bps == START_BITRATE_BPS == EncodeOptions().start_bitrate_bps
 
 
 def test_an_unknown_or_bad_option_names_the_key() -> None:
     with pytest.raises(msgspec.ValidationError, match="bitrate_bps"):
-        EncodeStage(spec({"bitrate_bps": 1}), NullOutbox())  # type: ignore[arg-type]
+        EncodeStage(spec({"bitrate_bps": 1}), NullOutbox())
     with pytest.raises(msgspec.ValidationError, match="max_bitrate_bps"):
         load_config(None, encode={"max_bitrate_bps": "fast"})
 

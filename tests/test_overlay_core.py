@@ -64,7 +64,7 @@ class Harness:
             name="overlay", kind="overlay", run_dir="/nonexistent", run_id=run_id,
             supervisor_pid=0, options=options,
         )  # fmt: skip
-        self.core = OverlayCore(spec, self.outbox, model=model)  # type: ignore[arg-type]
+        self.core = OverlayCore(spec, self.outbox, model=model)
         self.in_ring = FrameRing.create(run_id, "in", 4, W * H * 3)
         self.out_ring = FrameRing.create(run_id, "out", 4, W * H * 3)
         self.producer = RingProducer(self.in_ring)

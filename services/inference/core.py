@@ -132,7 +132,7 @@ class InferenceCore(FrameStage[InferenceState]):
             logger.warning("session %s: parameters refused: %s", session.session_id, exc)
             self._tell(session, "error", str(exc))
 
-    def _tell(self, session: StageSession[InferenceState], kind: str, data: Any) -> None:
+    def _tell(self, session: StageSession[InferenceState], kind: p.OutputKind, data: Any) -> None:
         self.outbox.send(
             self.notify,
             p.StageOutput(

@@ -26,7 +26,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-Mode = Literal["video", "text"]
+from services.protocol import Mode
+
 #: ``DREAMWIRE_TORCH_COMPILE=1``: pipelines ``torch.compile`` their model (CUDA for the SD-Turbo
 #: UNet, any device for the causal Wan layer step); the inference service then warms it up at load.
 COMPILE_ENV = "DREAMWIRE_TORCH_COMPILE"
