@@ -418,6 +418,14 @@ EncodeInbox = FrameReady | KeyframeNeeded | BitrateChanged
 StageInbox = FrameReady | UpdateParameters
 SignallingInbox = EncodedPacket | KeyframeNeeded | FramesDropped | StageOutput
 
+
+class NoMessages(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """The inbox of a service no other service writes to (the media-node links: their
+    traffic is their own sockets'): nothing sent there decodes."""
+
+
+LinkInbox = NoMessages
+
 # ---------------------------------------------------------------- codecs
 
 In = TypeVar("In")

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import assert_never
 
 import msgspec
 import zmq
@@ -53,8 +53,8 @@ class NodeLinkState:
     inboxes: dict[str, zmq.Socket[bytes]] = field(default_factory=dict)
 
 
-class FrontLink(ServiceCore[Any]):
-    inbox = p.InboxMessage  # nothing is addressed to ``nodes`` itself
+class FrontLink(ServiceCore[p.LinkInbox]):
+    inbox = p.LinkInbox  # nothing is addressed to ``nodes`` itself
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
@@ -240,8 +240,12 @@ class FrontLink(ServiceCore[Any]):
     def end_session(self, session_id: str) -> None:
         pass
 
-    def handle(self, msg: Any) -> None:
-        raise ValueError(f"{type(msg).__name__} is not for the nodes link")
+    def handle(self, msg: p.LinkInbox) -> None:
+        match msg:
+            case p.NoMessages():
+                pass
+            case _:
+                assert_never(msg)
 
     def close(self) -> None:
         for sock in (*self.routes, self.router):

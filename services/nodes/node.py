@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 import zmq
@@ -45,8 +45,8 @@ class NodeLinkOptions(msgspec.Struct, forbid_unknown_fields=True):
 Pending = tuple[str, str]
 
 
-class NodeLink(ServiceCore[Any]):
-    inbox = p.InboxMessage  # nothing is addressed to ``node-link`` itself
+class NodeLink(ServiceCore[p.LinkInbox]):
+    inbox = p.LinkInbox  # nothing is addressed to ``node-link`` itself
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
@@ -274,8 +274,12 @@ class NodeLink(ServiceCore[Any]):
     def end_session(self, session_id: str) -> None:
         pass
 
-    def handle(self, msg: Any) -> None:
-        raise ValueError(f"{type(msg).__name__} is not for the node link")
+    def handle(self, msg: p.LinkInbox) -> None:
+        match msg:
+            case p.NoMessages():
+                pass
+            case _:
+                assert_never(msg)
 
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
