@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -38,40 +40,70 @@ from supervisor.client import AdminClient, find_run_dirs  # noqa: E402
 PIPELINES = ("streamdiffusionv2", "longlive", "krea-realtime-video")
 
 
-def bench_model_loop(pipeline_id: str, models: Path, size: int, blocks: int) -> dict[str, float]:
-    """The pipeline object alone: one text session, called until ``blocks`` blocks of frames
-    came back. A call while the next block is still being made (ahead, off the calling thread)
-    yields no frame; the loop then waits a millisecond, as a host with nothing else to do."""
+def bench_model_loop(
+    pipeline_id: str, models: Path, size: int, blocks: int, mode: p.Mode = "text"
+) -> dict[str, float]:
+    """The pipeline object alone: one session, called until ``blocks`` blocks of frames came
+    back (a block's other frames taken with ``ready``, as the service does). Text: a call while
+    the next block is still being made (ahead, off the calling thread) yields nothing, and the
+    loop waits a millisecond. Video: every call brings a new input frame, as fast as the model
+    takes them."""
     spec = registry.get(pipeline_id)
     load = registry.full_config(spec, {"height": size, "width": size})
     pipe = spec.load(load, models)
     config = registry.full_config(spec, {"height": size, "width": size})
     state = pipe.new_session("bench", size, size, config)
+    if mode == "video":
+        from services.inference.wan.pipeline import WanPipeline
 
-    def next_frame() -> None:
-        while not any(r.frame is not None for r in pipe([Request("bench", state, None, None)])):
+        assert isinstance(pipe, WanPipeline)
+        pipe.prefetch = False  # the model's own pace: each block on the calling thread
+    rng = np.random.default_rng(0)
+    made = 0
+
+    def call() -> None:
+        nonlocal made
+        frames = None
+        if mode == "video":
+            frames = pipe.prepare(state, rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        results = pipe([Request("bench", state, frames, None)])
+        made += sum(r.frame is not None for r in results) + len(pipe.ready(state))
+        if not made and mode == "text":
             time.sleep(0.001)
 
-    for _ in range(2 * spec.frames_per_call + 1):  # the first block (and one made ahead)
-        next_frame()
+    while made < 2 * spec.frames_per_call:  # the first block (and one made ahead)
+        call()
+    made = 0
     frames = blocks * spec.frames_per_call
     start = time.perf_counter()
-    for _ in range(frames):
-        next_frame()
+    while made < frames:
+        before = made
+        call()
+        if made == before and mode == "text":
+            time.sleep(0.001)
     total = time.perf_counter() - start
     pipe.end_session(state)
-    return {"block_ms": round(1e3 * total / blocks, 1), "fps": round(frames / total, 2)}
+    return {"block_ms": round(1e3 * total / blocks, 1), "fps": round(made / total, 2)}
 
 
-def bench_system(pipeline_id: str, models: Path, size: int, seconds: float) -> dict[str, float]:
-    """The pipeline in its inference process under ``supervisor start``, a text session into a
-    ring read by ``testsink``. ms/block is measured: the service tells this process (its
-    ``notify`` inbox) each block's first frame as it publishes it, and the intervals between
-    those arrivals are the blocks' time in the system."""
+def bench_system(
+    pipeline_id: str,
+    models: Path,
+    size: int,
+    seconds: float,
+    warmup: float,
+    mode: p.Mode = "text",
+) -> dict[str, float]:
+    """The pipeline in its inference process under ``supervisor start``: a session (text, or
+    video fed by ``testsrc`` at 30 fps) into a ring read by ``testsink``, which tells this
+    process (its ``bench`` inbox) each frame it takes with its stamps. Over the last
+    ``seconds`` (after ``warmup``): delivered fps, the intervals between frames leaving the
+    inference stage (p50, p99, max), and the time frames were held to pace them (``pacing``)."""
     import msgspec
     import zmq
 
     from services.runtime import inbox_endpoint
+    from shm.ring import Stage
 
     base = Path(tempfile.mkdtemp(prefix="dwbw", dir="/tmp"))
     name = f"inference/{pipeline_id}"
@@ -82,6 +114,8 @@ def bench_system(pipeline_id: str, models: Path, size: int, seconds: float) -> d
         'notify = "bench"\n'
         f"[services.options.load_params]\nheight = {size}\nwidth = {size}\n"
         '[[services]]\nname = "testsink"\nkind = "testsink"\n'
+        '[services.options]\nreport_to = "bench"\n'
+        '[[services]]\nname = "testsrc"\nkind = "testsrc"\n'
     )
     env = {**os.environ, "DREAMWIRE_RUN_DIR": str(base / "run")}
     with open(base / "log", "wb") as log:
@@ -99,34 +133,56 @@ def bench_system(pipeline_id: str, models: Path, size: int, seconds: float) -> d
     try:
         admin = _wait_running(base, proc)
         inbox.bind(inbox_endpoint(str(find_run_dirs(base / "run")[0]), "bench"))
+        stages = [name, "testsink"] if mode == "text" else ["testsrc", name, "testsink"]
         opened = admin.request(
-            p.OpenSession(
-                session_id="bench", stages=[name, "testsink"], width=size, height=size, mode="text"
-            )
+            p.OpenSession(session_id="bench", stages=stages, width=size, height=size, mode=mode)
         )
         assert isinstance(opened, p.SessionOpened), opened
-        _wait(lambda: _service(admin, name).frames_done > 0, 300)
-        first = _service(admin, name).frames_done
         start = time.monotonic()
-        arrivals: list[tuple[float, int]] = []
-        while (now := time.monotonic()) - start < seconds:
-            if inbox.poll(100):
-                message = decoder.decode(inbox.recv())
-                if message.kind == "fetch_output" and "block" in message.data:
-                    arrivals.append((now, int(message.data["block"])))
-        done = _service(admin, name).frames_done - first
-        elapsed = time.monotonic() - start
-        fps = done / elapsed
-        gaps = [
-            (t1 - t0) / (b1 - b0) for (t0, b0), (t1, b1) in itertools.pairwise(arrivals) if b1 > b0
+        left: list[int] = []  # when each frame left the inference stage (ns)
+        held: list[int] = []  # how long it was held there to pace the output (ns)
+        blocks: list[tuple[int, int]] = []
+        while time.monotonic() - start < warmup + seconds:
+            if not inbox.poll(100):
+                continue
+            message = decoder.decode(inbox.recv())
+            if time.monotonic() - start < warmup:
+                continue
+            data = message.data
+            if message.kind == "log":
+                stamps = data["stamps"]
+                left.append(stamps[Stage.INFERENCE_END])
+                if stamps[Stage.PACED]:
+                    held.append(stamps[Stage.PACED] - stamps[Stage.MODEL_END])
+            elif message.kind == "fetch_output" and "block" in data:
+                blocks.append((time.monotonic_ns(), int(data["block"])))
+        intervals = sorted(b - a for a, b in itertools.pairwise(sorted(left)))
+        if not intervals:
+            raise RuntimeError(f"no frames in {seconds} s: {(base / 'log').read_text()[-3000:]}")
+
+        def pct(q: float) -> float:
+            return intervals[min(len(intervals) - 1, int(q * len(intervals)))] / 1e6
+
+        block_gaps = [
+            (t1 - t0) / (b1 - b0) / 1e6
+            for (t0, b0), (t1, b1) in itertools.pairwise(blocks)
+            if b1 > b0
         ]
-        block_ms = 1e3 * statistics.median(gaps) if gaps else 0.0
-        return {"fps": round(fps, 2), "block_ms": round(block_ms, 1), "blocks": len(gaps)}
+        return {
+            "fps": round((len(left) - 1) / ((max(left) - min(left)) / 1e9), 2),
+            "block_ms": round(statistics.median(block_gaps), 1) if block_gaps else 0.0,
+            "interval_p50_ms": round(pct(0.5), 1),
+            "interval_p99_ms": round(pct(0.99), 1),
+            "interval_max_ms": round(intervals[-1] / 1e6, 1),
+            "pacing_p50_ms": round(statistics.median(held) / 1e6, 1) if held else 0.0,
+        }
     finally:
         inbox.close()
         ctx.term()
         proc.terminate()
         proc.wait(30)
+        if os.environ.get("BENCH_KEEP_LOG"):
+            shutil.copy(base / "log", os.environ["BENCH_KEEP_LOG"])
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -175,31 +231,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--pipeline", choices=PIPELINES, action="append")
+    parser.add_argument("--mode", choices=["text", "video"], action="append")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     pipeline_ids = args.pipeline or list(PIPELINES)
+    modes: list[p.Mode] = args.mode or ["text"]
     ensure_models(args.models, pipeline_ids)
-    results = {}
-    for pipeline_id in pipeline_ids:
-        results[pipeline_id] = {
-            "model_loop": bench_model_loop(pipeline_id, args.models, args.size, args.blocks),
-            "system": bench_system(pipeline_id, args.models, args.size, args.seconds),
+    results: dict[str, dict[str, Any]] = {}
+    for pipeline_id, mode in itertools.product(pipeline_ids, modes):
+        results[f"{pipeline_id} {mode}"] = {
+            "model_loop": bench_model_loop(pipeline_id, args.models, args.size, args.blocks, mode),
+            "system": bench_system(
+                pipeline_id, args.models, args.size, args.seconds, args.warmup, mode
+            ),
         }
     if args.json:
         print(json.dumps(results))
         return 0
     print(
-        f"{'pipeline':<22} {'loop ms/block':>14} {'loop fps':>9} {'system ms/block':>16} "
-        f"{'system fps':>11}"
+        "| pipeline, mode | loop ms/block | loop fps | system ms/block | system fps "
+        "| fps / loop | interval p50 ms | p99 ms | max ms | p99 / p50 | pacing p50 ms |"
     )
-    for pid, r in results.items():
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for key, r in results.items():
         loop, system = r["model_loop"], r["system"]
+        ratio = system["interval_p99_ms"] / max(system["interval_p50_ms"], 1e-9)
         print(
-            f"{pid:<22} {loop['block_ms']:>14} {loop['fps']:>9} {system['block_ms']:>16} "
-            f"{system['fps']:>11}"
+            f"| {key} | {loop['block_ms']} | {loop['fps']} | {system['block_ms']} | "
+            f"{system['fps']} | {system['fps'] / loop['fps']:.2f} | "
+            f"{system['interval_p50_ms']} | {system['interval_p99_ms']} | "
+            f"{system['interval_max_ms']} | {ratio:.2f} | {system['pacing_p50_ms']} |"
         )
     return 0
 

@@ -433,6 +433,7 @@ class ServiceProc:
                 self._drain_control(core)
             if self.inbox in events and not self._stopping:
                 self._drain_inbox(core)
+                next_tick = 0.0  # new messages may be new work (a frame to run the model on)
             for sock in own:
                 if sock in events and not self._stopping:
                     core.readable(sock)

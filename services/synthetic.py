@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services import protocol as p
 from services.runtime import Outbox, ServiceSpec
 from services.stage import FrameStage, StageSession
 from shm.ring import N_STAMPS, FrameMeta, ReadFrame, Stage, WriteSlot
@@ -77,16 +78,30 @@ class TestSourceCore(FrameStage[SourceState]):
 
 
 class TestSinkCore(FrameStage[None]):
-    """Consumes and verifies frames; ``frames_done`` counts intact ones."""
+    """Consumes and verifies frames; ``frames_done`` counts intact ones. With the option
+    ``report_to`` (a service name; benchmarks) it tells that inbox each frame's number and
+    stamps as it takes it (``StageOutput(kind="log")``), and counts every frame: a model's
+    frames carry no number to verify."""
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         self.corrupt = 0
+        self.report_to: str | None = spec.options.get("report_to")
 
     def new_state(self, session: StageSession[None], previous: None) -> None:
         return None
 
     def step(self, session: StageSession[None], frame: ReadFrame, out: WriteSlot | None) -> Checked:
+        if self.report_to is not None:
+            data = {
+                "frame_number": frame.frame_number,
+                "taken_ns": time.monotonic_ns(),
+                "stamps": [int(v) for v in frame.stamps],
+            }
+            self.outbox.send(
+                self.report_to, p.StageOutput(session.session_id, self.spec.name, "log", data)
+            )
+            return Checked(frame.frame_number, frame.frame_number)
         return Checked(frame.frame_number, check_frame(frame.array))
 
     def commit(self, session: StageSession[None], outcome: Checked, out: WriteSlot | None) -> None:

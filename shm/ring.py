@@ -107,6 +107,8 @@ class Stage(enum.IntEnum):
     NODE_IN = 15
     #: The front's link took the node's packet off the network.
     NODE_OUT = 16
+    #: A block model's frame left the inference stage's pacer (held to even out the output).
+    PACED = 17
 
 
 N_STAMPS = 32

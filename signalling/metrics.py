@@ -102,6 +102,7 @@ STAMP_ORDER: tuple[Stage, ...] = (
     Stage.INFERENCE_START,
     Stage.MODEL_START,
     Stage.MODEL_END,
+    Stage.PACED,
     Stage.INFERENCE_END,
     Stage.OVERLAY_START,
     Stage.OVERLAY_END,
@@ -143,6 +144,12 @@ SEGMENTS: dict[Stage, SegmentInfo] = {
         "inference_in", "inference", "work", "prepare the input, batch sessions"
     ),
     Stage.MODEL_END: SegmentInfo("model", "inference", "work", "the pipeline call"),
+    Stage.PACED: SegmentInfo(
+        "pacing",
+        "inference",
+        "queue",
+        "a block model's frame held to leave at its production rate (even frame intervals)",
+    ),
     Stage.INFERENCE_END: SegmentInfo(
         "inference_out", "inference", "work", "result into the output ring"
     ),

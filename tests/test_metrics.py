@@ -203,8 +203,8 @@ def test_prometheus_text_parses_with_histograms_per_stage() -> None:
     hist = families["dreamwire_stage_latency_seconds"]
     assert hist.type == "histogram"
     stages = {s.labels["stage"] for s in hist.samples if s.name.endswith("_count")}
-    # The fed frames pass no overlay and no media node.
-    local = {"to_overlay", "overlay", "to_node", "from_node"}
+    # The fed frames pass no overlay, no media node and no block model's pacer.
+    local = {"to_overlay", "overlay", "to_node", "from_node", "pacing"}
     assert stages == {n for n in SEGMENT_ORDER if n not in local}
     counts = {
         s.labels["pipeline"]: s.value

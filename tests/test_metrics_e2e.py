@@ -38,6 +38,7 @@ PASSTHROUGH_STAMPS = [
         Stage.OVERLAY_END,
         Stage.NODE_IN,  # one box: no media node on the way
         Stage.NODE_OUT,
+        Stage.PACED,  # a per-frame pipeline: no pacer
     )
 ]
 

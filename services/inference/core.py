@@ -40,6 +40,7 @@ import msgspec
 import numpy as np
 
 from services import protocol as p
+from services.inference.pacing import Pacer
 from services.inference.pipeline import Request, Result
 from services.inference.session import (
     PipelineSession,
@@ -54,6 +55,11 @@ from shm.ring import N_STAMPS, FrameMeta, ReadFrame, Stage, stamp
 
 logger = logging.getLogger(__name__)
 
+#: A paced text session asks its pipeline for what it made this often while it has less than
+#: ``PACED_HIGH_WATER_BLOCKS`` blocks waiting.
+PULL_INTERVAL_S = 0.01
+PACED_HIGH_WATER_BLOCKS = 3
+
 
 def copy_frame(dst: np.ndarray, src: Any) -> None:
     """Copy an (H, W, 3) uint8 frame (numpy, or a CPU/CUDA tensor) into a ring slot view."""
@@ -63,6 +69,17 @@ def copy_frame(dst: np.ndarray, src: Any) -> None:
     import torch
 
     torch.from_numpy(dst).copy_(src)
+
+
+@dataclass(frozen=True, slots=True)
+class Made:
+    """A frame a block pipeline made, waiting for its turn (:class:`Pacer`)."""
+
+    frame: Any
+    tag: FrameMeta | None  # video: the input's; text: None (stamped when it leaves)
+    info: dict[str, Any] | None
+    model_start: int
+    model_end: int
 
 
 @dataclass(eq=False)
@@ -77,6 +94,8 @@ class InferenceState:
     generated: int = 0
     #: The last result sent to the client: a result is sent only when it changes.
     last_info: dict[str, Any] | None = None
+    #: A block pipeline's made frames, let go at its production rate (None: per-frame).
+    pacer: Pacer[Made] | None = None
 
 
 class InferenceCore(FrameStage[InferenceState]):
@@ -91,6 +110,8 @@ class InferenceCore(FrameStage[InferenceState]):
         self.pipeline_spec = self.loaded.spec
         self.notify = options.notify
         self.text_fps = options.text_fps
+        #: Block pipelines (a causal video model: several frames a call) are paced.
+        self.paced = self.pipeline_spec.frames_per_call > 1
         self.failures = 0
         self._pending: set[str] = set()
 
@@ -110,11 +131,13 @@ class InferenceCore(FrameStage[InferenceState]):
         pipeline_session = PipelineSession(
             self.loaded, session.session_id, session.width, session.height, session.params
         )
+        now = time.monotonic()
         return InferenceState(
             mode=mode,
             session=pipeline_session,
             started_ns=time.monotonic_ns(),
-            next_due=time.monotonic(),
+            next_due=now,
+            pacer=Pacer(max_fps=self.text_fps, started=now) if self.paced else None,
         )
 
     def end_state(self, session: StageSession[InferenceState]) -> None:
@@ -203,8 +226,8 @@ class InferenceCore(FrameStage[InferenceState]):
     def tick(self) -> float | None:
         if self._pending:
             self._run_video()
-        wait = self._run_text()
-        return 0.0 if self._pending else wait
+        waits = [w for w in (self._run_text(), self._emit_paced()) if w is not None]
+        return 0.0 if self._pending else (min(waits) if waits else None)
 
     def _run_text(self) -> float | None:
         now = time.monotonic()
@@ -217,7 +240,12 @@ class InferenceCore(FrameStage[InferenceState]):
             if info.session.paused:
                 info.next_due = now
                 continue
-            if info.next_due <= now:
+            if info.pacer is not None and len(info.pacer.queue) >= PACED_HIGH_WATER_BLOCKS * max(
+                info.pacer.block_frames(), 1.0
+            ):
+                info.next_due = now + PULL_INTERVAL_S  # enough made: pull again later
+                waits.append(PULL_INTERVAL_S)
+            elif info.next_due <= now:
                 due.setdefault((s.width, s.height), []).append(s)
             else:
                 waits.append(info.next_due - now)
@@ -236,9 +264,63 @@ class InferenceCore(FrameStage[InferenceState]):
             after = time.monotonic()
             for s in group:
                 info = s.state
-                info.next_due = max(info.next_due + 1.0 / self.text_fps, after)
+                # A paced session pulls what the model made as soon as it is there; the pacer
+                # decides when each frame leaves.
+                step = PULL_INTERVAL_S if info.pacer is not None else 1.0 / self.text_fps
+                info.next_due = max(info.next_due + step, after)
                 waits.append(info.next_due - after)
         return max(0.0, min(waits)) if waits else None
+
+    # ------------------------------------------------------------ paced output
+
+    def _emit_paced(self) -> float | None:
+        """Publish every paced frame whose time has come; seconds until the next one."""
+        if not self.paced:
+            return None
+        waits: list[float] = []
+        for s in list(self.sessions.values()):
+            pacer = s.state.pacer
+            if pacer is None or s.output is None:
+                continue
+            if s.state.session is not None and s.state.session.paused:
+                pacer.clear()  # paused: nothing more leaves, what was made is dropped
+                continue
+            now = time.monotonic()
+            while (due := pacer.pop_due(now)) is not None:
+                made, produced = due
+                self._publish_made(s, made, produced)
+            if (at := pacer.next_at()) is not None:
+                waits.append(max(0.0, at - time.monotonic()))
+        return min(waits) if waits else None
+
+    def _publish_made(
+        self, session: StageSession[InferenceState], made: Made, produced: float
+    ) -> None:
+        assert session.output is not None
+        info = session.state
+        now_ns = time.monotonic_ns()
+        if made.tag is not None:  # video: the input frame's stamps
+            meta = made.tag
+            stamps = meta.stamps if meta.stamps is not None else np.zeros(N_STAMPS, np.int64)
+        else:  # text: the frame's life starts when it was made
+            stamps = np.zeros(N_STAMPS, dtype=np.int64)
+            stamps[Stage.GENERATION_START] = int(produced * 1e9)
+            pts = (now_ns - info.started_ns) * 90_000 // 10**9
+            meta = FrameMeta(info.generated, pts, stamps)
+        stamps[Stage.MODEL_START] = made.model_start
+        stamps[Stage.MODEL_END] = made.model_end
+        stamps[Stage.PACED] = now_ns
+        width, height = int(made.frame.shape[1]), int(made.frame.shape[0])
+        slot = session.output.begin(width, height)
+        copy_frame(slot.array, made.frame)
+        stamp(stamps, Stage.INFERENCE_END)
+        self.publish(session, slot, FrameMeta(meta.frame_number, meta.pts, stamps))
+        info.generated += 1
+        if made.info and made.info != info.last_info and info.pacer is not None:
+            info.last_info = made.info  # once a block: the block number changes
+            fps = info.pacer.production_fps()
+            data = {**made.info, "production_fps": round(fps, 1) if fps else None}
+            self._tell(session, "fetch_output", {"frame_number": meta.frame_number, **data})
 
     # ------------------------------------------------------------ the call
 
@@ -265,12 +347,38 @@ class InferenceCore(FrameStage[InferenceState]):
             return
         model_end = time.monotonic_ns()
         for res in results:
+            session = self.sessions[res.session_id]
+            pacer = session.state.pacer
+            if pacer is not None:
+                self._make(session, pacer, res, model_start, model_end, held)
+                continue
             if res.frame is None:
                 continue
-            session = self.sessions[res.session_id]
             self._publish_result(
                 session, res, model_start, model_end, held.pop(res.session_id, None)
             )
+
+    def _make(
+        self,
+        session: StageSession[InferenceState],
+        pacer: Pacer[Made],
+        res: Result,
+        model_start: int,
+        model_end: int,
+        held: dict[str, ReadFrame],
+    ) -> None:
+        """A block pipeline's frames (this call's and the rest of its block) join the
+        session's pacer; its input was copied, so it is released now."""
+        if (frame := held.pop(res.session_id, None)) is not None:
+            self.release(session, frame)
+        pipeline_session = session.state.session
+        made = [res] if res.frame is not None else []
+        if pipeline_session is not None:
+            made += self.pipeline.ready(pipeline_session.state)
+        now = time.monotonic()
+        for r in made:
+            tag = r.tag if isinstance(r.tag, FrameMeta) and session.state.mode == "video" else None
+            pacer.push(Made(r.frame, tag, r.info, model_start, model_end), now)
 
     def _publish_result(
         self,

@@ -194,6 +194,12 @@ class Pipeline(ABC):
         prepared input; text requests ``None``. A session may yield no result (warm-up,
         paused) or one; results keep the tag of the input they derive from."""
 
+    def ready(self, state: Any) -> list[Result]:
+        """Frames this session's calls made beyond the one each returned (the rest of a
+        block), handed over now so the service can pace them evenly; none for a per-frame
+        pipeline."""
+        return []
+
     def free_memory(self) -> None:  # noqa: B027
         """Give back cached device memory (after an out-of-memory error)."""
 

@@ -72,6 +72,9 @@ from services.models.store import repo_dir
 
 logger = logging.getLogger(__name__)
 
+#: Input frames kept while a video block is made off the loop (the newest; a block needs 12).
+MAX_WAITING_INPUTS = 64
+
 TEXT_LEN = 512
 VAE_SCALE = 8
 
@@ -283,9 +286,19 @@ class WanPipeline(Pipeline):
                 continue
             s.inputs.append(r.frames)
             s.input_tags.append(r.tag)
-            if len(s.inputs) >= self._frames_needed(s):
-                with self._model_lock:
-                    self._video_block(s)
+            if s.ahead is not None and s.ahead.done():
+                self.settle(s)  # the block made off the loop: its failure is raised here
+            if s.ahead is None and len(s.inputs) >= self._frames_needed(s):
+                inputs, tags = self._take_inputs(s)
+                if self.prefetch:
+                    # Off the service loop (as text blocks ahead): it keeps taking frames and
+                    # pacing the output while the block is made.
+                    s.ahead = self._worker.submit(self._video_block_ahead, s, inputs, tags)
+                else:
+                    with self._model_lock:
+                        self._video_block(s, inputs, tags)
+            elif len(s.inputs) > MAX_WAITING_INPUTS:
+                del s.inputs[0], s.input_tags[0]  # a block is being made: keep the newest
             if s.out:
                 frame, tag, block = s.out.popleft()
                 info = {"block": block, "noise_scale": s.noise_level}
@@ -293,6 +306,23 @@ class WanPipeline(Pipeline):
             else:
                 results.append(Result(s.session_id, None, None, {"warming_up": True}))
         return results
+
+    def ready(self, state: WanState) -> list[Result]:
+        """The rest of the session's made frames: its block's, and in text mode a block made
+        ahead; the next one is started at once, so the model never waits for the queue."""
+        s = state
+        if s.mode == "text" and s.ahead is not None and s.ahead.done():
+            self.settle(s)  # its frames are queued; its failure, if any, is raised here
+        out = []
+        while s.out:
+            frame, tag, block = s.out.popleft()
+            info: dict[str, Any] = {"block": block}
+            if s.mode == "video":
+                info["noise_scale"] = s.noise_level
+            out.append(Result(s.session_id, frame, tag, info))
+        if s.mode == "text" and self.prefetch and s.ahead is None and s.blocks:
+            s.ahead = self._worker.submit(self._text_block_ahead, s)
+        return out
 
     def _frames_needed(self, s: WanState) -> int:
         """Input frames for the next block: the VAE turns ``1 + 4k`` frames into ``1 + k``
@@ -305,6 +335,23 @@ class WanPipeline(Pipeline):
         """On the worker thread: the next block, its frames on the CPU once complete."""
         with self._model_lock, torch.inference_mode(), self._on_worker_stream():
             frames = self._text_block(s)
+            if self._worker_stream is not None:
+                frames = [(f.cpu(), tag, block) for f, tag, block in frames]
+        s.out.extend(frames)
+
+    def _take_inputs(self, s: WanState) -> tuple[list[torch.Tensor], list[Any]]:
+        """The block's input: the newest frames it needs (older ones arrived while the last
+        block was made; dropping them keeps latency down, as the ring would)."""
+        needed = self._frames_needed(s)
+        inputs, tags = s.inputs[-needed:], s.input_tags[-needed:]
+        s.inputs.clear()
+        s.input_tags.clear()
+        return inputs, tags
+
+    def _video_block_ahead(self, s: WanState, inputs: list[torch.Tensor], tags: list[Any]) -> None:
+        """On the worker thread: a video block, its frames on the CPU once complete."""
+        with self._model_lock, torch.inference_mode(), self._on_worker_stream():
+            frames = self._video_frames(s, inputs, tags)
             if self._worker_stream is not None:
                 frames = [(f.cpu(), tag, block) for f, tag, block in frames]
         s.out.extend(frames)
@@ -346,12 +393,14 @@ class WanPipeline(Pipeline):
         latents = self._generate(s, None, None)
         return [(frame, None, s.blocks) for frame in self._decode(s, latents)]
 
-    def _video_block(self, s: WanState) -> None:
+    def _video_block(self, s: WanState, inputs: list[torch.Tensor], tags: list[Any]) -> None:
+        s.out.extend(self._video_frames(s, inputs, tags))
+
+    def _video_frames(
+        self, s: WanState, inputs: list[torch.Tensor], tags: list[Any]
+    ) -> list[tuple[torch.Tensor, Any, int]]:
         self._start_block(s)
-        frames = torch.stack(s.inputs)
-        tags = list(s.input_tags)
-        s.inputs.clear()
-        s.input_tags.clear()
+        frames = torch.stack(inputs)
         h, w = self._latent_hw(s)
         video = from_uint8_frames(frames, self.vae.dtype)
         pad_h, pad_w = h * VAE_SCALE - s.height, w * VAE_SCALE - s.width
@@ -360,8 +409,10 @@ class WanPipeline(Pipeline):
         scale = self._noise_scale(s, video)
         z = s.vae.encode(video)
         latents = self._generate(s, z, scale)
-        for frame, tag in zip(self._decode(s, latents), tags, strict=True):
-            s.out.append((frame, tag, s.blocks))
+        return [
+            (frame, tag, s.blocks)
+            for frame, tag in zip(self._decode(s, latents), tags, strict=True)
+        ]
 
     def _noise_scale(self, s: WanState, video: torch.Tensor) -> float:
         """The block's noise: ``noise_scale``, or Scope's motion controller from it."""
