@@ -9,10 +9,10 @@ next block. The :class:`Pacer` holds a session's produced frames and lets one go
   (a burst: frames arriving within ``BURST_GAP_S``), from the last ``WINDOW_BURSTS`` bursts; before
   the second burst, the first block's frames over the time it took to make it;
 * **the smallest buffer that keeps intervals even**: right before each burst the queue should
-  hold a small margin (a quarter of a block, at least one frame). The output rate is the
+  hold a margin (40 % of a block and half a frame, at least one frame). The output rate is the
   production rate corrected by how far the queue, just before the last bursts, was from that
   margin: fuller means the output lags (go a little faster), empty means it ran dry (a little
-  slower). So the added latency settles near half a block plus the margin, under one block.
+  slower). So the added latency settles near half a block plus the margin: one block at most.
 
 A prompt switch, a recache or another session sharing the model changes the production rate; the
 estimate follows within a few blocks. Pure logic: the caller passes the time.
@@ -34,7 +34,7 @@ WINDOW_BURSTS = 6
 GAIN = 0.5
 #: The output rate stays within this factor of the production rate.
 MAX_CORRECTION = 0.25
-#: The queue level (just before a burst) aimed at, as a share of a block.
+#: The queue level (just before a block arrives) aimed at, as a share of a block.
 MARGIN_SHARE = 0.4
 
 
@@ -89,12 +89,17 @@ class Pacer(Generic[T]):
     def block_frames(self) -> float:
         return sum(b.frames for b in self.bursts) / len(self.bursts) if self.bursts else 1.0
 
+    def margin(self, block: float) -> float:
+        """Frames to have left when a block arrives: 40 % of a block and half a frame (small
+        blocks come at shorter, relatively less regular intervals)."""
+        return max(1.0, MARGIN_SHARE * block + 0.5)
+
     def output_fps(self) -> float:
         made = self.production_fps()
         if made is None:
             return self.max_fps
         block = self.block_frames()
-        margin = max(1.0, MARGIN_SHARE * block)
+        margin = self.margin(block)
         recent = list(self.bursts)[1:] or list(self.bursts)
         before = sum(b.queued_before for b in recent) / len(recent)
         correction = 1.0 + GAIN * (before - margin) / max(block, 1.0)
