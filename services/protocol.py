@@ -50,6 +50,15 @@ class Ready(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     service: str
 
 
+class LoraAdapter(msgspec.Struct, forbid_unknown_fields=True):
+    """A LoRA on a loaded pipeline (Scope's ``loaded_lora_adapters`` item)."""
+
+    path: str
+    scale: float
+    merge_mode: Literal["permanent_merge", "runtime_peft"]
+    adapter_name: str
+
+
 class HeartbeatAck(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     seq: int
     frames_done: int
@@ -64,6 +73,8 @@ class HeartbeatAck(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     call_running_s: float = 0.0
     longest_call_s: float = 0.0
     calls_done: int = 0
+    #: A model process's LoRAs, with their current scales.
+    loras: list[LoraAdapter] = []
 
 
 class ServiceFailed(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -285,6 +296,8 @@ class PipelineState(msgspec.Struct, forbid_unknown_fields=True):
     status: PipelineStatus
     load_params: dict[str, Any] = {}
     error: str | None = None
+    #: Its LoRAs once loaded, their scales as they are now (a run-time change shows).
+    loras: list[LoraAdapter] = []
 
 
 class StatusReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):

@@ -266,6 +266,10 @@ class ServiceCore(ABC, Generic[M]):
         """Free memory of this service's GPU, for placing sessions (None: no GPU)."""
         return None
 
+    def loras(self) -> list[p.LoraAdapter]:
+        """The LoRAs on this service's model, with their scales now."""
+        return []
+
     def on_session_failed(self, msg: p.SessionFailed) -> None:
         """Another stage of a session this service owns failed (signalling tells the client)."""
 
@@ -330,6 +334,7 @@ class ServiceProc:
             call_running_s=round(calls.running_s(), 3),
             longest_call_s=round(calls.longest_s(), 3),
             calls_done=calls.done,
+            loras=core.loras(),
         )
 
     # ------------------------------------------------------------ liveness during calls

@@ -6,6 +6,8 @@ import logging
 import time
 from typing import Any
 
+import msgspec
+
 from services import protocol as p
 from services import topology
 from signalling.api.errors import (
@@ -88,11 +90,16 @@ class SignallingBackend:
         state = next((s for s in states if s.status == "error"), states[0])
         if state.status == "loaded" and any(s.status == "loading" for s in states):
             state = next(s for s in states if s.status == "loading")
+        # Scope's shape: every pipeline's LoRAs, once per path; null when there are none.
+        adapters: dict[str, dict[str, Any]] = {}
+        for s in states:
+            for lora in s.loras:
+                adapters.setdefault(lora.path, msgspec.to_builtins(lora))
         return PipelineStatusResponse(
             status=state.status,
             pipeline_id=state.pipeline_id,
             load_params=state.load_params,
-            loaded_lora_adapters=[],
+            loaded_lora_adapters=list(adapters.values()) or None,
             error=state.error,
         )
 

@@ -81,6 +81,8 @@ class Child:
         self.call_running_s = 0.0
         self.longest_call_s = 0.0
         self.calls_done = 0
+        #: A model process's LoRAs and their scales, as its last heartbeat said.
+        self.loras: list[p.LoraAdapter] = []
         #: The device of a per-device inference process (``cuda:1``), else None.
         self.device: str | None = spec.options.get("device")
         #: The pipeline a pipeline process runs (None for other services).
@@ -132,6 +134,7 @@ class Child:
         self.call_running_s = ack.call_running_s
         self.longest_call_s = ack.longest_call_s
         self.calls_done = ack.calls_done
+        self.loras = ack.loras
 
     def said_failed(self, reason: str) -> None:
         self.failure_reason = reason

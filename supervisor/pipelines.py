@@ -118,6 +118,7 @@ class PipelineSet:
             else:
                 status = "loading"
             failed = next((c for c in children if c.state is State.FAILED), children[0])
+            ready = next((c for c in children if c.state is State.READY), None)
             states.append(
                 p.PipelineState(
                     pipeline_id=pid,
@@ -126,6 +127,7 @@ class PipelineSet:
                     error=(failed.failure_reason or failed.last_error)
                     if status == "error"
                     else None,
+                    loras=list(ready.loras) if ready is not None else [],
                 )
             )
         return states + list(on_nodes.values())

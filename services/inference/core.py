@@ -419,6 +419,9 @@ class InferenceCore(FrameStage[InferenceState]):
         finally:
             self.report_session_failure(session.session_id, reason)
 
+    def loras(self) -> list[p.LoraAdapter]:
+        return self.pipeline.lora_status()
+
     def memory_free_bytes(self) -> int | None:
         torch = sys.modules.get("torch")  # a CPU-only pipeline never imported it
         if torch is None or not torch.cuda.is_available():

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import msgspec
 
+from services.inference.lora_files import LoraItem, LoraScale, MergeMode
 from services.inference.pipeline import (
     Dimension,
     Interpolation,
@@ -110,3 +111,44 @@ def check_descending(config: msgspec.Struct) -> None:
     steps = getattr(config, "denoising_step_list", None)
     if steps is not None and any(a <= b for a, b in itertools.pairwise(steps)):
         raise ValueError(f"denoising_step_list: must be strictly descending, got {steps}")
+
+
+# ---------------------------------------------------------------- LoRAs (Scope's contract)
+
+#: No ``ui`` hint: Scope's UI draws its LoRA panel (from ``supports_lora`` and the field whose
+#: component is ``lora``) and sends ``load_params.loras`` itself.
+Loras = Annotated[
+    list[LoraItem] | None,
+    msgspec.Meta(
+        max_length=16,
+        description="LoRAs to load: [{path, scale, merge_mode}], path as GET /api/v1/loras "
+        "lists it (a file in the models directory's loras/)",
+    ),
+]
+#: What Scope's UI sends at load (its global merge strategy).
+LoraMergeMode = Annotated[
+    MergeMode,
+    msgspec.Meta(
+        description="How a LoRA without its own merge_mode loads: permanent_merge (fused into "
+        "the weights, no cost per frame, fixed scale) or runtime_peft (an adapter whose scale "
+        "changes while streaming)"
+    ),
+]
+#: Scope's schema field: its UI places the LoRA panel where this field's component is.
+LoraMergeStrategy = Annotated[
+    MergeMode,
+    msgspec.Meta(
+        description="The LoRA merge strategy (Scope's UI draws its LoRA panel here)",
+        extra_json_schema=ui(2, label="LoRA", component="lora", load=True),
+    ),
+]
+LoraScales = Annotated[
+    list[LoraScale] | None,
+    msgspec.Meta(
+        max_length=16,
+        description="Run time: [{path, scale}] for LoRAs loaded with runtime_peft; the next "
+        "frame (or block) uses them",
+    ),
+]
+#: The load-time keys every LoRA-taking pipeline adds to its ``load_only``.
+LORA_LOAD_KEYS = frozenset({"loras", "lora_merge_mode", "lora_merge_strategy"})

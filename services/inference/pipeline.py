@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from services.protocol import Mode
+from services.protocol import LoraAdapter, Mode
 
 #: ``DREAMWIRE_TORCH_COMPILE=1``: pipelines ``torch.compile`` their model (CUDA for the SD-Turbo
 #: UNet, any device for the causal Wan layer step); the inference service then warms it up at load.
@@ -193,6 +193,10 @@ class Pipeline(ABC):
         """Run one step for these sessions (all at one resolution). Video requests carry the
         prepared input; text requests ``None``. A session may yield no result (warm-up,
         paused) or one; results keep the tag of the input they derive from."""
+
+    def lora_status(self) -> list[LoraAdapter]:
+        """Its LoRAs and their scales now (``services.inference.loras``)."""
+        return []
 
     def ready(self, state: Any) -> list[Result]:
         """Frames this session's calls made beyond the one each returned (the rest of a

@@ -191,7 +191,7 @@ def schema(spec: PipelineSpec, plugin_name: str | None = None) -> dict[str, Any]
         ),
         "docs_url": spec.docs_url,
         "estimated_vram_gb": spec.estimated_vram_gb,
-        "supports_lora": False,
+        "supports_lora": "loras" in fields,
         "supports_vace": False,
         "supports_cache_management": "manage_cache" in fields,
         "supports_kv_cache_bias": "kv_cache_attention_bias" in fields,

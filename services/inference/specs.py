@@ -11,7 +11,12 @@ from typing import Annotated
 import msgspec
 
 from services.inference.fields import (
+    LORA_LOAD_KEYS,
     LCMStepList,
+    LoraMergeMode,
+    LoraMergeStrategy,
+    Loras,
+    LoraScales,
     MaybeTransition,
     Paused,
     PlainHeight,
@@ -138,6 +143,10 @@ class StreamDiffusionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=
     ] = 10
     paused: Paused = False
     reset_cache: ResetCache = False
+    loras: Loras = None
+    lora_merge_mode: LoraMergeMode = "permanent_merge"
+    lora_merge_strategy: LoraMergeStrategy = "permanent_merge"
+    lora_scales: LoraScales = None
 
 
 STREAMDIFFUSION = PipelineSpec(
@@ -149,6 +158,7 @@ STREAMDIFFUSION = PipelineSpec(
     modes=("video",),
     loader="services.inference.streamdiffusion:load",
     artifacts=(SD_TURBO, TAESD),
+    load_only=frozenset({"height", "width"}) | LORA_LOAD_KEYS,
     check=check_descending,
     estimated_vram_gb=SD_TURBO_VRAM_GB,
 )

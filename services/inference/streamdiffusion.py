@@ -47,8 +47,10 @@ from typing import Any
 import torch
 
 from services.inference import diffusion as d
+from services.inference.loras import LoraSet, merge_mode, read_safetensors, sd_unet_adapters
 from services.inference.pipeline import PipelineSpec, Request, Result
 from services.inference.specs import StreamDiffusionConfig
+from services.protocol import LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,13 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
     def __init__(self, spec: PipelineSpec, load: StreamDiffusionConfig, models_dir: Path) -> None:
         super().__init__(spec, models_dir)
         self.load_config = load
+        self.loras = LoraSet([self.c.unet])
+        if load.loras:
+            adapters = sd_unet_adapters(self.c.unet)
+            self.loras.load(load.loras, merge_mode(load), models_dir, read_safetensors, adapters)
+
+    def lora_status(self) -> list[LoraAdapter]:
+        return self.loras.status()
 
     # ------------------------------------------------------------ sessions
 
@@ -103,6 +112,8 @@ class StreamDiffusionPipeline(d.SDTurboPipeline):
         return s
 
     def update(self, state: SDState, config: StreamDiffusionConfig, changed: set[str]) -> None:
+        if "lora_scales" in changed and config.lora_scales:
+            self.loras.set_scales(config.lora_scales)  # the model's: every session's next frame
         old, state.config = state.config, config
         d.follow_prompts(state.prompt, config, changed)
         if d.restarts_noise(old, config):

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from services.inference import diffusion as d
+from services.inference.loras import LoraSet, merge_mode, read_safetensors, wan_adapters
 from services.inference.pipeline import COMPILE_ENV, Pipeline, PipelineSpec, Request, Result
 from services.inference.wan.blocks import BlockLoop, BlockStream, motion_noise_scale
 from services.inference.wan.convert import load_transformer
@@ -69,6 +70,7 @@ from services.inference.wan.specs import (
 from services.inference.wan.vae import VaeStream, from_uint8_frames, to_uint8_frames
 from services.models.downloads import require_models
 from services.models.store import repo_dir
+from services.protocol import LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,7 @@ class WanState:
     decoded: deque[torch.Tensor] = field(default_factory=deque)  # Krea: recent output frames
     cross_computed: int = 0
     pending_cut: bool = False
+    lora_version: int = 0  # the model's LoRA scales this session's caches were made with
 
     @property
     def blocks(self) -> int:
@@ -163,6 +166,23 @@ class WanPipeline(Pipeline):
             lora=lora_path,
             lora_alpha=lora_alpha,
         )
+        self.loras = LoraSet([transformer])
+        if load.loras:
+            mode = merge_mode(load)
+            if quantization is not None and any(
+                (item.merge_mode or mode) == "runtime_peft" for item in load.loras
+            ):
+                raise ValueError(
+                    "loras: runtime_peft adapters do not run on fp8 layers; merge them "
+                    "(merge_mode permanent_merge) or load without quantization"
+                )
+            self.loras.load(
+                load.loras,
+                mode,
+                models_dir,
+                read_safetensors,
+                wan_adapters(transformer),
+            )
         if quantization is not None:
             from services.inference.wan.fp8 import quantize_linears
 
@@ -208,6 +228,11 @@ class WanPipeline(Pipeline):
     def update(self, state: WanState, config: WanConfig, changed: set[str]) -> None:
         s = state
         self.settle(s)
+        if "lora_scales" in changed and config.lora_scales:
+            # The model's scales: set between blocks (a block made ahead holds the lock), so
+            # every session's next block uses them (see _start_block).
+            with self._model_lock:
+                self.loras.set_scales(config.lora_scales)
         s.config = config
         transition = "transition" in changed and config.transition is not None
         in_transition = transition or s.prompt.in_transition
@@ -307,6 +332,9 @@ class WanPipeline(Pipeline):
                 results.append(Result(s.session_id, None, None, {"warming_up": True}))
         return results
 
+    def lora_status(self) -> list[LoraAdapter]:
+        return self.loras.status()
+
     def ready(self, state: WanState) -> list[Result]:
         """The rest of the session's made frames: its block's, and in text mode a block made
         ahead; the next one is started at once, so the model never waits for the queue."""
@@ -383,6 +411,13 @@ class WanPipeline(Pipeline):
 
     def _start_block(self, s: WanState) -> None:
         """A due hard cut, before the block's input is encoded (the VAE starts afresh too)."""
+        if s.lora_version != self.loras.version:
+            # A LoRA's scale changed: the cached cross-attention used the old one; with
+            # manage_cache the KV cache starts afresh too (Scope's init_cache).
+            s.lora_version = self.loras.version
+            s.cross = None
+            if s.config.manage_cache:
+                s.pending_cut = True
         if self.loop.overflows(s.stream):
             logger.info("session %s: RoPE table full, starting afresh", s.session_id)
         if self._cut_due(s):

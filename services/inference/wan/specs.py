@@ -20,7 +20,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from services.inference.fields import (
+    LORA_LOAD_KEYS,
     Height,
+    LoraMergeMode,
+    LoraMergeStrategy,
+    Loras,
+    LoraScales,
     MaybeTransition,
     Paused,
     PromptInterpolation,
@@ -117,6 +122,10 @@ class WanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         ),
     ] = True
     paused: Paused = False
+    loras: Loras = None
+    lora_merge_mode: LoraMergeMode = "permanent_merge"
+    lora_merge_strategy: LoraMergeStrategy = "permanent_merge"
+    lora_scales: LoraScales = None
 
 
 class StreamDiffusionV2Config(WanConfig, forbid_unknown_fields=True, kw_only=True):
@@ -216,7 +225,7 @@ def _spec(
     weights: Artifact,
     width: int,
     height: int,
-    load_only: frozenset[str] = frozenset({"height", "width"}),
+    load_only: frozenset[str] = frozenset({"height", "width"}) | LORA_LOAD_KEYS,
     *,
     mode_steps: dict[str, list[int]] | None = None,
     estimated_vram_gb: float = 20.0,
