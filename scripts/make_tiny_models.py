@@ -6,7 +6,8 @@
   ``tokenizer/`` and ``scheduler/`` as diffusers / transformers ``save_pretrained`` write them
   (fp16 variant files, like the real repository's), the text encoder's keys named as in the real
   files (``text_model.…``, which transformers 5 no longer writes);
-* ``DIR/madebyollin/taesd/``: an ``AutoencoderTiny``.
+* ``DIR/madebyollin/taesd/``: an ``AutoencoderTiny``;
+* with ``--lora NAME``, ``DIR/loras/NAME``: a kohya-style LoRA for that UNet.
 
 The tokenizer is a CLIP BPE tokenizer over a character-level vocabulary written here (the real
 ones come from the hub). Loading goes through the same ``from_pretrained`` calls as real models;
@@ -175,12 +176,45 @@ def make_all(models_dir: Path) -> None:
         mark_complete(models_dir, repo)
 
 
+def make_sd_lora(models_dir: Path, name: str, seed: int = 5, size: float = 0.5) -> Path:
+    """A LoRA for the tiny UNet in kohya's layout (``lora_unet_…`` with ``alpha``, what SD
+    LoRAs users download have), on every attention projection, into ``DIR/loras/``."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from services.inference.lora_files import lora_dir
+    from services.models.store import repo_dir
+
+    unet = UNet2DConditionModel.from_pretrained(
+        repo_dir(models_dir, SD_REPO), subfolder="unet", variant="fp16"
+    )
+    gen = torch.Generator().manual_seed(seed)
+    rank, state = 4, {}
+    for module_name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".attn" in module_name:
+            key = "lora_unet_" + module_name.replace(".", "_")
+            out_dim, in_dim = module.weight.shape
+            state[f"{key}.lora_down.weight"] = torch.randn(rank, in_dim, generator=gen) * size
+            state[f"{key}.lora_up.weight"] = torch.randn(out_dim, rank, generator=gen) * size
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
+    path = lora_dir(models_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="models directory to fill")
+    parser.add_argument(
+        "--lora", metavar="NAME", help="also write a kohya-style LoRA for the UNet to loras/NAME"
+    )
     args = parser.parse_args(argv)
     make_all(args.dir)
     print(f"tiny models written to {args.dir}")
+    if args.lora:
+        print(f"LoRA written to {make_sd_lora(args.dir, args.lora)}")
     return 0
 
 

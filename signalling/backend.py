@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -10,6 +11,7 @@ import msgspec
 
 from services import protocol as p
 from services import topology
+from services.inference.lora_files import LoraFileError, lora_path
 from signalling.api.errors import (
     ConcurrencyLimitReached,
     InvalidParameters,
@@ -76,10 +78,20 @@ class SignallingBackend:
                     pid,
                     ", ".join(sorted_params.unknown),
                 )
+            await self._check_loras(sorted_params.valid.get("loras"))
             loads.append(p.PipelineLoad(pid, sorted_params.valid, self.catalog.load_keys(pid)))
         reply = await self.admin.request(p.LoadPipelines(pipelines=loads))
         if isinstance(reply, p.Rejected):
             raise InvalidParameters(reply.reason)
+
+    async def _check_loras(self, loras: list[dict[str, Any]] | None) -> None:
+        """Each LoRA file a load names is checked here, before the running pipeline is
+        touched (whether it fits the model is known only where the model is)."""
+        for i, item in enumerate(loras or []):
+            try:
+                await asyncio.to_thread(lora_path, item["path"], self.models.models_dir)
+            except LoraFileError as exc:
+                raise InvalidParameters(f"load_params.loras[{i}].path: {exc}") from None
 
     async def pipeline_status(self) -> PipelineStatusResponse:
         states = (await self.admin.status()).pipelines

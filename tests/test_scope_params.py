@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from signalling.api.studio import Workflow, list_loras, resolve_workflow, tail_log
+from signalling.api.loras import list_loras
+from signalling.api.studio import Workflow, resolve_workflow, tail_log
 from signalling.intent import graph_chain, offer_mode, read_intent
 from signalling.pipelines import ParameterError, PipelineCatalog
 

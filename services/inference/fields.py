@@ -117,14 +117,17 @@ def check_descending(config: msgspec.Struct) -> None:
 
 #: No ``ui`` hint: Scope's UI draws its LoRA panel (from ``supports_lora`` and the field whose
 #: component is ``lora``) and sends ``load_params.loras`` itself.
-Loras = Annotated[
-    list[LoraItem] | None,
-    msgspec.Meta(
-        max_length=16,
-        description="LoRAs to load: [{path, scale, merge_mode}], path as GET /api/v1/loras "
-        "lists it (a file in the models directory's loras/)",
-    ),
-]
+Loras = (
+    Annotated[
+        list[LoraItem],
+        msgspec.Meta(
+            max_length=16,
+            description="LoRAs to load: [{path, scale, merge_mode}], path as GET /api/v1/loras "
+            "lists it (a file in the models directory's loras/)",
+        ),
+    ]
+    | None
+)
 #: What Scope's UI sends at load (its global merge strategy).
 LoraMergeMode = Annotated[
     MergeMode,
@@ -142,13 +145,16 @@ LoraMergeStrategy = Annotated[
         extra_json_schema=ui(2, label="LoRA", component="lora", load=True),
     ),
 ]
-LoraScales = Annotated[
-    list[LoraScale] | None,
-    msgspec.Meta(
-        max_length=16,
-        description="Run time: [{path, scale}] for LoRAs loaded with runtime_peft; the next "
-        "frame (or block) uses them",
-    ),
-]
+LoraScales = (
+    Annotated[
+        list[LoraScale],
+        msgspec.Meta(
+            max_length=16,
+            description="Run time: [{path, scale}] for LoRAs loaded with runtime_peft; the next "
+            "frame (or block) uses them",
+        ),
+    ]
+    | None
+)
 #: The load-time keys every LoRA-taking pipeline adds to its ``load_only``.
 LORA_LOAD_KEYS = frozenset({"loras", "lora_merge_mode", "lora_merge_strategy"})

@@ -71,19 +71,24 @@ def lora_path(path: str, models_dir: Path) -> Path:
         )
     if not resolved.is_file():
         raise LoraFileError(f"{path}: no such file in {root}")
-    size = resolved.stat().st_size
+    check_lora_file(path, resolved)
+    return resolved
+
+
+def check_lora_file(label: str, file: Path) -> None:
+    """Its size and header name LoRA weights and nothing else (``label`` names it in errors)."""
+    size = file.stat().st_size
     if size > MAX_LORA_BYTES:
-        raise LoraFileError(f"{path}: {size / 2**30:.1f} GB is not a LoRA (at most 4 GB)")
-    keys = _header_keys(path, resolved)
+        raise LoraFileError(f"{label}: {size / 2**30:.1f} GB is not a LoRA (at most 4 GB)")
+    keys = _header_keys(label, file)
     other = [k for k in keys if not LORA_WEIGHT.search(k) and not LORA_EXTRA.search(k)]
     if other:
         raise LoraFileError(
-            f"{path}: {len(other)} of its {len(keys)} tensors are not LoRA weights "
+            f"{label}: {len(other)} of its {len(keys)} tensors are not LoRA weights "
             f"({', '.join(other[:3])}): a checkpoint, not a LoRA"
         )
     if not any(LORA_WEIGHT.search(k) for k in keys):
-        raise LoraFileError(f"{path}: no LoRA weights in it (lora_A/lora_B, lora_down/lora_up)")
-    return resolved
+        raise LoraFileError(f"{label}: no LoRA weights in it (lora_A/lora_B, lora_down/lora_up)")
 
 
 def _header_keys(path: str, resolved: Path) -> list[str]:

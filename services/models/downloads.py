@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from services.inference import registry
+from services.inference.lora_files import LORA_DIR, LoraFileError, check_lora_file, lora_dir
 from services.inference.pipeline import Artifact, PipelineSpec
 from services.models.store import (
     PARTIAL_DIR,
@@ -259,12 +261,14 @@ def _fetch(
     progress: Progress,
     token: str | None,
     endpoint: str | None,
+    final: Path | None = None,
 ) -> None:
+    """One file to ``final`` (default: its place in the repository's folder), resumable."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
-    final = repo_dir(models_dir, remote.repo_id) / remote.path
+    final = final or repo_dir(models_dir, remote.repo_id) / remote.path
     part = models_dir / PARTIAL_DIR / remote.repo_id / f"{remote.path}.part"
     etag_file = part.with_name(part.name + ".etag")
     if final.is_file() and final.stat().st_size == remote.size and not part.exists():
@@ -382,3 +386,92 @@ def _download_all(
                 raise DownloadError(_explain(exc, artifact.repo_id, shown_endpoint)) from exc
         mark_complete(models_dir, artifact.repo_id, [f.path for f in files])
         logger.info("%s complete in %s", artifact.repo_id, repo_dir(models_dir, artifact.repo_id))
+
+
+# ---------------------------------------------------------------- LoRA files
+
+
+@dataclass(frozen=True)
+class LoraDownload:
+    """A LoRA file in the LoRA folder (``POST /api/v1/lora/download`` answers with it)."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
+def download_lora(
+    repo_id: str,
+    filename: str,
+    models_dir: str | Path,
+    *,
+    subfolder: str | None = None,
+    revision: str = "main",
+    expected_sha256: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> LoraDownload:
+    """One LoRA file from a hub repository into ``<models_dir>/loras``, through the model
+    downloads' progress file and resume. Only a file that is a LoRA (:func:`check_lora_file`)
+    and has the expected hash arrives there: otherwise nothing changes and
+    :class:`LoraFileError` says why. A file of that name already there is kept (returned as
+    it is when its hash is the one expected)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    models_dir = Path(models_dir).expanduser()
+    name = Path(filename).name
+    if Path(name).suffix.lower() != ".safetensors" or name != filename.strip("/").split("/")[-1]:
+        raise LoraFileError(f"{filename}: only .safetensors LoRAs load here")
+    target = lora_dir(models_dir) / name
+    remote_path = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
+    key = f"lora-{Path(name).stem}"
+    shown_endpoint = endpoint or constants.ENDPOINT
+    with _exclusive(key, models_dir):
+        if target.is_file():
+            return _checked_existing(target, expected_sha256)
+        progress = Progress(key, models_dir, show_bar=False)
+        staging = models_dir / PARTIAL_DIR / LORA_DIR / name
+        try:
+            url = hf_hub_url(repo_id, remote_path, revision=revision, endpoint=endpoint)
+            size = get_hf_file_metadata(url, token=token, endpoint=endpoint).size or 0
+            progress.start(size)
+            remote = RemoteFile(repo_id, remote_path, size, revision)
+            _fetch(remote, models_dir, progress, token, endpoint, final=staging)
+        except DownloadError as exc:
+            progress.finish(str(exc))
+            raise
+        except Exception as exc:
+            message = _explain(exc, repo_id, shown_endpoint)
+            progress.finish(message)
+            raise DownloadError(message) from exc
+        try:
+            digest = _sha256(staging)
+            if expected_sha256 and digest != expected_sha256.lower():
+                raise LoraFileError(
+                    f"{name}: sha256 {digest} is not the expected {expected_sha256.lower()}"
+                )
+            check_lora_file(name, staging)
+        except LoraFileError as exc:
+            staging.unlink(missing_ok=True)
+            progress.finish(str(exc))
+            raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, target)
+        progress.finish()
+        logger.info("LoRA %s from %s (%d bytes) in %s", name, repo_id, size, target.parent)
+        return LoraDownload(target, digest, target.stat().st_size)
+
+
+def _checked_existing(target: Path, expected_sha256: str | None) -> LoraDownload:
+    digest = _sha256(target)
+    if expected_sha256 and digest != expected_sha256.lower():
+        raise LoraFileError(
+            f"{target.name}: a different file of that name is already in {target.parent} "
+            f"(sha256 {digest})"
+        )
+    return LoraDownload(target, digest, target.stat().st_size)
+
+
+def _sha256(file: Path) -> str:
+    with file.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from services.inference import registry
 from signalling.api.errors import BadRequest, NotSupported
+from signalling.api.loras import list_loras, lora_operations
 from signalling.api.openapi import Operation, QueryParam, Resp
 from signalling.api.state import StudioState, api_state, decode_body, guarded, json_response
 from signalling.api.studio_types import (
@@ -39,7 +40,6 @@ from signalling.api.studio_types import (
     InputSource,
     InputSourcesResponse,
     LogsTailResponse,
-    LoraFile,
     LorasResponse,
     NodeDefinition,
     NodeDefinitionsResponse,
@@ -62,8 +62,6 @@ from signalling.connections import event_stream_slot
 logger = logging.getLogger(__name__)
 
 ONBOARDING_FILE = "onboarding.json"
-LORA_DIR = "loras"
-LORA_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 #: ``logs/tail`` reads at most this much of the log per poll.
 LOG_TAIL_MAX_BYTES = 256 * 1024
 LOG_TAIL_MAX_LINES = 1000
@@ -253,36 +251,6 @@ async def install_plugin(request: web.Request) -> web.StreamResponse:
         "dreamwire installs pipeline plugins with pip (entry point group dreamwire.pipelines), "
         "then a restart"
     )
-
-
-def list_loras(models_dir: Path | None) -> LorasResponse:
-    """LoRA files under ``<models_dir>/loras`` (read-only here: dreamwire does not manage them)."""
-    if models_dir is None:
-        return LorasResponse(lora_files=[])
-    root = models_dir / LORA_DIR
-    files = []
-    for path in sorted(root.rglob("*")) if root.is_dir() else []:
-        if path.suffix.lower() not in LORA_SUFFIXES or not path.is_file():
-            continue
-        folder = path.parent.relative_to(root).as_posix()
-        files.append(
-            LoraFile(
-                name=path.stem,
-                path=str(path),
-                size_mb=round(path.stat().st_size / 2**20, 3),
-                folder=None if folder == "." else folder,
-            )
-        )
-    return LorasResponse(lora_files=files)
-
-
-async def loras(request: web.Request) -> web.StreamResponse:
-    return json_response(await asyncio.to_thread(list_loras, _studio(request).models_dir))
-
-
-async def lora_list(request: web.Request) -> web.StreamResponse:
-    """Scope 0.1's path for the same list."""
-    return await loras(request)
 
 
 # --- input sources, nodes, workflows -----------------------------------------------------------
@@ -587,22 +555,7 @@ def studio_operations() -> list[Operation]:
             ui,
             responses=NOT_HERE,
         ),
-        Operation(
-            "GET",
-            "/api/v1/loras",
-            loras,
-            "LoRA files in the models directory's loras/",
-            ui,
-            responses=_ok("LoRA files", LorasResponse),
-        ),
-        Operation(
-            "GET",
-            "/api/v1/lora/list",
-            lora_list,
-            "LoRA files (Scope 0.1's path)",
-            ui,
-            responses=_ok("LoRA files", LorasResponse),
-        ),
+        *lora_operations(ui),
         Operation(
             "GET",
             "/api/v1/input-sources",
