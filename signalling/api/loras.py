@@ -10,6 +10,7 @@ only if it is a LoRA with the expected hash.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -111,6 +112,7 @@ async def download_lora(request: web.Request) -> web.StreamResponse:
             subfolder=body.subfolder,
             revision=body.revision,
             expected_sha256=body.expected_sha256,
+            endpoint=os.environ.get("HF_ENDPOINT"),  # read now, not at huggingface_hub's import
         )
     except LoraFileError as exc:
         raise InvalidParameters(str(exc)) from None
