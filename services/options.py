@@ -35,6 +35,25 @@ class EncodeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     hardware: Hardware = "auto"
 
 
+GIB = 2**30
+
+
+class RecordingOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[recording]`` in the config."""
+
+    #: Where the files go; "": ``recordings/`` in the run directory.
+    dir: str = ""
+    #: One file's limits: it ends there (a stop that never comes).
+    max_bytes: int = 2 * GIB
+    max_seconds: float = 3600.0
+    #: How long a finished file stays downloadable.
+    keep_s: float = 3600.0
+    #: Every kept and growing file together.
+    max_total_bytes: int = 10 * GIB
+    #: No recording starts, and one ends, when the disk has less free than this.
+    min_free_bytes: int = 1 * GIB
+
+
 class DecodeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The service told when the decoder needs a keyframe (it sends the peer a PLI).
     keyframe_target: str = SIGNALLING

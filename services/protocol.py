@@ -393,6 +393,34 @@ class BitrateChanged(msgspec.Struct, tag=True, array_like=True, gc=False):
     bitrate_bps: int
 
 
+RecordAction = Literal["start", "cut", "stop"]
+
+
+class RecordCommand(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Record a session's encoded output (signalling → encode): ``start`` a file at
+    ``path``; ``cut`` (finish the file, go on in ``path``); ``stop``. The limits end a file
+    by themselves (sizes in bytes)."""
+
+    session_id: str
+    action: RecordAction
+    path: str = ""
+    max_bytes: int = 0
+    max_seconds: float = 0.0
+    min_free_bytes: int = 0
+
+
+class RecordingFinished(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """A recording's file is complete (encode → signalling); ``reason`` says why it ended
+    (``stopped``, ``cut``, ``session ended``, a limit or an error)."""
+
+    session_id: str
+    path: str
+    frames: int
+    size_bytes: int
+    duration_s: float
+    reason: str
+
+
 class UpdateParameters(msgspec.Struct, tag=True, array_like=True, gc=False):
     """New values for some of a session's runtime parameters (signalling → a stage).
 
@@ -423,13 +451,15 @@ InboxMessage = (
     | BitrateChanged
     | UpdateParameters
     | StageOutput
+    | RecordCommand
+    | RecordingFinished
 )
 #: What each kind of service takes in its inbox: anything else is refused when decoded.
 DecodeInbox = EncodedFrame
-EncodeInbox = FrameReady | KeyframeNeeded | BitrateChanged
+EncodeInbox = FrameReady | KeyframeNeeded | BitrateChanged | RecordCommand
 #: inference, overlay and the synthetic stages: frames from the ring, the session's parameters.
 StageInbox = FrameReady | UpdateParameters
-SignallingInbox = EncodedPacket | KeyframeNeeded | FramesDropped | StageOutput
+SignallingInbox = EncodedPacket | KeyframeNeeded | FramesDropped | StageOutput | RecordingFinished
 
 
 class NoMessages(msgspec.Struct, tag=True, forbid_unknown_fields=True):

@@ -28,6 +28,8 @@ from signalling.models import ModelsLink
 from signalling.options import SignallingOptions
 from signalling.outputs import add_output_routes
 from signalling.pipelines import PipelineCatalog
+from signalling.recording_routes import add_recording_routes, recording_operations
+from signalling.recordings import Recordings
 from signalling.sessions import SessionManager
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,16 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_DROP_REPORT = 1000
 
 
+#: How often kept recordings are looked at (deleted past their time or the budget).
+RECORDINGS_SWEEP_S = 30.0
+
+
+async def sweep_recordings(recordings: Recordings) -> None:
+    while True:
+        await asyncio.sleep(RECORDINGS_SWEEP_S)
+        recordings.sweep()
+
+
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -48,6 +60,11 @@ async def index(request: web.Request) -> web.FileResponse:
 async def favicon(request: web.Request) -> web.FileResponse:
     # Browsers ask every page of the origin for it: a 404 is an error in their console.
     return web.FileResponse(STATIC_DIR / "favicon.svg", headers={"Content-Type": "image/svg+xml"})
+
+
+def recordings_dir(options: SignallingOptions, run_dir: Path) -> Path:
+    configured = options.recording.dir
+    return Path(configured).expanduser() if configured else run_dir / "recordings"
 
 
 def add_page_routes(app: web.Application) -> None:
@@ -72,6 +89,11 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
         video_codec=api_config.video_codec,
     )
     guard = ConnectionGuard(api_config.connections)
+    recordings = Recordings(
+        options.recording,
+        recordings_dir(options, Path(spec.run_dir)),
+        lambda session_id, command: sessions.outbox.send(sessions.encode_of(session_id), command),
+    )
     backend = SignallingBackend(
         admin,
         sessions,
@@ -79,6 +101,7 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
         models,
         max_sessions=options.max_sessions,
         connections=guard,
+        recordings=recordings,
     )
 
     async def on_inbox(msg: p.SignallingInbox) -> None:
@@ -90,6 +113,11 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
                 await sessions.on_keyframe_needed(session_id)
             case p.StageOutput():
                 sessions.on_stage_output(msg)
+            case p.RecordingFinished():
+                if (notice := recordings.finished(msg)) and msg.session_id in sessions.sessions:
+                    sessions.sessions[msg.session_id].send_message(
+                        {"type": "warning", "data": notice}
+                    )
             case p.FramesDropped(session_id=session_id, stage=stage, count=count):
                 if stage not in topology.MEDIA_KINDS or not 0 < count <= MAX_DROP_REPORT:
                     raise ValueError(f"drops: {count} at {stage!r} is not a drop report")
@@ -98,7 +126,13 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
                 assert_never(msg)
 
     control.on_inbox = on_inbox
-    control.on_session_failed = sessions.stage_failed
+
+    async def on_session_failed(msg: p.SessionFailed) -> None:
+        if topology.stage_kind(msg.service) == topology.ENCODE:
+            recordings.encode_lost(msg.session_id)
+        await sessions.stage_failed(msg)
+
+    control.on_session_failed = on_session_failed
     control.session_count = lambda: len(sessions)
 
     app = web.Application(client_max_size=api_config.max_body_bytes)
@@ -112,7 +146,8 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
         models_dir=models.models_dir,
         log_file=log_file(spec.run_dir),
     )
-    add_api_routes(app, backend, api_config, studio=studio)
+    add_api_routes(app, backend, api_config, studio=studio, extra=recording_operations())
+    add_recording_routes(app, recordings, sessions)
     add_page_routes(app)
     add_output_routes(app, sessions)
     dreams_config = options.dreams
@@ -123,8 +158,10 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(guard.run_sweeper(), name="connections.sweep")
+        kept = asyncio.create_task(sweep_recordings(recordings), name="recordings.sweep")
         yield
         sweeper.cancel()
+        kept.cancel()
         await sessions.close_all()
         await models.close()
         outbox.close()

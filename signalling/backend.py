@@ -13,6 +13,7 @@ from services import protocol as p
 from services import topology
 from services.inference.lora_files import LoraFileError, lora_path
 from signalling.api.errors import (
+    ApiError,
     ConcurrencyLimitReached,
     InvalidParameters,
     InvalidSdp,
@@ -35,6 +36,8 @@ from signalling.intent import Intent, offer_mode, read_intent
 from signalling.links import AdminLink
 from signalling.models import ModelsLink
 from signalling.pipelines import ParameterError, PipelineCatalog
+from signalling.recording_routes import start_recording
+from signalling.recordings import Recordings
 from signalling.sessions import SessionManager, SessionPlan, SessionRefused
 from signalling.webrtc.offer_limits import check_offer
 
@@ -50,9 +53,11 @@ class SignallingBackend:
         models: ModelsLink,
         max_sessions: int,
         connections: ConnectionGuard | None = None,
+        recordings: Recordings | None = None,
     ) -> None:
         self.admin = admin
         self.connections = connections
+        self.recordings = recordings
         self.sessions = sessions
         self.catalog = catalog
         self.models = models
@@ -202,7 +207,19 @@ class SignallingBackend:
             raise NoPipelineLoaded(str(exc)) from None
         except ValueError as exc:
             raise InvalidSdp(f"invalid SDP offer: {exc}") from None
+        if intent.recording and self.recordings is not None:
+            self._record_from_start(session_id)
         return WebRtcOfferResponse(sdp=answer.sdp, type=answer.type, sessionId=session_id)
+
+    def _record_from_start(self, session_id: str) -> None:
+        """``initialParameters.recording``: the session records from its first frame; a
+        recording that cannot start is reported on the data channel, the session goes on."""
+        assert self.recordings is not None
+        session = self.sessions.sessions[session_id]
+        try:
+            start_recording(self.recordings, session)
+        except ApiError as exc:
+            session.send_message({"type": "warning", "data": f"recording: {exc}"})
 
     async def add_ice_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
         if session_id not in self.sessions.sessions:

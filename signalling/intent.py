@@ -35,6 +35,8 @@ class Intent:
     pipeline_ids: tuple[str, ...] | None = None
     #: Graph node id -> pipeline id (0.2's ``node_id`` messages).
     nodes: dict[str, str] = field(default_factory=dict)
+    #: ``recording``: record the output from the start (``signalling.recordings``).
+    recording: bool = False
 
 
 def read_intent(params: dict[str, Any]) -> Intent:
@@ -51,7 +53,10 @@ def read_intent(params: dict[str, Any]) -> Intent:
         if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
             raise ParameterError("pipeline_ids: expected a list of pipeline ids")
         pipeline_ids = tuple(ids) or None
-    return Intent(mode=mode, pipeline_ids=pipeline_ids, nodes=nodes)
+    recording = params.get("recording", False)
+    if not isinstance(recording, bool):
+        raise ParameterError(f"recording: expected true or false, got {recording!r}")
+    return Intent(mode=mode, pipeline_ids=pipeline_ids, nodes=nodes, recording=recording)
 
 
 def graph_chain(graph: Any) -> tuple[tuple[str, ...], dict[str, str]]:

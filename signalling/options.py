@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import msgspec
 
+from services.options import RecordingOptions
 from signalling.api import ApiConfig
 from signalling.dreams.config import DreamsConfig
 
@@ -21,3 +22,4 @@ class SignallingOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     home: str | None = None
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     dreams: DreamsConfig = msgspec.field(default_factory=DreamsConfig)
+    recording: RecordingOptions = msgspec.field(default_factory=RecordingOptions)

@@ -380,17 +380,17 @@ class SessionManager:
         )
         self.metrics.frame_in(session.session_id, forwarded)
 
-    def _encode_of(self, session_id: str) -> str:
+    def encode_of(self, session_id: str) -> str:
         session = self.sessions.get(session_id)
         return topology.ENCODE if session is None else session.stage(topology.ENCODE)
 
     def _keyframe_to_encode(self, session_id: str, reason: str) -> None:
         logger.debug("session %s: keyframe requested (%s)", session_id, reason)
-        self.outbox.send(self._encode_of(session_id), p.KeyframeNeeded(session_id=session_id))
+        self.outbox.send(self.encode_of(session_id), p.KeyframeNeeded(session_id=session_id))
 
     def _bitrate_to_encode(self, session_id: str, bps: int) -> None:
         self.outbox.send(
-            self._encode_of(session_id), p.BitrateChanged(session_id=session_id, bitrate_bps=bps)
+            self.encode_of(session_id), p.BitrateChanged(session_id=session_id, bitrate_bps=bps)
         )
 
     def on_packet(self, msg: p.EncodedPacket) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from services.options import DecodeOptions, EncodeOptions
+from services.options import DecodeOptions, EncodeOptions, RecordingOptions
 from signalling.api.config import ApiConfig
 from signalling.dreams.config import DreamsConfig
 
@@ -141,6 +141,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     #: The Dreams broadcast: playback rate, cache, grace period, rate limits, the generator.
     dreams: DreamsConfig = msgspec.field(default_factory=DreamsConfig)
+    #: Recordings of sessions' output: where, their limits, how long they are kept.
+    recording: RecordingOptions = msgspec.field(default_factory=RecordingOptions)
     #: This server is a front with media nodes on other hosts: sessions are placed on them.
     nodes: NodesConfig | None = None
     #: This server is a media node of a front (``supervisor node``): no signalling, a link.

@@ -44,6 +44,7 @@ def service_plan(config: Config, models_dir: Path) -> list[ServiceConfig]:
             "home": str(Path(config.home).expanduser() if config.home else default_home()),
             "api": msgspec.to_builtins(config.api),
             "dreams": msgspec.to_builtins(config.dreams),
+            "recording": msgspec.to_builtins(config.recording),
         }
         plan.append(
             ServiceConfig(topology.SIGNALLING, topology.SIGNALLING, options, config.restart)

@@ -762,6 +762,13 @@ async def test_a_write_that_is_not_json_is_refused(client, backend, headers, dat
     assert backend.load_calls == []
 
 
+async def test_a_write_without_a_body_passes_whatever_its_type(client) -> None:
+    """Scope's recording start/stop POST nothing; HTTP libraries label that variously."""
+    for headers in ({}, {"Content-Type": "application/octet-stream"}):
+        resp = await client.post("/api/v1/recordings/x/start", headers=headers)
+        assert resp.status != 415, await resp.text()
+
+
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
 async def test_a_write_from_another_origin_is_refused(client, backend, method: str) -> None:
     resp = await client.request(

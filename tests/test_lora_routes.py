@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from test_api_routes import InMemoryBackend
-from test_models_download import FakeHub, hub  # noqa: F401  (the fake hub fixture)
+from test_models_download import FakeHub
 
 from services.models import downloads
 from signalling.api import ApiConfig, add_api_routes
@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import save  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
+pytest_plugins = ["test_models_download"]  # its fake hub fixture, ``hub``
 
 REPO = "someone/styles"
 
@@ -41,7 +42,7 @@ def lora_bytes(seed: int = 0) -> bytes:
 async def client(
     tmp_path: Path,
     hub: FakeHub,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[TestClient[Any, Any]]:
     from aiohttp import web
 
@@ -66,7 +67,7 @@ async def download(client: TestClient[Any, Any], **body: Any) -> tuple[int, Any]
 async def test_a_lora_downloads_into_the_lora_folder_and_is_listed(
     client: TestClient[Any, Any],
     hub: FakeHub,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     data = hub.repos[REPO]["ink.safetensors"]
     status, body = await download(client, repo_id=REPO, hf_filename="ink.safetensors")
@@ -93,7 +94,7 @@ async def test_a_lora_downloads_into_the_lora_folder_and_is_listed(
 async def test_a_file_in_a_subfolder_of_the_repository(
     client: TestClient[Any, Any],
     hub: FakeHub,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     status, body = await download(
         client, repo_id=REPO, hf_filename="ink.safetensors", subfolder="v2"
@@ -129,7 +130,7 @@ async def test_what_is_not_a_lora_changes_nothing(
 
 def test_an_interrupted_download_resumes_with_a_range_request(
     hub: FakeHub,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 

@@ -91,8 +91,10 @@ def _refuse_write(request: web.Request, patterns: list[str]) -> web.Response | N
             f"Origin {origin} may not change this server (allowed: {', '.join(patterns)}; "
             "add it to [api.cors] allow_origins)",
         )
+    # A write without a body (Scope's recording start/stop) carries nothing to refuse,
+    # whatever type an HTTP library labels it with.
     has_body = bool(request.content_length) or request.headers.get("Transfer-Encoding")
-    if (has_body or "Content-Type" in request.headers) and request.content_type != JSON:
+    if has_body and request.content_type != JSON:
         return _refusal(
             415,
             "unsupported_media_type",

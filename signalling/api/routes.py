@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -363,6 +364,7 @@ def add_api_routes(
     ice: IceServerProvider | None = None,
     install_middlewares: bool = True,
     studio: StudioState | None = None,
+    extra: Sequence[Operation] = (),
 ) -> ApiState:
     """Register every API route on ``app`` (not yet started) and keep the state in
     ``app[API_STATE]``. With ``install_middlewares`` also adds CORS and JSON error answers.
@@ -371,7 +373,8 @@ def add_api_routes(
 
     The body limit is ``config.max_body_bytes``; the app's own ``client_max_size`` must not be
     smaller (``create_api_app`` sets it). ``studio`` says where the routes of Scope's UI find
-    the dreamwire home, the models and the log (nothing on disk without it)."""
+    the dreamwire home, the models and the log (nothing on disk without it). ``extra``:
+    routes of the rest of signalling, served and documented with these."""
     config = config or ApiConfig()
     provider = ice if ice is not None else IceServerProvider(config.ice)
     state = ApiState(
@@ -382,7 +385,7 @@ def add_api_routes(
         version=_package_version(),
         studio=studio or StudioState(),
     )
-    operations = [*api_operations(), *studio_operations()]
+    operations = [*api_operations(), *studio_operations(), *extra]
     document = build_openapi(operations, title=API_TITLE, version=state.version)
     state.openapi_json = msgspec.json.encode(document)
     state.docs_html = render_docs_html(document)
