@@ -35,9 +35,9 @@ async def download(client: DreamwireClient, session_id: str) -> tuple[int, dict[
 
 def decoded(data: bytes) -> tuple[str, int, float, tuple[int, int]]:
     """(container, frames decoded, duration in s, size) of a recording."""
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), "r") as container:
         stream = container.streams.video[0]
-        frames = sum(1 for _ in container.decode(stream))
+        frames = len(list(container.decode(stream)))
         duration = (container.duration or 0) / 1e6
         return container.format.name, frames, duration, (stream.width, stream.height)
 
@@ -96,3 +96,19 @@ async def test_start_and_stop_in_scope_shapes(client: DreamwireClient) -> None:
     assert (await download(client, session_id))[2] == data
     code, body = await client.request("POST", "/api/v1/recordings/nope/start")
     assert code == 404 and body["error"] == "unknown_session", body
+
+
+async def test_a_recording_that_is_never_stopped_ends_at_its_limit(
+    start_supervisor: Callable[..., SupervisorRun],
+) -> None:
+    server = start_supervisor("[recording]\nmax_seconds = 1.0\n" + ICE)
+    async with DreamwireClient(f"http://127.0.0.1:{server.port}", ice_servers=[]) as client:
+        await client.load_pipeline("testcard")
+        session_id = await client.connect(None, initial_parameters={"recording": True})
+        warning = await client.wait_message("warning", timeout_s=30)
+        assert "recording stopped" in warning["data"] and "time limit (1 s)" in warning["data"]
+        await client.wait_frames(20, timeout_s=30)  # the stream goes on
+        code, _, data = await download(client, session_id)
+        assert code == 200
+        _, frames, duration, _ = decoded(data)
+        assert 25 <= frames <= 32 and duration <= 1.1, (frames, duration)
