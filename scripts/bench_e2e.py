@@ -24,6 +24,10 @@ seconds after ``--warmup`` seconds. Reported per server, size and K:
   PNG, to look at);
 * ``cpu_per_session``: the server's CPU over K.
 
+``dreamwire-recording`` is dreamwire with every session recording its output from the start
+(``initialParameters.recording``): beside ``dreamwire`` in one run, it is what recording costs
+(fps, latency, the encode process's CPU); ``recorded_frames`` counts each session's file.
+
 ``--plot PATH`` draws fps per session and server CPU per session against K, a line per server
 and size (matplotlib).
 
@@ -70,7 +74,7 @@ from supervisor.profile import aggregate  # noqa: E402
 
 FULL_FPS = 29.0
 FPS = 30
-SERVERS = ("dreamwire", "baseline", "baseline-marker", "fastrtc")
+SERVERS = ("dreamwire", "baseline", "baseline-marker", "fastrtc", "dreamwire-recording")
 
 
 @dataclass(frozen=True)
@@ -177,8 +181,10 @@ async def run_sessions(
     begin: Callable[[], Awaitable[None]],
     end: Callable[[], Awaitable[dict[str, Any]]],
     client_class: type[DreamwireClient] = DreamwireClient,
+    record: bool = False,
 ) -> dict[str, Any]:
     clients = [client_class(base, ice_servers=[]) for _ in range(k)]
+    session_ids = []
     try:
         for c in clients:
             await c.__aenter__()
@@ -186,7 +192,8 @@ async def run_sessions(
         await clients[0].load_pipeline("passthrough", {"width": width, "height": height})
         for c in clients:
             c.pattern = PatternTrack(width, height, FPS)
-            await c.connect(c.pattern, codec=work.codec)
+            initial = {"recording": True} if record else None
+            session_ids.append(await c.connect(c.pattern, initial, codec=work.codec))
         for c in clients:
             await c.wait_frames(1, timeout_s=30)
         await asyncio.sleep(work.warmup_s)
@@ -214,6 +221,10 @@ async def run_sessions(
             x for c, m in zip(clients, rtt_marks, strict=True) for x in c.received.latencies_ms[m:]
         ]
         server = await end()
+        if record:  # what was recorded: every session's file so far, decoded
+            server["recorded_frames"] = [
+                await recorded_frames(clients[0], sid) for sid in session_ids
+            ]
     finally:
         for c in clients:
             await c.close()
@@ -237,10 +248,25 @@ async def run_sessions(
     }
 
 
+async def recorded_frames(client: DreamwireClient, session_id: str) -> int:
+    import io
+
+    import av
+
+    assert client.http is not None
+    async with client.http.get(f"{client.base_url}/api/v1/recordings/{session_id}") as resp:
+        data = await resp.read()
+    with av.open(io.BytesIO(data), "r") as container:
+        return len(list(container.decode(video=0)))
+
+
 # ------------------------------------------------------------------ the two sides
 
 
-async def bench_dreamwire(ks: list[int], work: Workload, tmp: Path) -> list[dict[str, Any]]:
+async def bench_dreamwire(
+    ks: list[int], work: Workload, tmp: Path, record: bool = False
+) -> list[dict[str, Any]]:
+    """``record``: every session records its output from the start (``recording: true``)."""
     port = free_port()
     config = tmp / "dreamwire.toml"
     config.write_text(
@@ -291,7 +317,7 @@ async def bench_dreamwire(ks: list[int], work: Workload, tmp: Path) -> list[dict
                     cpu = meter.end()
                     return {**await traced_latency(http, base, mark["seq"]), "cpu_percent": cpu}
 
-                run = await run_sessions(base, k, work, begin, end)
+                run = await run_sessions(base, k, work, begin, end, record=record)
                 results.append(run)
     finally:
         stop(proc)
@@ -419,6 +445,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{server} {r['size']} K={r['sessions']} CPU by process: {r['cpu_percent']}")
         if "stages_mean_ms" in r:
             lines.append(f"  stage means (ms): {r['stages_mean_ms']}")
+        if "recorded_frames" in r:
+            lines.append(f"  frames in each session's recording: {r['recorded_frames']}")
     return "\n".join(lines)
 
 
@@ -464,8 +492,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for width, height in sizes:
             work = Workload((width, height), args.warmup, args.duration, args.codec)
             for server in servers:
-                if server == "dreamwire":
-                    runs = await bench_dreamwire(ks, work, tmp)
+                if server in ("dreamwire", "dreamwire-recording"):
+                    runs = await bench_dreamwire(ks, work, tmp, record=server != "dreamwire")
                 elif server == "fastrtc":
                     runs = await bench_fastrtc(ks, work, args.fastrtc_python)
                 else:
