@@ -196,6 +196,7 @@ class SignallingBackend:
                 mode,
                 checked.valid,
                 nodes=intent.nodes,
+                record_nodes=intent.record_nodes,
                 unknown=checked.unknown,
                 load_time=checked.load_time,
             )
@@ -207,7 +208,7 @@ class SignallingBackend:
             raise NoPipelineLoaded(str(exc)) from None
         except ValueError as exc:
             raise InvalidSdp(f"invalid SDP offer: {exc}") from None
-        if intent.recording and self.recordings is not None:
+        if intent.recording and not intent.record_nodes and self.recordings is not None:
             self._record_from_start(session_id)
         return WebRtcOfferResponse(sdp=answer.sdp, type=answer.type, sessionId=session_id)
 

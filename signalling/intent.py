@@ -37,6 +37,9 @@ class Intent:
     nodes: dict[str, str] = field(default_factory=dict)
     #: ``recording``: record the output from the start (``signalling.recordings``).
     recording: bool = False
+    #: The graph's record nodes (0.2): they start and stop recordings themselves, so the
+    #: session-level ``recording`` is not theirs (Scope ignores it then too).
+    record_nodes: frozenset[str] = frozenset()
 
 
 def read_intent(params: dict[str, Any]) -> Intent:
@@ -46,8 +49,12 @@ def read_intent(params: dict[str, Any]) -> Intent:
         raise ParameterError(f'input_mode: expected "video" or "text", got {mode!r}')
     pipeline_ids: tuple[str, ...] | None = None
     nodes: dict[str, str] = {}
+    record_nodes: frozenset[str] = frozenset()
     if "graph" in params and params["graph"] is not None:
         pipeline_ids, nodes = graph_chain(params["graph"])
+        record_nodes = frozenset(
+            n["id"] for n in params["graph"]["nodes"] if n.get("type") == "record"
+        )
     elif params.get("pipeline_ids") is not None:
         ids = params["pipeline_ids"]
         if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
@@ -56,7 +63,13 @@ def read_intent(params: dict[str, Any]) -> Intent:
     recording = params.get("recording", False)
     if not isinstance(recording, bool):
         raise ParameterError(f"recording: expected true or false, got {recording!r}")
-    return Intent(mode=mode, pipeline_ids=pipeline_ids, nodes=nodes, recording=recording)
+    return Intent(
+        mode=mode,
+        pipeline_ids=pipeline_ids,
+        nodes=nodes,
+        recording=recording,
+        record_nodes=record_nodes,
+    )
 
 
 def graph_chain(graph: Any) -> tuple[tuple[str, ...], dict[str, str]]:

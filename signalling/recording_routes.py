@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 
 from services import topology
-from signalling.api.errors import ApiError, NotSupported, UnknownSession
+from signalling.api.errors import ApiError, InvalidParameters, NotSupported, UnknownSession
 from signalling.api.openapi import Operation, QueryParam, Resp
 from signalling.api.state import guarded, json_response
 from signalling.api.types import ErrorResponse
@@ -64,11 +64,25 @@ def start_recording(recordings: Recordings, session: PeerSession) -> bool:
         raise NoRoomToRecord(str(exc)) from None
 
 
+def _check_node(request: web.Request, session: PeerSession | None) -> None:
+    """``?node_id=`` names one of the session's graph record nodes (Scope's rule)."""
+    node_id = request.query.get("node_id")
+    if node_id is None or session is None or node_id in session.record_nodes:
+        return
+    if not session.record_nodes:
+        raise InvalidParameters("node_id: this session has no graph record nodes; omit node_id")
+    raise InvalidParameters(
+        f"node_id: {node_id!r} is not a record node of this session "
+        f"({', '.join(sorted(session.record_nodes))})"
+    )
+
+
 @guarded
 async def recording_start(request: web.Request) -> web.StreamResponse:
     session = _live(request)
     if session is None:
         raise UnknownSession(request.match_info["session_id"])
+    _check_node(request, session)
     started = start_recording(request.app[recordings_key], session)
     return json_response(RecordingStatus("started" if started else "already_recording"))
 
@@ -77,8 +91,10 @@ async def recording_start(request: web.Request) -> web.StreamResponse:
 async def recording_stop(request: web.Request) -> web.StreamResponse:
     session_id = request.match_info["session_id"]
     recordings = request.app[recordings_key]
-    if _live(request) is None and not recordings.recording(session_id):
+    session = _live(request)
+    if session is None and not recordings.recording(session_id):
         raise UnknownSession(session_id)
+    _check_node(request, session)
     try:
         stopped = await recordings.stop(session_id)
     except (TimeoutError, RecordingRefused) as exc:

@@ -104,6 +104,8 @@ class PeerSession:
     pipeline_ids: tuple[str, ...] = ()
     #: Scope 0.2's graph node ids -> pipeline ids (per-node ``node_id`` messages).
     nodes: dict[str, str] = field(default_factory=dict)
+    #: Its graph's record nodes (the ``node_id`` of their recording requests).
+    record_nodes: frozenset[str] = frozenset()
     #: Ignored parameter names already reported to the client (once each).
     reported: set[str] = field(default_factory=set)
     codec: p.VideoCodec = "VP8"
@@ -228,6 +230,7 @@ class SessionManager:
         initial_params: dict[str, Any],
         *,
         nodes: dict[str, str] | None = None,
+        record_nodes: frozenset[str] = frozenset(),
         unknown: tuple[str, ...] = (),
         load_time: tuple[str, ...] = (),
     ) -> tuple[str, RTCSessionDescription]:
@@ -260,6 +263,7 @@ class SessionManager:
             [],
             pipeline_ids=plan.chain.pipeline_ids,
             nodes=dict(nodes or {}),
+            record_nodes=record_nodes,
         )
         session.params = dict(initial_params)
         self._report_unknown(session, unknown)

@@ -106,6 +106,11 @@ async def test_a_lora_loads_and_its_scale_moves_while_streaming(
     assert "nope.safetensors is not loaded" in error["data"], error
     await client.wait_frames(3, timeout_s=60)
     await client.disconnect()
+    # Scope's UI carries a node's last scales into the next offer: they apply from the start.
+    initial = {"denoising_step_list": [700], "lora_scales": [{"path": STYLE, "scale": 0.5}]}
+    await client.connect(PatternTrack(64, 64, 10), initial_parameters=initial)
+    await adapters_when(client, 0.5)
+    await client.disconnect()
 
     # Scale 0 is the model without the LoRA: loaded without it, the same frames.
     await client.load_pipeline("streamdiffusion", dict(SIZE))

@@ -77,16 +77,12 @@ async def test_start_and_stop_in_scope_shapes(client: DreamwireClient) -> None:
     assert await client.request("POST", f"{base}/stop") == (200, {"status": "not_recording"})
     code, _, _ = await download(client, session_id)
     assert code == 404
-    assert await client.request("POST", f"{base}/start?node_id=record") == (
-        200,
-        {"status": "started"},
-    )
+    code, body = await client.request("POST", f"{base}/start?node_id=record")
+    assert code == 400 and "no graph record nodes; omit node_id" in body["detail"], body
+    assert await client.request("POST", f"{base}/start") == (200, {"status": "started"})
     assert await client.request("POST", f"{base}/start") == (200, {"status": "already_recording"})
     await client.wait_frames(40, timeout_s=30)
-    assert await client.request("POST", f"{base}/stop?node_id=record") == (
-        200,
-        {"status": "stopped"},
-    )
+    assert await client.request("POST", f"{base}/stop") == (200, {"status": "stopped"})
     code, _, data = await download(client, session_id)
     assert code == 200
     _, frames, _, _ = decoded(data)
@@ -112,3 +108,40 @@ async def test_a_recording_that_is_never_stopped_ends_at_its_limit(
         assert code == 200
         _, frames, duration, _ = decoded(data)
         assert 25 <= frames <= 32 and duration <= 1.1, (frames, duration)
+
+
+#: Scope 0.2's workflow with a record node on the output (what its Record node sends).
+RECORD_GRAPH = {
+    "nodes": [
+        {"id": "testcard", "type": "pipeline", "pipeline_id": "testcard"},
+        {"id": "output", "type": "sink"},
+        {"id": "record", "type": "record"},
+    ],
+    "edges": [
+        {"from": "testcard", "from_port": "video", "to_node": "output", "kind": "stream"},
+        {"from": "output", "from_port": "video", "to_node": "record", "kind": "stream"},
+    ],
+}
+
+
+async def test_a_record_node_records_its_own_span(client: DreamwireClient) -> None:
+    """Scope 0.2's Record node: the session-level ``recording`` (its Perform toggle, left on)
+    is not the node's; Start gives a fresh recording, Stop downloads it, then stops it."""
+    params = {"recording": True, "graph": RECORD_GRAPH}
+    session_id = await client.connect(None, initial_parameters=params)
+    base = f"/api/v1/recordings/{session_id}"
+    await client.wait_frames(45, timeout_s=30)  # frames before Start are not the node's
+    code, body = await client.request("POST", f"{base}/start?node_id=nope")
+    assert code == 400 and "not a record node" in body["detail"], body
+    assert await client.request("POST", f"{base}/start?node_id=record") == (
+        200,
+        {"status": "started"},
+    )
+    await client.wait_frames(30, timeout_s=30)
+    code, _, data = await download(client, session_id)
+    assert await client.request("POST", f"{base}/stop?node_id=record") == (
+        200,
+        {"status": "stopped"},
+    )
+    _, frames, _, _ = decoded(data)
+    assert 25 <= frames <= 40, frames

@@ -93,6 +93,8 @@ class PipelineSession:
         merged = {**loaded.load_params, **valid, **size}
         config = registry.full_config(spec, merged)
         self.state: Any = self.pipeline.new_session(session_id, width, height, config)
+        if valid.get("lora_scales"):  # Scope's UI carries a node's last scales into the offer
+            self.pipeline.update(self.state, config, {"lora_scales"})
         if "reset_cache" in self.fields:
             merged["reset_cache"] = False  # a one-shot: never carried into later updates
         self.config = {k: v for k, v in merged.items() if v is not None or k in valid}
