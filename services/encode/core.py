@@ -57,14 +57,15 @@ DEFAULT_FPS = 30
 BITRATE_REOPEN_RATIO = 0.1  # recreate the encoder only for changes larger than this
 _PENDING_PTS_MAX = 16  # frames in the encoder; with these settings there is at most one
 
-# (max frame size in macroblocks, max macroblocks per second, level): H.264 Table A-1.
+# (max frame size in macroblocks, max macroblocks per second, level): H.264 Table A-1. Levels
+# written as x264 reads them (31 is 3.1): the libx264 builds in PyAV 14's wheels refuse "3.1".
 _H264_LEVELS = (
-    (3600, 108_000, "3.1"),
-    (5120, 216_000, "3.2"),
-    (8192, 245_760, "4.0"),
-    (8704, 522_240, "4.2"),
-    (22_080, 589_824, "5.0"),
-    (36_864, 983_040, "5.1"),
+    (3600, 108_000, "31"),
+    (5120, 216_000, "32"),
+    (8192, 245_760, "40"),
+    (8704, 522_240, "42"),
+    (22_080, 589_824, "50"),
+    (36_864, 983_040, "51"),
 )
 
 
@@ -117,7 +118,7 @@ def _h264_level(width: int, height: int, fps: int) -> str:
     for max_frame_mbs, max_mbs_per_s, level in _H264_LEVELS:
         if frame_mbs <= max_frame_mbs and frame_mbs * fps <= max_mbs_per_s:
             return level
-    return "5.2"
+    return "52"
 
 
 class EncodeCore(PerSession[_Stream]):
