@@ -19,6 +19,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
+from services.topology import Room
+
 # ---------------------------------------------------------------- control: service → supervisor
 
 
@@ -128,14 +130,6 @@ class EndSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     session_id: str
 
 
-class NodeRoom(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One ready pipeline process of a media node (the node's own name for it)."""
-
-    service: str
-    free_bytes: int | None
-    sessions: int
-
-
 class NodeReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     """What the front's link (``nodes``) knows of one media node: sent on each of the node's
     beats, and once when it is lost (``up`` false, ``reason`` why)."""
@@ -144,7 +138,8 @@ class NodeReport(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     up: bool
     reason: str = ""
     pipelines: list[PipelineState] = []
-    rooms: list[NodeRoom] = []
+    #: Its ready pipeline processes (the node's own names for them).
+    rooms: list[Room] = []
     #: The sessions the node serves now.
     sessions: list[str] = []
     #: Round trip of the link, measured by the node's pings.

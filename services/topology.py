@@ -126,9 +126,9 @@ def split_device(service: str) -> tuple[str, str | None]:
     return (name, device) if sep else (service, None)
 
 
-class Room(msgspec.Struct, frozen=True):
-    """What one device's process of a pipeline reports (its heartbeats): free device memory
-    (None: not known, a CPU stand-in) and the sessions it serves."""
+class Room(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What one device's process of a pipeline reports (its heartbeats, a media node's beats):
+    free device memory (None: not known, a CPU stand-in) and the sessions it serves."""
 
     service: str
     free_bytes: int | None

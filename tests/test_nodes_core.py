@@ -35,7 +35,7 @@ def beat(
         node=node,
         up=True,
         pipelines=[p.PipelineState(pid, "loaded") for pid in pipelines],
-        rooms=[p.NodeRoom(f"inference/{pid}", free, 0) for pid in pipelines],
+        rooms=[topology.Room(f"inference/{pid}", free, 0) for pid in pipelines],
         sessions=list(sessions),
         address="10.0.0.1",
         **kw,

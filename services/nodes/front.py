@@ -155,9 +155,9 @@ class FrontLink(ServiceCore[p.LinkInbox]):
                 )
             case wire.Relay(service=service, data=data):
                 self._to_signalling(node, service, data)
-            case wire.Failed():
-                service = topology.node_service(node.name, msg.service)
-                self.reports.append(p.SessionFailed(msg.session_id, service, msg.reason))
+            case wire.Failed(failure=failure):
+                service = topology.node_service(node.name, failure.service)
+                self.reports.append(p.SessionFailed(failure.session_id, service, failure.reason))
 
     def _to_signalling(self, node: NodeLinkState, service: str, data: bytes) -> None:
         if service != topology.SIGNALLING:

@@ -197,7 +197,7 @@ class NodeLink(ServiceCore[p.LinkInbox]):
         self._send(wire.Relay(topology.SIGNALLING, data))
 
     def on_session_failed(self, msg: p.SessionFailed) -> None:
-        self._send(wire.Failed(msg.session_id, msg.service, msg.reason))
+        self._send(wire.Failed(msg))
 
     # ------------------------------------------------------------ the node's supervisor
 
@@ -221,7 +221,7 @@ class NodeLink(ServiceCore[p.LinkInbox]):
                 self.sessions[session_id] = {topology.stage_kind(s): s for s in stages}
                 logger.info("session %s opened here: %s", session_id, " → ".join(stages))
             case "open", p.Rejected(reason=reason):
-                self._send(wire.Failed(session_id, self.spec.name, reason))
+                self._send(wire.Failed(p.SessionFailed(session_id, self.spec.name, reason)))
             case "close", p.Rejected():
                 pass  # it never opened here (its open was refused)
             case _, p.Rejected(reason=reason):
@@ -229,7 +229,7 @@ class NodeLink(ServiceCore[p.LinkInbox]):
 
     def _beat(self, report: p.StatusReport) -> None:
         rooms = [
-            p.NodeRoom(s.name, s.memory_free_bytes, s.sessions)
+            topology.Room(s.name, s.memory_free_bytes, s.sessions)
             for s in report.services
             if s.state == "ready" and topology.kind_of_service(s.name) == "inference"
         ]

@@ -15,6 +15,7 @@ import msgspec
 import zmq
 
 from services import protocol as p
+from services import topology
 
 #: ZeroMQ's own connection heartbeats: a connection whose peer went silent is dropped and
 #: (node side) dialled again, so a link cut and then restored comes back by itself.
@@ -29,7 +30,7 @@ class Beat(msgspec.Struct, tag=True, array_like=True):
 
     node: str
     pipelines: list[p.PipelineState]
-    rooms: list[p.NodeRoom]
+    rooms: list[topology.Room]
     sessions: list[str]
     rtt_ms: float | None = None
 
@@ -53,11 +54,10 @@ class Relay(msgspec.Struct, tag=True, array_like=True, gc=False):
 
 
 class Failed(msgspec.Struct, tag=True, array_like=True):
-    """A stage on the node can no longer serve a session (node → front)."""
+    """A stage on the node can no longer serve a session (node → front; ``service`` is the
+    node's own name for it)."""
 
-    session_id: str
-    service: str
-    reason: str
+    failure: p.SessionFailed
 
 
 class Request(msgspec.Struct, tag=True, array_like=True):
