@@ -174,12 +174,16 @@ class RingStage(ServiceCore[M], Generic[S, M]):
         logger.debug("session %s: frame %d torn, discarded", session.session_id, frame.seq)
         return False
 
+    def count_done(self, session: StageSession[S]) -> None:
+        """One of the session's frames left this stage (the heartbeat's progress counters)."""
+        session.frames_done += 1
+        self.frames_done += 1
+
     def publish(self, session: StageSession[S], slot: WriteSlot, meta: FrameMeta) -> None:
         """Publish a filled output slot and notify downstream."""
         assert session.output is not None
         seq = session.output.publish(slot, meta)
-        session.frames_done += 1
-        self.frames_done += 1
+        self.count_done(session)
         if session.downstream:
             self.outbox.send(
                 session.downstream,

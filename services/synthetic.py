@@ -109,8 +109,7 @@ class TestSinkCore(FrameStage[None]):
             self.corrupt += 1
             logger.error("session %s: corrupt frame %d", session.session_id, outcome.frame_number)
             return
-        session.frames_done += 1
-        self.frames_done += 1
+        self.count_done(session)
 
 
 @dataclass(slots=True, frozen=True)

@@ -81,8 +81,7 @@ class EncodeStage(RingStage[None, p.EncodeInbox]):
         return Encoded(frame.frame_number, stamps, packets)
 
     def commit(self, session: StageSession[None], outcome: Encoded, out: WriteSlot | None) -> None:
-        session.frames_done += 1
-        self.frames_done += 1
+        self.count_done(session)
         target = session.downstream
         if target is None:
             return
