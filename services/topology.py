@@ -8,7 +8,7 @@ them take the session's runtime parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import msgspec
 
@@ -34,18 +34,10 @@ def inference_service(pipeline_id: str) -> str:
     return INFERENCE_PREFIX + pipeline_id
 
 
-def is_overlay(pipeline_id: str) -> bool:
-    """An overlay pipeline draws on the frames of another (or the camera's), in ``overlay``."""
-    from services.inference import registry
-
-    return (
-        registry.is_known(pipeline_id) and registry.get(pipeline_id).extra.get("stage") == OVERLAY
-    )
-
-
-def service_of_pipeline(pipeline_id: str) -> str:
-    """The process a pipeline runs in: ``overlay``, or its own ``inference/<id>``."""
-    return OVERLAY if is_overlay(pipeline_id) else inference_service(pipeline_id)
+def service_of_pipeline(pipeline_id: str, overlays: Collection[str]) -> str:
+    """The process a pipeline runs in: ``overlay`` for the ``overlays`` (pipelines that draw on
+    the frames of another, or the camera's: ``registry.overlays()``), else ``inference/<id>``."""
+    return OVERLAY if pipeline_id in overlays else inference_service(pipeline_id)
 
 
 def dreams_worker_service(name: str) -> str:
@@ -86,9 +78,12 @@ class Chain(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return [*head, *self.processing, ENCODE]
 
 
-def plan_chain(loaded: Sequence[str], asked: Sequence[str] | None = None) -> Chain:
+def plan_chain(
+    loaded: Sequence[str], asked: Sequence[str] | None = None, *, overlays: Collection[str]
+) -> Chain:
     """The chain the loaded pipelines make (or those of them ``asked`` for): the first model
-    pipeline runs in its inference process; an overlay comes after it, or alone on the camera."""
+    pipeline runs in its inference process; an overlay (one of ``overlays``) comes after it,
+    or alone on the camera."""
     if not loaded:
         raise ChainError("pipeline_ids: no pipeline is loaded")
     chosen = list(dict.fromkeys(loaded))
@@ -98,15 +93,16 @@ def plan_chain(loaded: Sequence[str], asked: Sequence[str] | None = None) -> Cha
                 f"pipeline_ids: {', '.join(missing)} not loaded (loaded: {', '.join(chosen)})"
             )
         chosen = list(dict.fromkeys(asked))
-    models = [pid for pid in chosen if not is_overlay(pid)]
-    overlays = [pid for pid in chosen if is_overlay(pid)]
-    if asked is not None and (len(models) > 1 or len(overlays) > 1):
+    models = [pid for pid in chosen if pid not in overlays]
+    drawn = [pid for pid in chosen if pid in overlays]
+    if asked is not None and (len(models) > 1 or len(drawn) > 1):
         raise ChainError(
             "pipeline_ids: a session runs one model pipeline and at most one overlay, "
             f"got {', '.join(asked)}"
         )
-    pipelines = (*models[:1], *overlays[:1])
-    return Chain(pipeline_ids=pipelines, processing=tuple(map(service_of_pipeline, pipelines)))
+    pipelines = (*models[:1], *drawn[:1])
+    processing = tuple(service_of_pipeline(pid, overlays) for pid in pipelines)
+    return Chain(pipeline_ids=pipelines, processing=processing)
 
 
 # ---------------------------------------------------------------- several GPUs
@@ -164,6 +160,7 @@ def split_node(stage: str) -> tuple[str | None, str]:
     return node, service
 
 
-def node_inboxes(pipelines: Sequence[str]) -> list[str]:
+def node_inboxes(pipelines: Sequence[str], overlays: Collection[str]) -> list[str]:
     """The stages a node running these pipelines may be given (the front's link binds them)."""
-    return [DECODE, ENCODE, *dict.fromkeys(map(service_of_pipeline, pipelines))]
+    services = (service_of_pipeline(pid, overlays) for pid in pipelines)
+    return [DECODE, ENCODE, *dict.fromkeys(services)]

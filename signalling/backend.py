@@ -140,7 +140,7 @@ class SignallingBackend:
         if not loaded:
             raise NoPipelineLoaded()
         try:
-            chain = topology.plan_chain(list(loaded), asked)
+            chain = topology.plan_chain(list(loaded), asked, overlays=self.catalog.overlays())
         except topology.ChainError as exc:
             raise InvalidParameters(f"initialParameters.{exc}") from None
         first = loaded[chain.pipeline_id]

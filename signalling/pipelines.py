@@ -12,8 +12,6 @@ from typing import Any
 
 import msgspec
 
-from services import topology
-
 
 class ParameterError(ValueError):
     """A parameter does not fit the pipeline's schema; the message is ``"<field>: <what>"``."""
@@ -88,8 +86,11 @@ class PipelineCatalog:
     def known(self, pipeline_id: str) -> bool:
         return bool(_registry().is_known(pipeline_id))
 
+    def overlays(self) -> frozenset[str]:
+        return frozenset(_registry().overlays())
+
     def is_overlay(self, pipeline_id: str) -> bool:
-        return topology.is_overlay(pipeline_id)
+        return pipeline_id in self.overlays()
 
     def load_keys(self, pipeline_id: str) -> list[str]:
         registry = _registry()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from services import protocol as p
 from services import topology
+from services.inference import registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class NodeTable:
         for report in self.up():
             loaded = [s.pipeline_id for s in self.states(report) if s.status == "loaded"]
             try:
-                chain = topology.plan_chain(loaded, asked)
+                chain = topology.plan_chain(loaded, asked, overlays=registry.overlays())
             except topology.ChainError:
                 continue
             free = [

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from services import topology
+from services.inference import registry
 from services.options import InferenceOptions, OverlayOptions
 from supervisor.config import Config, ServiceConfig, default_home
 
@@ -61,7 +62,7 @@ def pipeline_services(
 ) -> list[ServiceConfig]:
     """The process of a pipeline, or with ``devices`` configured one per device (a model
     pipeline; the overlay stays one process)."""
-    name = topology.service_of_pipeline(pipeline_id)
+    name = topology.service_of_pipeline(pipeline_id, registry.overlays())
     kind = topology.kind_of_service(name)
     params = dict(load_params or {})
     if kind == topology.OVERLAY:

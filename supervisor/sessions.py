@@ -11,6 +11,7 @@ from typing import Protocol
 
 from services import protocol as p
 from services import topology
+from services.inference import registry
 from shm.ring import RingError, RingStats
 from supervisor.children import Children, State
 from supervisor.config import Config
@@ -165,7 +166,11 @@ class SessionTable:
         loaded = self.children.ready_pipelines()
         try:
             ordered = [pid for pid in pipeline_order if pid in loaded]
-            chain = topology.plan_chain(ordered + [x for x in loaded if x not in ordered], asked)
+            chain = topology.plan_chain(
+                ordered + [x for x in loaded if x not in ordered],
+                asked,
+                overlays=registry.overlays(),
+            )
         except topology.ChainError as exc:
             error = exc
         else:
@@ -185,7 +190,8 @@ class SessionTable:
         if not options:
             remote = self.nodes.pipeline_states()
             everywhere = loaded + [s.pipeline_id for s in remote if s.status == "loaded"]
-            topology.plan_chain([s for s in everywhere if s], asked)  # says what is missing
+            # raises, naming what is missing
+            topology.plan_chain([s for s in everywhere if s], asked, overlays=registry.overlays())
             raise error or topology.ChainError(
                 f"pipeline_ids: no server has all of {', '.join(asked or everywhere)} loaded"
             )

@@ -5,13 +5,19 @@ from __future__ import annotations
 import pytest
 
 from services import topology
+from services.inference import registry
 from services.topology import ChainError, Room, plan_chain
 
 pytestmark = pytest.mark.timeout(30)
 
 
+def chain_of(loaded: list[str], asked: list[str] | None = None) -> topology.Chain:
+    """The chain with the registry's overlays (Moondream)."""
+    return plan_chain(loaded, asked, overlays=registry.overlays())
+
+
 def test_one_model_then_the_overlay_whatever_the_order_loaded() -> None:
-    chain = plan_chain(["moondream", "streamdiffusion", "passthrough"])
+    chain = chain_of(["moondream", "streamdiffusion", "passthrough"])
     assert chain.pipeline_ids == ("streamdiffusion", "moondream")
     assert chain.processing == ("inference/streamdiffusion", "overlay")
     assert chain.stages("video") == ["decode", "inference/streamdiffusion", "overlay", "encode"]
@@ -20,28 +26,29 @@ def test_one_model_then_the_overlay_whatever_the_order_loaded() -> None:
 
 def test_the_client_picks_among_the_loaded() -> None:
     loaded = ["streamdiffusion", "passthrough", "moondream"]
-    assert plan_chain(loaded, ["passthrough"]).processing == ("inference/passthrough",)
-    overlay_alone = plan_chain(loaded, ["moondream"])
+    assert chain_of(loaded, ["passthrough"]).processing == ("inference/passthrough",)
+    overlay_alone = chain_of(loaded, ["moondream"])
     assert overlay_alone.stages("video") == ["decode", "overlay", "encode"]
-    both = plan_chain(loaded, ["moondream", "passthrough"])  # asked in any order
+    both = chain_of(loaded, ["moondream", "passthrough"])  # asked in any order
     assert both.pipeline_ids == ("passthrough", "moondream")
 
 
 def test_chains_that_cannot_be_made_name_pipeline_ids() -> None:
     with pytest.raises(ChainError, match=r"^pipeline_ids: krea not loaded \(loaded: testcard\)$"):
-        plan_chain(["testcard"], ["krea"])
+        chain_of(["testcard"], ["krea"])
     with pytest.raises(ChainError, match="one model pipeline and at most one overlay"):
-        plan_chain(["testcard", "passthrough"], ["testcard", "passthrough"])
+        chain_of(["testcard", "passthrough"], ["testcard", "passthrough"])
     with pytest.raises(ChainError, match="no pipeline is loaded"):
-        plan_chain([])
+        chain_of([])
 
 
 def test_service_names_and_kinds() -> None:
-    assert topology.service_of_pipeline("longlive") == "inference/longlive"
-    assert topology.service_of_pipeline("moondream") == "overlay"
+    overlays = registry.overlays()
+    assert overlays == {"moondream"}
+    assert topology.service_of_pipeline("longlive", overlays) == "inference/longlive"
+    assert topology.service_of_pipeline("moondream", overlays) == "overlay"
     assert topology.kind_of_service("inference/longlive") == "inference"
     assert topology.kind_of_service("encode") == "encode"
-    assert not topology.is_overlay("not-a-pipeline")
 
 
 def test_a_session_goes_to_the_device_with_the_most_room() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from services.inference.pipeline import MIN_DIMENSION, PipelineSpec, Transition
+from services.topology import OVERLAY
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,13 @@ def plugin_errors() -> dict[str, str]:
 
 def is_known(pipeline_id: str) -> bool:
     return pipeline_id in _discover()[0]
+
+
+def overlays() -> frozenset[str]:
+    """The pipelines that draw on another's frames (or the camera's) in the overlay process."""
+    return frozenset(
+        pid for pid, spec in _discover()[0].items() if spec.extra.get("stage") == OVERLAY
+    )
 
 
 def get(pipeline_id: str) -> PipelineSpec:

@@ -24,6 +24,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from services import protocol as p
 from services import topology
+from services.inference import registry
 from services.nodes import wire
 from services.runtime import Outbox, ServiceCore, ServiceSpec, inbox_endpoint
 from shm.ring import N_STAMPS, Stage
@@ -141,7 +142,7 @@ class FrontLink(ServiceCore[p.LinkInbox]):
                     logger.info("node %s joined from %s", node.name, node.address)
                     node.up = True
                 loaded = [s.pipeline_id for s in msg.pipelines]
-                self._bind(node, topology.node_inboxes(loaded))
+                self._bind(node, topology.node_inboxes(loaded, registry.overlays()))
                 self.reports.append(
                     p.NodeReport(
                         node=node.name,
