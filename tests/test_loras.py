@@ -48,7 +48,15 @@ WAN_NAMES = {
     "ffn.0": "ffn.net.0.proj",
     "ffn.2": "ffn.net.2",
 }
-WAN_FORMATS = ["comfyui", "diffusion_pipe_alpha", "peft_original", "musubi"]
+WAN_FORMATS = [
+    "comfyui",
+    "diffusion_pipe_alpha",
+    "peft_original",
+    "peft_wrapped",
+    "musubi",
+    "diffusers",
+    "diffusers_bare",
+]
 
 
 def wan_lora(model: Any, fmt: str, seed: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -76,6 +84,13 @@ def wan_lora(model: Any, fmt: str, seed: int = 3) -> tuple[dict[str, Any], dict[
             elif fmt == "peft_original":
                 state[f"{name}.lora_A.weight"] = down
                 state[f"{name}.lora_B.weight"] = up
+            elif fmt == "peft_wrapped":  # PEFT's save of a wrapped model (LongLive's lora.pt)
+                state[f"base_model.model.{name}.lora_A.weight"] = down
+                state[f"base_model.model.{name}.lora_B.weight"] = up
+            elif fmt in ("diffusers", "diffusers_bare"):  # diffusers' save_lora_weights
+                key = ("transformer." if fmt == "diffusers" else "") + f"blocks.{block}.{diffusers}"
+                state[f"{key}.lora_A.weight"] = down
+                state[f"{key}.lora_B.weight"] = up
             else:  # musubi-tuner: kohya-style names
                 key = "lora_unet_" + name.replace(".", "_")
                 state[f"{key}.lora_down.weight"] = down

@@ -191,23 +191,25 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 #: Prefixes of original-name Wan LoRAs (PEFT on the original model, training wrappers).
 _WAN_PREFIXES = ("base_model.model.", "generator.model.", "model.", "transformer.")
+#: A module of the original Wan model (diffusers' are ``attn1``, ``attn2``, ``ffn.net.N``).
+_WAN_ORIGINAL = re.compile(r"\.(self_attn|cross_attn)\.|\.ffn\.[02]\.")
 
 
 def wan_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A Wan LoRA in diffusers' names. diffusers converts ``diffusion_model.``-prefixed files
-    (ComfyUI, diffusion-pipe, with ``alpha``) and musubi's ``lora_unet_`` ones; a LoRA in the
-    original names without a prefix (PEFT on Scope's or LongLive's model) is given the prefix
-    first; one already in diffusers' names passes as it is."""
+    """A Wan LoRA in diffusers' names, under ``transformer.``. diffusers converts
+    ``diffusion_model.``-prefixed files (ComfyUI, diffusion-pipe, with ``alpha``) and musubi's
+    ``lora_unet_`` ones; a LoRA in the original names under another prefix or none (PEFT on
+    Scope's or LongLive's model, ``base_model.model.``) is given that prefix first; one in
+    diffusers' names without ``transformer.`` gets it."""
     from diffusers.loaders import WanLoraLoaderMixin
 
-    keys = list(state)
-    if keys and all(k.startswith("blocks.") or ".blocks." not in k for k in keys):
-        for prefix in _WAN_PREFIXES:
-            if all(k.startswith(prefix) for k in keys):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
+    if any(_WAN_ORIGINAL.search(k) for k in state):
+        for prefix in ("", *_WAN_PREFIXES):
+            if all(k.startswith(prefix + "blocks.") for k in state):
+                state = {f"diffusion_model.{k[len(prefix) :]}": v for k, v in state.items()}
                 break
-        if any(".self_attn." in k or ".cross_attn." in k or ".ffn." in k for k in state):
-            state = {f"diffusion_model.{k}": v for k, v in state.items()}
+    elif state and all(k.startswith("blocks.") for k in state):
+        state = {f"transformer.{k}": v for k, v in state.items()}
     converted: dict[str, torch.Tensor] = WanLoraLoaderMixin.lora_state_dict(state)
     return converted
 
