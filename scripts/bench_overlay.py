@@ -41,6 +41,7 @@ from services.overlay.core import OverlayCore
 from services.overlay.draw import build_plan
 from services.overlay.model import FeatureRequest, VisionModel, load_moondream, run_feature
 from services.runtime import ServiceSpec
+from services.topology import Kind
 from shm.ring import N_STAMPS, FrameMeta, FrameRing, RingConsumer, RingProducer
 
 SIZES = [(512, 512), (1280, 720)]
@@ -236,7 +237,7 @@ def bench_fps(
     )
     cpu_started = time.process_time()
     outbox = CountingOutbox()
-    spec = ServiceSpec("overlay", "overlay", "/nonexistent", run_id, 0)
+    spec = ServiceSpec("overlay", Kind.OVERLAY, "/nonexistent", run_id, 0)
     core = OverlayCore(spec, outbox, model=model)
     try:
         core.start_session(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fractions
 import logging
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
+
+from services.protocol import VideoCodec
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -13,10 +15,7 @@ VIDEO_CLOCK_HZ = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_HZ)
 """Time base of every ``pts`` the cores take and return: the WebRTC video RTP clock."""
 
-CodecName = Literal["VP8", "H264"]
-"""Codec names as WebRTC (and aiortc's ``RTCRtpCodecParameters.name``) spells them."""
-
-CODEC_NAMES: tuple[CodecName, ...] = ("VP8", "H264")
+CODEC_NAMES: tuple[VideoCodec, ...] = ("VP8", "H264")
 
 
 class UnknownSession(KeyError):
@@ -30,8 +29,8 @@ class UnknownSession(KeyError):
         return f"unknown session {self.session_id!r}"
 
 
-def check_codec(codec: str) -> CodecName:
-    """Return ``codec`` as a :data:`CodecName`, or raise ``ValueError``."""
+def check_codec(codec: str) -> VideoCodec:
+    """Return ``codec`` as a :data:`VideoCodec`, or raise ``ValueError``."""
     if codec == "VP8":
         return "VP8"
     if codec == "H264":

@@ -10,42 +10,43 @@ from typing import Any
 import msgspec
 
 from services.runtime import SPEC_ENV, Outbox, ServiceCore, ServiceSpec, run_service
+from services.topology import Kind
 
 CoreFactory = Callable[[ServiceSpec, Outbox], ServiceCore[Any]]
 
 
-def core_factory(kind: str) -> CoreFactory:
+def core_factory(kind: Kind) -> CoreFactory:
     """The core class for a service kind; imports lazily so each process loads only its own."""
     match kind:
-        case "inference":
+        case Kind.INFERENCE:
             from services.inference.core import InferenceCore
 
             return InferenceCore
-        case "decode":
+        case Kind.DECODE:
             from services.decode.service import DecodeStage
 
             return DecodeStage
-        case "encode":
+        case Kind.ENCODE:
             from services.encode.service import EncodeStage
 
             return EncodeStage
-        case "overlay":
+        case Kind.OVERLAY:
             from services.overlay.core import OverlayCore
 
             return OverlayCore
-        case "nodes":
+        case Kind.NODES:
             from services.nodes.front import FrontLink
 
             return FrontLink
-        case "node-link":
+        case Kind.NODE_LINK:
             from services.nodes.node import NodeLink
 
             return NodeLink
-        case "testsrc":
+        case Kind.TESTSRC:
             from services.synthetic import TestSourceCore
 
             return TestSourceCore
-        case "testsink":
+        case Kind.TESTSINK:
             from services.synthetic import TestSinkCore
 
             return TestSinkCore

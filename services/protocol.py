@@ -346,7 +346,7 @@ class EncodedFrame(msgspec.Struct, tag=True, array_like=True, gc=False):
     """A complete encoded video frame from the network (signalling → decode)."""
 
     session_id: str
-    codec: str
+    codec: VideoCodec
     data: bytes
     pts: int
     keyframe: bool

@@ -37,6 +37,7 @@ import zmq
 from services import protocol as p
 from services.calls import CallClock
 from services.logsummary import REPEATS
+from services.topology import Kind
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class ServiceSpec(msgspec.Struct, forbid_unknown_fields=True):
     """What the supervisor hands a child: its identity, where the sockets live, its options."""
 
     name: str
-    kind: str
+    kind: Kind
     run_dir: str
     run_id: str
     supervisor_pid: int

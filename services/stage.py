@@ -32,8 +32,8 @@ class StageSession(Generic[S]):
     height: int
     params: dict[str, Any]
     downstream: str | None
-    mode: str = "video"
-    codec: str = "VP8"
+    mode: p.Mode = "video"
+    codec: p.VideoCodec = "VP8"
     input: RingConsumer | None = None
     output: RingProducer | None = None
     frames_done: int = 0

@@ -9,29 +9,92 @@ them take the session's runtime parameters.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
 
 import msgspec
 
-SIGNALLING = "signalling"
-DECODE = "decode"
-ENCODE = "encode"
-#: The Moondream overlay: one process for every overlay pipeline.
-OVERLAY = "overlay"
-INFERENCE_PREFIX = "inference/"
-#: A Dreams worker the supervisor runs for signalling's hub (``dreams-worker/<name>``): not a
-#: service of the control protocol, a plain child process.
-DREAMS_WORKER = "dreams-worker"
-#: The front's link to its media nodes on other hosts (a ROUTER on TCP with CURVE).
-NODES = "nodes"
-#: A media node's link to its front (runs in the node's supervisor).
-NODE_LINK = "node-link"
-#: Kinds of service process (``ServiceSpec.kind``); an inference service is named per pipeline.
-MEDIA_KINDS = frozenset({DECODE, ENCODE})
-PIPELINE_KINDS = frozenset({"inference", OVERLAY})
+
+class Kind(StrEnum):
+    """What a process is (``ServiceSpec.kind``): the one spelling of each kind."""
+
+    SIGNALLING = "signalling"
+    DECODE = "decode"
+    ENCODE = "encode"
+    #: The Moondream overlay: one process for every overlay pipeline.
+    OVERLAY = "overlay"
+    #: One loaded pipeline (``inference/<pipeline_id>``, ``…@cuda:N`` per device).
+    INFERENCE = "inference"
+    #: A Dreams worker the supervisor runs for signalling's hub (``dreams-worker/<name>``): not
+    #: a service of the control protocol, a plain child process.
+    DREAMS_WORKER = "dreams-worker"
+    #: The front's link to its media nodes on other hosts (a ROUTER on TCP with CURVE).
+    NODES = "nodes"
+    #: A media node's link to its front (runs in the node's supervisor).
+    NODE_LINK = "node-link"
+    #: Synthetic frames in and out (tests, benchmarks).
+    TESTSRC = "testsrc"
+    TESTSINK = "testsink"
 
 
-def inference_service(pipeline_id: str) -> str:
-    return INFERENCE_PREFIX + pipeline_id
+SIGNALLING = Kind.SIGNALLING
+DECODE = Kind.DECODE
+ENCODE = Kind.ENCODE
+OVERLAY = Kind.OVERLAY
+INFERENCE = Kind.INFERENCE
+DREAMS_WORKER = Kind.DREAMS_WORKER
+NODES = Kind.NODES
+NODE_LINK = Kind.NODE_LINK
+MEDIA_KINDS = frozenset({Kind.DECODE, Kind.ENCODE})
+PIPELINE_KINDS = frozenset({Kind.INFERENCE, Kind.OVERLAY})
+#: Kinds whose processes are named ``<kind>/<name>``.
+NAMED_KINDS = (Kind.INFERENCE, Kind.DREAMS_WORKER)
+
+NODE_PREFIX = "node/"
+DEVICE_SEPARATOR = "@"
+
+
+@dataclass(frozen=True, slots=True)
+class StageAddress:
+    """A process as a chain names it, parsed once: ``[node/<node>/]<kind>[/<name>][@<device>]``
+    (``decode``, ``inference/longlive@cuda:1``, ``node/gpu-a/encode``)."""
+
+    kind: str
+    #: The pipeline of an inference process, a Dreams worker's name.
+    name: str | None = None
+    device: str | None = None
+    #: The media node (another host) the process runs on; None: this host.
+    node: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> StageAddress:
+        node: str | None = None
+        if text.startswith(NODE_PREFIX):
+            node, _, text = text.removeprefix(NODE_PREFIX).partition("/")
+        text, sep, device = text.partition(DEVICE_SEPARATOR)
+        kind, slash, name = text.partition("/")
+        return cls(kind, name if slash else None, device if sep else None, node)
+
+    @property
+    def process(self) -> str:
+        """What it is wherever it runs: ``decode``, ``encode``, ``overlay``, ``inference/<id>``."""
+        return self.kind if self.name is None else f"{self.kind}/{self.name}"
+
+    @property
+    def local(self) -> str:
+        """The name on the host it runs on (a node's own name for its stage)."""
+        return self.process + (DEVICE_SEPARATOR + self.device if self.device else "")
+
+    def __str__(self) -> str:
+        return (f"{NODE_PREFIX}{self.node}/" if self.node is not None else "") + self.local
+
+    def on_node(self, node: str) -> StageAddress:
+        return replace(self, node=node)
+
+
+def inference_service(pipeline_id: str, device: str | None = None) -> str:
+    """``inference/<id>``, or ``inference/<id>@cuda:N``: the pipeline's process on a device."""
+    return str(StageAddress(Kind.INFERENCE, pipeline_id, device))
 
 
 def service_of_pipeline(pipeline_id: str, overlays: Collection[str]) -> str:
@@ -41,20 +104,13 @@ def service_of_pipeline(pipeline_id: str, overlays: Collection[str]) -> str:
 
 
 def dreams_worker_service(name: str) -> str:
-    return f"{DREAMS_WORKER}/{name}"
+    return str(StageAddress(Kind.DREAMS_WORKER, name))
 
 
-def stage_kind(stage: str) -> str:
-    """What a stage of a chain is, wherever it runs: ``decode``, ``encode``, ``overlay`` or
-    ``inference/<id>`` (a device's process, a node's stage)."""
-    return split_device(split_node(stage)[1])[0]
-
-
-def kind_of_service(name: str) -> str:
-    for kind in ("inference", DREAMS_WORKER):
-        if name.startswith(kind + "/"):
-            return kind
-    return name
+def node_stage(node: str, stage: str) -> str:
+    """``node/<node>/<stage>``: a stage placed on a media node, as the front names it (the
+    front's link binds its inbox and carries what arrives there to the node)."""
+    return str(StageAddress.parse(stage).on_node(node))
 
 
 class ChainError(ValueError):
@@ -108,20 +164,6 @@ def plan_chain(
 # ---------------------------------------------------------------- several GPUs
 
 
-DEVICE_SEPARATOR = "@"
-
-
-def device_service(pipeline_id: str, device: str) -> str:
-    """``inference/<id>@cuda:N``: the pipeline's process on one device."""
-    return f"{inference_service(pipeline_id)}{DEVICE_SEPARATOR}{device}"
-
-
-def split_device(service: str) -> tuple[str, str | None]:
-    """(``inference/<id>``, ``cuda:N``) of a per-device service; (name, None) otherwise."""
-    name, sep, device = service.partition(DEVICE_SEPARATOR)
-    return (name, device) if sep else (service, None)
-
-
 class Room(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What one device's process of a pipeline reports (its heartbeats, a media node's beats):
     free device memory (None: not known, a CPU stand-in) and the sessions it serves."""
@@ -141,23 +183,6 @@ def place(rooms: Sequence[Room]) -> str:
 
 
 # ---------------------------------------------------------------- media nodes (other hosts)
-
-
-NODE_PREFIX = "node/"
-
-
-def node_service(node: str, service: str) -> str:
-    """``node/<name>/<service>``: a stage of a session placed on a media node, as the front
-    names it (the front's link binds its inbox and carries what arrives there to the node)."""
-    return f"{NODE_PREFIX}{node}/{service}"
-
-
-def split_node(stage: str) -> tuple[str | None, str]:
-    """(node, the node's own name for it) of a node stage; (None, stage) otherwise."""
-    if not stage.startswith(NODE_PREFIX):
-        return None, stage
-    node, _, service = stage.removeprefix(NODE_PREFIX).partition("/")
-    return node, service
 
 
 def node_inboxes(pipelines: Sequence[str], overlays: Collection[str]) -> list[str]:

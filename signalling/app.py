@@ -128,7 +128,7 @@ def create_app(spec: ServiceSpec, control: ControlLink) -> web.Application:
     control.on_inbox = on_inbox
 
     async def on_session_failed(msg: p.SessionFailed) -> None:
-        if topology.stage_kind(msg.service) == topology.ENCODE:
+        if topology.StageAddress.parse(msg.service).process == topology.ENCODE:
             recordings.encode_lost(msg.session_id)
         await sessions.stage_failed(msg)
 

@@ -257,7 +257,7 @@ class SignallingBackend:
             s.pipeline_id: s.error or "failed" for s in report.pipelines if s.status == "error"
         }
         ok = not errors and all(
-            state == "ready" or topology.kind_of_service(name) == "inference"
+            state == "ready" or topology.StageAddress.parse(name).kind == topology.INFERENCE
             for name, state in services.items()
         )
         detail: dict[str, Any] = {"services": services, "sessions": len(self.sessions)}

@@ -127,11 +127,13 @@ class PeerSession:
         placed its pipelines in (``inference/<id>@cuda:N`` with several GPUs, ``node/<name>/…``
         on a media node), in chain order."""
         media = (topology.DECODE, topology.ENCODE)
-        return tuple(s for s in self.stages if topology.stage_kind(s) not in media)
+        return tuple(s for s in self.stages if topology.StageAddress.parse(s).process not in media)
 
     def stage(self, kind: str) -> str:
         """The session's decode or encode: here, or on the media node it was placed on."""
-        return next((s for s in self.stages if topology.stage_kind(s) == kind), kind)
+        return next(
+            (s for s in self.stages if topology.StageAddress.parse(s).process == kind), kind
+        )
 
     def publish_output(self, message: dict[str, Any] | None) -> None:
         """To every listener; one that lags loses its oldest message, never blocks us."""

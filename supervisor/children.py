@@ -45,7 +45,7 @@ class Child:
         self.is_media = spec.kind in topology.MEDIA_KINDS
         #: A crash of an inference process ends its sessions (their model state is gone);
         #: decode, encode and overlay carry their sessions on after a restart.
-        self.fatal_to_sessions = spec.kind == "inference"
+        self.fatal_to_sessions = spec.kind == topology.INFERENCE
         #: Speaks the control protocol (Hello, Ready, heartbeats). A Dreams worker does not:
         #: it is up once started, and its owner decides whether to start it again.
         self.controlled = spec.kind != topology.DREAMS_WORKER

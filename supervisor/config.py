@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import msgspec
 
 from services.options import DecodeOptions, EncodeOptions, RecordingOptions
+from services.topology import Kind
 from signalling.api.config import ApiConfig
 from signalling.dreams.config import DreamsConfig
 
@@ -45,7 +46,7 @@ class RestartPolicy(msgspec.Struct, forbid_unknown_fields=True):
 
 class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     name: str
-    kind: str
+    kind: Kind
     options: dict[str, Any] = {}
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
 

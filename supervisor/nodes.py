@@ -77,15 +77,15 @@ class NodeTable:
             free = [
                 r.free_bytes
                 for r in report.rooms
-                if topology.split_device(r.service)[0] in chain.processing
+                if topology.StageAddress.parse(r.service).process in chain.processing
                 and r.free_bytes is not None
             ]
             room = topology.Room(
-                topology.node_service(report.node, ""),
+                topology.node_stage(report.node, ""),
                 max(free) if free else None,
                 placed.get(report.node, 0),
             )
-            stages = [topology.node_service(report.node, s) for s in chain.stages(mode)]
+            stages = [topology.node_stage(report.node, s) for s in chain.stages(mode)]
             out.append(Placement(stages, chain.pipeline_ids, room))
         return out
 

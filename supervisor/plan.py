@@ -11,6 +11,7 @@ import msgspec
 from services import topology
 from services.inference import registry
 from services.options import InferenceOptions, OverlayOptions
+from services.topology import Kind
 from supervisor.config import Config, ServiceConfig, default_home
 
 
@@ -47,14 +48,12 @@ def service_plan(config: Config, models_dir: Path) -> list[ServiceConfig]:
             "dreams": msgspec.to_builtins(config.dreams),
             "recording": msgspec.to_builtins(config.recording),
         }
-        plan.append(
-            ServiceConfig(topology.SIGNALLING, topology.SIGNALLING, options, config.restart)
-        )
+        plan.append(ServiceConfig(topology.SIGNALLING, Kind.SIGNALLING, options, config.restart))
     return plan
 
 
 def _service(name: str, options: msgspec.Struct, config: Config) -> ServiceConfig:
-    return ServiceConfig(name, name, msgspec.to_builtins(options), config.restart)
+    return ServiceConfig(name, Kind(name), msgspec.to_builtins(options), config.restart)
 
 
 def pipeline_services(
@@ -63,7 +62,7 @@ def pipeline_services(
     """The process of a pipeline, or with ``devices`` configured one per device (a model
     pipeline; the overlay stays one process)."""
     name = topology.service_of_pipeline(pipeline_id, registry.overlays())
-    kind = topology.kind_of_service(name)
+    kind = Kind(topology.StageAddress.parse(name).kind)
     params = dict(load_params or {})
     if kind == topology.OVERLAY:
         overlay = OverlayOptions(
@@ -80,7 +79,7 @@ def pipeline_services(
         return [ServiceConfig(name, kind, _options(inference), config.restart)]
     return [
         ServiceConfig(
-            topology.device_service(pipeline_id, device),
+            topology.inference_service(pipeline_id, device),
             kind,
             {**_options(inference), "device": device},
             config.restart,

@@ -104,7 +104,7 @@ class SessionTable:
             stages = list(req.stages)
         else:
             placement = self._place(req, pipeline_order)
-            if (node := topology.split_node(placement.stages[0])[0]) is not None:
+            if (node := topology.StageAddress.parse(placement.stages[0]).node) is not None:
                 return self._open_on_node(req, node, placement, now)
             stages = placement.stages
         unknown = [s for s in stages if s not in self.children]
@@ -176,7 +176,8 @@ class SessionTable:
         else:
             stages = [self._placed(stage) for stage in chain.stages(req.mode)]
             first = next(
-                (s for s in stages if topology.stage_kind(s) in chain.processing), stages[0]
+                (s for s in stages if topology.StageAddress.parse(s).process in chain.processing),
+                stages[0],
             )
             child = self.children.get(first)
             free = child.memory_free_bytes if child is not None else None
@@ -205,7 +206,7 @@ class SessionTable:
         rooms = [
             topology.Room(c.name, c.memory_free_bytes, self.sessions_in(c.name))
             for c in self.children.values()
-            if topology.split_device(c.name)[0] == stage and c.state is State.READY
+            if topology.StageAddress.parse(c.name).process == stage and c.state is State.READY
         ]
         return topology.place(rooms) if rooms else stage
 
@@ -298,7 +299,7 @@ class SessionTable:
         joined = self.nodes.update(report)
         effects: list[Effect] = []
         mine = [s for s in self.sessions.values() if s.node == report.node]
-        lost_service = topology.node_service(report.node, "")
+        lost_service = topology.node_stage(report.node, "")
         if not report.up:
             for session in mine:
                 effects += self.fail(session.session_id, lost_service, report.reason)

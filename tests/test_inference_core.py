@@ -16,6 +16,7 @@ from services import protocol as p
 from services.inference.core import InferenceCore, PipelineOutOfMemory
 from services.runtime import ServiceSpec
 from services.testpattern import read_frame_number
+from services.topology import Kind
 from shm.ring import N_STAMPS, FrameMeta, FrameRing, RingConsumer, RingProducer, Stage
 
 torch = pytest.importorskip("torch")
@@ -46,7 +47,7 @@ class Rig:
         self.outbox = RecordingOutbox()
         spec = ServiceSpec(
             name=f"inference/{pipeline}",
-            kind="inference",
+            kind=Kind.INFERENCE,
             run_dir=str(tmp),
             run_id=self.run_id,
             supervisor_pid=os.getppid(),
@@ -238,7 +239,7 @@ def test_out_of_memory_while_loading_and_missing_models(
 ) -> None:
     spec = ServiceSpec(
         name="inference/dream",
-        kind="inference",
+        kind=Kind.INFERENCE,
         run_dir=str(tmp_path),
         run_id="x",
         supervisor_pid=os.getppid(),

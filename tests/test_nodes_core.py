@@ -73,7 +73,7 @@ def test_sessions_spread_over_the_nodes_and_the_node_is_asked_to_open_them() -> 
         (sent,) = to_nodes(effects)
         assert isinstance(sent.request, p.OpenSession)
         assert sent.request.pipeline_ids == ["passthrough"]
-        node = topology.split_node(reply.stages[0])[0]
+        node = topology.StageAddress.parse(reply.stages[0]).node
         assert sent.node == node
         assert reply.stages == [
             f"node/{node}/decode",

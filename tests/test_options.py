@@ -13,6 +13,7 @@ from services.inference import registry
 from services.inference.wan import specs as ws
 from services.options import START_BITRATE_BPS, EncodeOptions
 from services.runtime import ServiceSpec
+from services.topology import Kind
 from supervisor.config import load_config
 from supervisor.plan import service_plan
 
@@ -27,7 +28,7 @@ class NullOutbox:
 def spec(options: dict[str, Any]) -> ServiceSpec:
     return ServiceSpec(
         name="encode",
-        kind="encode",
+        kind=Kind.ENCODE,
         run_dir="/nonexistent",
         run_id="r",
         supervisor_pid=0,

@@ -15,6 +15,7 @@ from services import protocol as p
 from services.overlay.core import CLIENT_SERVICE, OverlayCore
 from services.runtime import ServiceSpec
 from services.synthetic import fill_frame
+from services.topology import Kind
 from shm.ring import (
     N_STAMPS,
     FrameMeta,
@@ -61,7 +62,7 @@ class Harness:
         self.model = model
         self.outbox = FakeOutbox()
         spec = ServiceSpec(
-            name="overlay", kind="overlay", run_dir="/nonexistent", run_id=run_id,
+            name="overlay", kind=Kind.OVERLAY, run_dir="/nonexistent", run_id=run_id,
             supervisor_pid=0, options=options,
         )  # fmt: skip
         self.core = OverlayCore(spec, self.outbox, model=model)

@@ -22,6 +22,7 @@ from services.overlay.model import (
 )
 from services.overlay.moondream import MOONDREAM_REPO
 from services.runtime import ServiceSpec
+from services.topology import Kind
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,7 +39,7 @@ def test_missing_models_give_a_clear_error(tmp_path: Path) -> None:
 
 def test_overlay_service_fails_to_start_with_that_error(tmp_path: Path) -> None:
     spec = ServiceSpec(
-        name="overlay", kind="overlay", run_dir=str(tmp_path), run_id="x", supervisor_pid=0,
+        name="overlay", kind=Kind.OVERLAY, run_dir=str(tmp_path), run_id="x", supervisor_pid=0,
         options={"models_dir": str(tmp_path), "load_params": {"compile_model": True}},
     )  # fmt: skip
     with pytest.raises(ModelsNotDownloaded, match=MISSING):

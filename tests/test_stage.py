@@ -13,6 +13,7 @@ import pytest
 from services import protocol as p
 from services.runtime import ServiceSpec
 from services.stage import FrameStage, StageSession
+from services.topology import Kind
 from shm.ring import (
     N_STAMPS,
     FrameMeta,
@@ -87,7 +88,7 @@ def chain() -> Iterator[tuple[Invert, RingProducer, RingConsumer, RecordingOutbo
     dst = FrameRing.create(run_id, "out", 3, W * H * 3)
     outbox = RecordingOutbox()
     spec = ServiceSpec(
-        name="invert", kind="test", run_dir="/nonexistent", run_id=run_id, supervisor_pid=0
+        name="invert", kind=Kind.TESTSINK, run_dir="/nonexistent", run_id=run_id, supervisor_pid=0
     )
     stage = Invert(spec, outbox)
     stage.rings = (src.name, dst.name)

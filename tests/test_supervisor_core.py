@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from services import protocol as p
+from services.topology import Kind
 from shm.ring import RingError, RingStats
 from supervisor.children import State
 from supervisor.config import Config, RestartPolicy, ServiceConfig
@@ -92,7 +93,7 @@ class Rig:
         return self.apply(self.core.handle(Start([svc]), self.now))
 
     def add(self, name: str, kind: str = "testsrc") -> None:
-        self.start(ServiceConfig(name, kind, restart=POLICY))
+        self.start(ServiceConfig(name, Kind(kind), restart=POLICY))
         self.hello_ready(name)
 
     def hello_ready(self, name: str) -> None:
@@ -141,9 +142,9 @@ def test_start_up_brings_services_up_one_after_the_other() -> None:
     rig = Rig()
     quick = RestartPolicy(max_restarts=0, window_s=60)
     plan = [
-        ServiceConfig("inference/x", "inference", {"pipeline": "x"}, quick),
-        ServiceConfig("decode", "decode", restart=quick),
-        ServiceConfig("signalling", "signalling", restart=quick),
+        ServiceConfig("inference/x", Kind.INFERENCE, {"pipeline": "x"}, quick),
+        ServiceConfig("decode", Kind.DECODE, restart=quick),
+        ServiceConfig("signalling", Kind.SIGNALLING, restart=quick),
     ]
     spawned = rig.apply(rig.core.handle(Start(plan), 0.0))
     assert [e.spec.name for e in spawned] == ["inference/x"] and rig.core.phase == "starting"
@@ -166,7 +167,7 @@ def test_start_up_ends_running_once_all_are_ready() -> None:
 
 def test_a_hello_must_prove_pid_and_secret() -> None:
     rig = Rig()
-    rig.start(ServiceConfig("src", "testsrc"))
+    rig.start(ServiceConfig("src", Kind.TESTSRC))
     child = rig.core.children["src"]
     assert child.state is State.STARTING and child.pid == 101
     assert rig.control(b"x", p.Hello("src", 101, "wrong"), 0.0) == []
@@ -461,7 +462,7 @@ def test_a_dreams_worker_is_a_plain_child_its_owner_hears_of() -> None:
 def test_sessions_spread_over_devices_and_a_crash_stops_only_its_own() -> None:
     rig = Rig(devices=["cuda:0", "cuda:1"], media=True)
     rig.add("owner")
-    rig.start(ServiceConfig("encode", "encode", restart=POLICY))
+    rig.start(ServiceConfig("encode", Kind.ENCODE, restart=POLICY))
     rig.hello_ready("encode")
     _, effects = rig.admin(p.LoadPipelines([p.PipelineLoad("testcard")]), 0.0)
     spawned = rig.apply(effects)

@@ -6,7 +6,7 @@ import pytest
 
 from services import topology
 from services.inference import registry
-from services.topology import ChainError, Room, plan_chain
+from services.topology import ChainError, Room, StageAddress, plan_chain
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,18 +47,39 @@ def test_service_names_and_kinds() -> None:
     assert overlays == {"moondream"}
     assert topology.service_of_pipeline("longlive", overlays) == "inference/longlive"
     assert topology.service_of_pipeline("moondream", overlays) == "overlay"
-    assert topology.kind_of_service("inference/longlive") == "inference"
-    assert topology.kind_of_service("encode") == "encode"
+    assert topology.StageAddress.parse("inference/longlive").kind == "inference"
+    assert topology.StageAddress.parse("encode").kind == "encode"
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("decode", StageAddress("decode")),
+        ("inference/longlive", StageAddress("inference", "longlive")),
+        ("inference/longlive@cuda:1", StageAddress("inference", "longlive", "cuda:1")),
+        ("node/gpu-a/encode", StageAddress("encode", node="gpu-a")),
+        (
+            "node/gpu-a/inference/krea-realtime-video@cuda:0",
+            StageAddress("inference", "krea-realtime-video", "cuda:0", "gpu-a"),
+        ),
+        ("dreams-worker/lobby", StageAddress("dreams-worker", "lobby")),
+    ],
+)
+def test_stage_addresses_parse_and_print_back(text: str, address: StageAddress) -> None:
+    assert StageAddress.parse(text) == address
+    assert str(address) == text
+    assert address.local == text.split("/", 2)[2] if address.node else address.local == text
 
 
 def test_a_session_goes_to_the_device_with_the_most_room() -> None:
     a, b = (
-        topology.device_service("longlive", "cuda:0"),
-        topology.device_service("longlive", "cuda:1"),
+        topology.inference_service("longlive", "cuda:0"),
+        topology.inference_service("longlive", "cuda:1"),
     )
     assert a == "inference/longlive@cuda:0"
-    assert topology.split_device(a) == ("inference/longlive", "cuda:0")
-    assert topology.split_device("encode") == ("encode", None)
+    assert topology.StageAddress.parse(a).process == "inference/longlive"
+    assert topology.StageAddress.parse(a).device == "cuda:0"
+    assert topology.StageAddress.parse("encode").device is None
     gib = 2**30
     # Free memory first, whatever the session counts.
     assert topology.place([Room(a, 10 * gib, 0), Room(b, 30 * gib, 3)]) == b

@@ -38,8 +38,8 @@ from av.video.frame import PictureType, VideoFrame
 from services import hwcodec
 from services.codec_common import (
     VIDEO_TIME_BASE,
-    CodecName,
     PerSession,
+    VideoCodec,
     check_codec,
     check_size,
 )
@@ -87,7 +87,7 @@ class EncodedPacket:
 
 @dataclasses.dataclass(slots=True)
 class _Stream:
-    codec: CodecName
+    codec: VideoCodec
     width: int
     height: int
     fps: int

@@ -20,13 +20,13 @@ import av
 import av.container
 import av.error
 
-from services.codec_common import VIDEO_TIME_BASE, CodecName
+from services.codec_common import VIDEO_TIME_BASE, VideoCodec
 from services.encode.core import EncodedPacket
 
 logger = logging.getLogger(__name__)
 
 #: codec -> (container format, file suffix, PyAV codec name)
-CONTAINERS: dict[CodecName, tuple[str, str, str]] = {
+CONTAINERS: dict[VideoCodec, tuple[str, str, str]] = {
     "H264": ("mp4", ".mp4", "h264"),
     "VP8": ("webm", ".webm", "vp8"),
 }
@@ -54,7 +54,7 @@ class Recorder:
     """One file of one session's recording."""
 
     def __init__(
-        self, path: Path, codec: CodecName, width: int, height: int, limits: Limits
+        self, path: Path, codec: VideoCodec, width: int, height: int, limits: Limits
     ) -> None:
         self.path = path
         self.codec = codec
@@ -139,5 +139,5 @@ class Recorder:
         return Finished(self.path, self.frames, size, round(duration, 3))
 
 
-def file_suffix(codec: CodecName) -> str:
+def file_suffix(codec: VideoCodec) -> str:
     return CONTAINERS[codec][1]

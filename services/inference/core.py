@@ -86,7 +86,7 @@ class Made:
 class InferenceState:
     """What the inference stage keeps per session."""
 
-    mode: str
+    mode: p.Mode
     #: None once the session failed (its pipeline state is gone).
     session: PipelineSession | None
     started_ns: int
@@ -125,7 +125,7 @@ class InferenceCore(FrameStage[InferenceState]):
         spec = self.pipeline_spec
         # Frames in: video. No input ring: this stage generates (text). The ``mode`` parameter
         # is the session's (every stage of a chain gets the same parameters).
-        mode = "video" if session.input is not None else "text"
+        mode: p.Mode = "video" if session.input is not None else "text"
         if mode not in spec.modes:
             raise ValueError(f"mode: {spec.id} supports {', '.join(spec.modes)}, not {mode}")
         pipeline_session = PipelineSession(

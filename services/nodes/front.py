@@ -157,7 +157,7 @@ class FrontLink(ServiceCore[p.LinkInbox]):
             case wire.Relay(service=service, data=data):
                 self._to_signalling(node, service, data)
             case wire.Failed(failure=failure):
-                service = topology.node_service(node.name, failure.service)
+                service = topology.node_stage(node.name, failure.service)
                 self.reports.append(p.SessionFailed(failure.session_id, service, failure.reason))
 
     def _to_signalling(self, node: NodeLinkState, service: str, data: bytes) -> None:
@@ -193,7 +193,7 @@ class FrontLink(ServiceCore[p.LinkInbox]):
             sock = self.ctx.socket(zmq.PULL)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 1024)
-            path = inbox_endpoint(self.spec.run_dir, topology.node_service(node.name, stage))
+            path = inbox_endpoint(self.spec.run_dir, topology.node_stage(node.name, stage))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path.removeprefix("ipc://"))
             sock.bind(path)
@@ -219,7 +219,7 @@ class FrontLink(ServiceCore[p.LinkInbox]):
             reason = f"media node {msg.node} is not connected"
             self.reports.append(
                 p.SessionFailed(
-                    msg.request.session_id, topology.node_service(msg.node, "link"), reason
+                    msg.request.session_id, topology.node_stage(msg.node, "link"), reason
                 )
             )
 

@@ -218,7 +218,9 @@ class NodeLink(ServiceCore[p.LinkInbox]):
             case "status", p.StatusReport():
                 self._beat(reply)
             case "open", p.SessionOpened(stages=stages):
-                self.sessions[session_id] = {topology.stage_kind(s): s for s in stages}
+                self.sessions[session_id] = {
+                    topology.StageAddress.parse(s).process: s for s in stages
+                }
                 logger.info("session %s opened here: %s", session_id, " → ".join(stages))
             case "open", p.Rejected(reason=reason):
                 self._send(wire.Failed(p.SessionFailed(session_id, self.spec.name, reason)))
@@ -231,7 +233,7 @@ class NodeLink(ServiceCore[p.LinkInbox]):
         rooms = [
             topology.Room(s.name, s.memory_free_bytes, s.sessions)
             for s in report.services
-            if s.state == "ready" and topology.kind_of_service(s.name) == "inference"
+            if s.state == "ready" and topology.StageAddress.parse(s.name).kind == topology.INFERENCE
         ]
         rtt = self.clock.rtt_ns
         self._send(

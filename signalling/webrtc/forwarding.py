@@ -47,6 +47,9 @@ from aiortc import RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from services.codec_common import check_codec
+from services.protocol import VideoCodec
+
 logger = logging.getLogger(__name__)
 
 # Frames whose first packet has arrived but which the jitter buffer has not emitted yet.
@@ -72,8 +75,8 @@ class EncodedVideoFrame:
     timestamp: int
     """90 kHz, unwrapped; 0 at the first frame of the stream (aiortc's TimestampMapper)."""
     keyframe: bool
-    codec: str
-    """Codec name as negotiated: ``"VP8"`` or ``"H264"``."""
+    codec: VideoCodec
+    """Codec name as negotiated."""
     arrival_ns: int
     """``time.monotonic_ns()`` when the first RTP packet of this frame arrived."""
 
@@ -151,7 +154,8 @@ class _ForwardingQueue(queue.Queue[Any]):
             super().put(None, block, timeout)
             return
         codec, jitter_frame = item
-        self._forwarder._deliver(codec.name, jitter_frame)
+        # Negotiation admits only VP8 and H264 (signalling.sessions refuses other offers).
+        self._forwarder._deliver(check_codec(codec.name), jitter_frame)
 
 
 class EncodedFrameForwarder:
@@ -203,7 +207,7 @@ class EncodedFrameForwarder:
         jitter_buffer.add = jitter_add
         receiver._RTCRtpReceiver__decoder_queue = _ForwardingQueue(self)  # type: ignore[attr-defined]
 
-    def _deliver(self, codec: str, jitter_frame: Any) -> None:
+    def _deliver(self, codec: VideoCodec, jitter_frame: Any) -> None:
         data = bytes(jitter_frame.data)
         frame = EncodedVideoFrame(
             data=data,
