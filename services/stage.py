@@ -9,7 +9,9 @@ Subclasses say what one frame becomes (``step``) and what a session keeps (``S``
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, assert_never
 
@@ -136,22 +138,58 @@ class RingStage(ServiceCore[M], Generic[S, M]):
         the slot is filled before the input is released, and committed only if the input was
         intact, so a torn input never leaves the stage."""
         assert session.input is not None
-        frame = session.input.acquire_latest()
-        if frame is None:
-            return
-        slot = None
-        if session.output is not None:
-            slot = session.output.begin(session.width, session.height)
-        try:
+        with session.input.latest() as frame:
+            if frame is None:
+                return
+            slot = None
+            if session.output is not None:
+                slot = session.output.begin(session.width, session.height)
             outcome = self.step(session, frame, slot)
-        except BaseException:
-            session.input.release(frame)
-            raise
-        if not self.release(session, frame):
+        if not frame.intact:
+            self._torn(session, frame)
             self.on_torn(session, outcome)
-            return
-        if outcome is not None:
+        elif outcome is not None:
             self.commit(session, outcome, slot)
+
+    def drain_batch(self, sessions: Sequence[StageSession[S]]) -> None:
+        """:meth:`drain` for several sessions in one :meth:`step_batch` (a model's batch),
+        under the same rule: each output is committed only if its input stayed intact. A stage
+        that ``copies_input`` (in :meth:`take`) lets the frame go before the step, and a frame
+        torn while it was copied never reaches the step."""
+        taken: list[tuple[StageSession[S], ReadFrame, Any]] = []
+        with contextlib.ExitStack() as held:
+            for session in sessions:
+                assert session.input is not None
+                frame = held.enter_context(session.input.latest())
+                if frame is None or (item := self.take(session, frame)) is None:
+                    continue
+                if self.copies_input and not self.release(session, frame):
+                    continue
+                taken.append((session, frame, item))
+            outcomes = self.step_batch([(s, item) for s, _, item in taken]) if taken else []
+        frames = {s.session_id: frame for s, frame, _ in taken}
+        for session, outcome in outcomes:
+            frame = frames.get(session.session_id)
+            if frame is not None and not frame.intact:
+                self._torn(session, frame)
+                self.on_torn(session, outcome)
+            else:
+                self.commit(session, outcome, None)
+
+    #: :meth:`take` copies what it needs of the frame (the slot is released before the step).
+    copies_input: bool = False
+
+    def take(self, session: StageSession[S], frame: ReadFrame) -> Any:
+        """What :meth:`step_batch` needs of a session's frame (valid until released); None:
+        the session sits this batch out."""
+        raise NotImplementedError
+
+    def step_batch(
+        self, batch: list[tuple[StageSession[S], Any]]
+    ) -> list[tuple[StageSession[S], Any]]:
+        """The :meth:`take` items of several sessions → an outcome per session to commit
+        (``commit(session, outcome, None)``): sessions may be missing (failed) or added."""
+        raise NotImplementedError
 
     def step(self, session: StageSession[S], frame: ReadFrame, out: WriteSlot | None) -> Any:
         """One input frame (valid until released) → ``out`` filled (None when the session has
@@ -171,8 +209,11 @@ class RingStage(ServiceCore[M], Generic[S, M]):
         assert session.input is not None
         if session.input.release(frame):
             return True
-        logger.debug("session %s: frame %d torn, discarded", session.session_id, frame.seq)
+        self._torn(session, frame)
         return False
+
+    def _torn(self, session: StageSession[S], frame: ReadFrame) -> None:
+        logger.debug("session %s: frame %d torn, discarded", session.session_id, frame.seq)
 
     def count_done(self, session: StageSession[S]) -> None:
         """One of the session's frames left this stage (the heartbeat's progress counters)."""

@@ -373,7 +373,7 @@ class RingProducer:
 class ReadFrame:
     """A frame handed to the consumer: zero-copy views valid until :meth:`RingConsumer.release`."""
 
-    __slots__ = ("array", "frame_number", "index", "pts", "seq", "stamps")
+    __slots__ = ("array", "frame_number", "index", "intact", "pts", "seq", "stamps")
 
     def __init__(
         self,
@@ -390,6 +390,8 @@ class ReadFrame:
         self.frame_number = frame_number
         self.pts = pts
         self.stamps = stamps
+        #: Set when released: whether the slot was left alone while held (None: still held).
+        self.intact: bool | None = None
 
 
 class RingConsumer:
@@ -458,7 +460,20 @@ class RingConsumer:
         h[_H_HELD] = -1
         if self._held is frame:
             self._held = None
+        frame.intact = intact
         return intact
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[ReadFrame | None]:
+        """``with consumer.latest() as frame``: the newest frame not yet handed out (None:
+        nothing new), released when the block ends unless released in it; afterwards
+        ``frame.intact`` says whether what was computed from it may leave."""
+        frame = self.acquire_latest()
+        try:
+            yield frame
+        finally:
+            if frame is not None and frame.intact is None:
+                self.release(frame)
 
     def frames(self) -> Iterator[ReadFrame]:
         """Yield frames until none is new (each released when the next is taken)."""

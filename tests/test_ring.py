@@ -114,6 +114,32 @@ def test_torn_frame_is_reported(run_id: str) -> None:
     ring.unlink()
 
 
+def test_a_frame_read_in_a_with_block_is_released_and_says_if_it_stayed_intact(
+    run_id: str,
+) -> None:
+    ring = FrameRing.create(run_id, "e", 2, 8 * 8 * 3)
+    producer, consumer = RingProducer(ring), RingConsumer(FrameRing.attach(ring.name))
+    with consumer.latest() as nothing:
+        assert nothing is None
+    producer.write(frame(1), FrameMeta(1))
+    with consumer.latest() as held:
+        assert held is not None and held.intact is None and held.array[0, 0, 0] == 1
+    assert held.intact is True and ring.stats().consumed == 1
+    producer.write(frame(2), FrameMeta(2))
+    with consumer.latest() as torn:
+        assert torn is not None
+        ring.header[16] = -1  # a producer that ignores the credit overwrites the held slot
+        producer._next = torn.index
+        producer.write(frame(3), FrameMeta(3))
+    assert torn.intact is False and ring.stats().torn == 1
+    # Released when the block fails too: the next frame can be taken.
+    with pytest.raises(RuntimeError), consumer.latest() as failed:
+        assert failed is not None
+        raise RuntimeError("step failed")
+    assert failed.intact is True
+    ring.unlink()
+
+
 def test_bad_sizes_and_names_are_clear_errors(run_id: str) -> None:
     ring = FrameRing.create(run_id, "e", 2, 10)
     with pytest.raises(RingError, match="exceeds"):

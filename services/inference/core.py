@@ -51,7 +51,7 @@ from services.models.store import resolve_models_dir
 from services.options import InferenceOptions
 from services.runtime import Outbox, ServiceSpec
 from services.stage import FrameStage, StageSession
-from shm.ring import N_STAMPS, FrameMeta, ReadFrame, Stage, stamp
+from shm.ring import N_STAMPS, FrameMeta, ReadFrame, Stage, WriteSlot, stamp
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,15 @@ def copy_frame(dst: np.ndarray, src: Any) -> None:
     import torch
 
     torch.from_numpy(dst).copy_(src)
+
+
+@dataclass(frozen=True, slots=True)
+class Filled:
+    """A frame pipeline's output in its ring slot, published if its input stayed intact."""
+
+    slot: WriteSlot
+    meta: FrameMeta
+    info: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,7 @@ class InferenceCore(FrameStage[InferenceState]):
         self.text_fps = options.text_fps
         #: Block pipelines (a causal video model: several frames a call) are paced.
         self.paced = self.pipeline_spec.frames_per_call > 1
+        self.copies_input = self.pipeline.copies_input
         self.failures = 0
         self._pending: set[str] = set()
 
@@ -185,41 +195,23 @@ class InferenceCore(FrameStage[InferenceState]):
             if info.mode == "video" and info.session is not None and s.input.has_new():
                 groups.setdefault((s.width, s.height), []).append(s)
         for group in groups.values():
-            self._run_video_group(group)
+            self.drain_batch(group)
 
-    def _run_video_group(self, group: list[StageSession[InferenceState]]) -> None:
-        requests: list[Request] = []
-        held: dict[str, ReadFrame] = {}
-        for s in group:
-            assert s.input is not None
-            frame = s.input.acquire_latest()
-            if frame is None:
-                continue
-            pipeline_session = s.state.session
-            assert pipeline_session is not None
-            stamps = frame.stamps
-            stamp(stamps, Stage.INFERENCE_START)
-            if pipeline_session.paused:
-                s.input.release(frame)
-                continue
-            try:
-                prepared = self.pipeline.prepare(pipeline_session.state, frame.array)
-            except BaseException:
-                s.input.release(frame)
-                raise
-            if self.pipeline.copies_input:
-                if not self.release(s, frame):
-                    continue  # overwritten while we copied it: never reaches the model
-            else:
-                held[s.session_id] = frame
-            tag = FrameMeta(frame.frame_number, frame.pts, stamps)
-            requests.append(pipeline_session.request(prepared, tag))
-        try:
-            if requests:
-                self._run(requests, held)
-        finally:
-            for session_id, frame in held.items():  # inputs held but not turned into an output
-                self.release(self.sessions[session_id], frame)
+    def take(self, session: StageSession[InferenceState], frame: ReadFrame) -> Request | None:
+        """The session's request for this frame (None: paused, the frame is dropped)."""
+        pipeline_session = session.state.session
+        assert pipeline_session is not None
+        stamp(frame.stamps, Stage.INFERENCE_START)
+        if pipeline_session.paused:
+            return None
+        prepared = self.pipeline.prepare(pipeline_session.state, frame.array)
+        tag = FrameMeta(frame.frame_number, frame.pts, frame.stamps)
+        return pipeline_session.request(prepared, tag)
+
+    def step_batch(
+        self, batch: list[tuple[StageSession[InferenceState], Request]]
+    ) -> list[tuple[StageSession[InferenceState], Filled | list[Made]]]:
+        return self._call([request for _, request in batch])
 
     # ------------------------------------------------------------ text sessions
 
@@ -260,7 +252,8 @@ class InferenceCore(FrameStage[InferenceState]):
                 pts = (int(stamps[Stage.GENERATION_START]) - info.started_ns) * 90_000 // 10**9
                 tag = FrameMeta(info.generated, pts, stamps)
                 requests.append(info.session.request(None, tag))
-            self._run(requests, {})
+            for session, outcome in self._call(requests):
+                self.commit(session, outcome, None)
             after = time.monotonic()
             for s in group:
                 info = s.state
@@ -324,9 +317,11 @@ class InferenceCore(FrameStage[InferenceState]):
 
     # ------------------------------------------------------------ the call
 
-    def _run(self, requests: list[Request], held: dict[str, ReadFrame]) -> None:
-        """One pipeline call; results go to their sessions by id (``held``: inputs still in
-        use, released once their output is filled)."""
+    def _call(
+        self, requests: list[Request]
+    ) -> list[tuple[StageSession[InferenceState], Filled | list[Made]]]:
+        """One pipeline call; what each session's result becomes (a filled output slot, or a
+        block's frames for its pacer). A failing call fails its sessions and yields nothing."""
         model_start = time.monotonic_ns()
         try:
             with self.calls.running():
@@ -338,60 +333,47 @@ class InferenceCore(FrameStage[InferenceState]):
                 raise PipelineOutOfMemory(
                     f"out of memory in {self.pipeline_spec.id}: {exc}"
                 ) from exc
-            else:
-                reason = f"{self.pipeline_spec.id} failed: {type(exc).__name__}: {exc}"
-                logger.exception("pipeline call failed")
+            reason = f"{self.pipeline_spec.id} failed: {type(exc).__name__}: {exc}"
+            logger.exception("pipeline call failed")
             for r in requests:
                 self._fail(self.sessions[r.session_id], reason)
             self.pipeline.free_memory()
-            return
+            return []
         model_end = time.monotonic_ns()
+        outcomes: list[tuple[StageSession[InferenceState], Filled | list[Made]]] = []
         for res in results:
             session = self.sessions[res.session_id]
-            pacer = session.state.pacer
-            if pacer is not None:
-                self._make(session, pacer, res, model_start, model_end, held)
-                continue
-            if res.frame is None:
-                continue
-            self._publish_result(
-                session, res, model_start, model_end, held.pop(res.session_id, None)
-            )
+            if session.state.pacer is not None:
+                outcomes.append((session, self._made(session, res, model_start, model_end)))
+            elif res.frame is not None and session.output is not None:
+                outcomes.append((session, self._fill(session, res, model_start, model_end)))
+        return outcomes
 
-    def _make(
-        self,
-        session: StageSession[InferenceState],
-        pacer: Pacer[Made],
-        res: Result,
-        model_start: int,
-        model_end: int,
-        held: dict[str, ReadFrame],
-    ) -> None:
-        """A block pipeline's frames (this call's and the rest of its block) join the
-        session's pacer; its input was copied, so it is released now."""
-        if (frame := held.pop(res.session_id, None)) is not None:
-            self.release(session, frame)
+    def _made(
+        self, session: StageSession[InferenceState], res: Result, model_start: int, model_end: int
+    ) -> list[Made]:
+        """A block pipeline's frames: this call's and the rest of its block."""
         pipeline_session = session.state.session
         made = [res] if res.frame is not None else []
         if pipeline_session is not None:
             made += self.pipeline.ready(pipeline_session.state)
-        now = time.monotonic()
-        for r in made:
-            tag = r.tag if isinstance(r.tag, FrameMeta) and session.state.mode == "video" else None
-            pacer.push(Made(r.frame, tag, r.info, model_start, model_end), now)
+        video = session.state.mode == "video"
+        return [
+            Made(
+                r.frame,
+                r.tag if video and isinstance(r.tag, FrameMeta) else None,
+                r.info,
+                model_start,
+                model_end,
+            )
+            for r in made
+        ]
 
-    def _publish_result(
-        self,
-        session: StageSession[InferenceState],
-        res: Result,
-        model_start: int,
-        model_end: int,
-        held: ReadFrame | None,
-    ) -> None:
-        if session.output is None:
-            if held is not None and session.input is not None:
-                session.input.release(held)
-            return
+    def _fill(
+        self, session: StageSession[InferenceState], res: Result, model_start: int, model_end: int
+    ) -> Filled:
+        """A frame pipeline's result, copied into the session's next output slot."""
+        assert session.output is not None
         meta: FrameMeta = res.tag
         stamps = meta.stamps if meta.stamps is not None else np.zeros(N_STAMPS, dtype=np.int64)
         stamps[Stage.MODEL_START] = model_start
@@ -399,15 +381,31 @@ class InferenceCore(FrameStage[InferenceState]):
         width, height = int(res.frame.shape[1]), int(res.frame.shape[0])
         slot = session.output.begin(width, height)
         copy_frame(slot.array, res.frame)
-        if held is not None and not self.release(session, held):
-            return  # the input was torn while we used it: drop the output
-        stamp(stamps, Stage.INFERENCE_END)
-        self.publish(session, slot, FrameMeta(meta.frame_number, meta.pts, stamps))
+        return Filled(slot, FrameMeta(meta.frame_number, meta.pts, stamps), res.info)
+
+    def commit(
+        self,
+        session: StageSession[InferenceState],
+        outcome: Filled | list[Made],
+        out: WriteSlot | None,
+    ) -> None:
+        """A block's frames join the session's pacer (:meth:`_emit_paced` lets them go); a
+        filled slot is published."""
         info = session.state
+        if isinstance(outcome, list):
+            assert info.pacer is not None
+            now = time.monotonic()
+            for made in outcome:
+                info.pacer.push(made, now)
+            return
+        assert outcome.meta.stamps is not None  # _fill gave it its stamps
+        stamp(outcome.meta.stamps, Stage.INFERENCE_END)
+        self.publish(session, outcome.slot, outcome.meta)
         info.generated += 1
-        if res.info and res.info != info.last_info:
-            info.last_info = res.info
-            self._tell(session, "fetch_output", {"frame_number": meta.frame_number, **res.info})
+        if outcome.info and outcome.info != info.last_info:
+            info.last_info = outcome.info
+            data = {"frame_number": outcome.meta.frame_number, **outcome.info}
+            self._tell(session, "fetch_output", data)
 
     def _fail(self, session: StageSession[InferenceState], reason: str) -> None:
         pipeline_session, session.state.session = session.state.session, None
