@@ -396,33 +396,27 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     def video_codecs() -> dict[str, Any]:
-        """H.264 through the encode and decode cores as the services run them: NVENC/NVDEC
+        """H.264 through the encoder and decoder as the services run them: NVENC/NVDEC
         where they open, else the CPU codecs (the status says which ran)."""
         from services import hwcodec
-        from services.decode.core import DecodeCore
-        from services.encode.core import EncodeCore
+        from services.decode.decoder import Decoder
+        from services.encode.encoder import Encoder
 
         encoder = hwcodec.encoder("H264", "auto")
         decoder = hwcodec.decoder("H264", "auto")
         width, height, frames = 1280, 720, 60
-        enc, dec = EncodeCore(), DecodeCore()
-        enc.open_session("c", "H264", width, height)
-        dec.open_session("c", "H264", width, height)
+        enc, dec = Encoder("H264", width, height), Decoder("H264", width, height)
         rgb = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8).numpy()
         enc_s = dec_s = 0.0
         decoded = 0
-        try:
-            for i in range(frames):
-                t0 = time.perf_counter()
-                packets = enc.encode("c", rgb, i * 3000)
-                t1 = time.perf_counter()
-                for packet in packets:
-                    decoded += len(dec.decode("c", packet.data, packet.pts))
-                enc_s += t1 - t0
-                dec_s += time.perf_counter() - t1
-        finally:
-            enc.close()
-            dec.close()
+        for i in range(frames):
+            t0 = time.perf_counter()
+            packets = enc.encode(rgb, i * 3000)
+            t1 = time.perf_counter()
+            for packet in packets:
+                decoded += len(dec.decode(packet.data, packet.pts))
+            enc_s += t1 - t0
+            dec_s += time.perf_counter() - t1
         out: dict[str, Any] = {
             "encoder": encoder or "libx264 (CPU)",
             "decoder": decoder or "h264 (CPU)",

@@ -8,11 +8,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from services.encode.service import EncodeStage
+from services.encode.encoder import Encoder
+from services.encode.service import EncodeStage, EncodeState
 from services.inference import registry
 from services.inference.wan import specs as ws
 from services.options import START_BITRATE_BPS, EncodeOptions
 from services.runtime import ServiceSpec
+from services.stage import StageSession
 from services.topology import Kind
 from supervisor.config import load_config
 from supervisor.plan import service_plan
@@ -45,11 +47,18 @@ def test_the_config_trees_encode_section_reaches_the_encoder() -> None:
     config = load_config(
         None, encode={"start_bitrate_bps": 2_000_000, "max_bitrate_bps": 4_000_000}
     )
-    stage = EncodeStage(spec(plan(config)["encode"].options), NullOutbox())
-    assert stage.initial_bitrate_bps == 2_000_000 and stage.core.max_bitrate_bps == 4_000_000
-    # Without a section: the one default (the encoder core's own default is the same value).
+    encoder = session_encoder(EncodeStage(spec(plan(config)["encode"].options), NullOutbox()))
+    assert encoder.bitrate_bps == 2_000_000 and encoder.max_bitrate_bps == 4_000_000
+    # Without a section: the one default (the encoder's own default is the same value).
     plain = EncodeStage(spec(plan(load_config(None))["encode"].options), NullOutbox())
-    assert plain.initial_bitrate_bps == START_BITRATE_BPS == EncodeOptions().start_bitrate_bps
+    assert session_encoder(plain).bitrate_bps == START_BITRATE_BPS
+    assert EncodeOptions().start_bitrate_bps == START_BITRATE_BPS
+
+
+def session_encoder(stage: EncodeStage) -> Encoder:
+    """The encoder the stage makes for a new session."""
+    session: StageSession[EncodeState] = StageSession("s", 64, 48, {}, None)
+    return stage.new_state(session, None).encoder
 
 
 def test_an_unknown_or_bad_option_names_the_key() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from services import protocol as p
-from services.encode.core import EncodeCore, EncodedPacket
+from services.encode.encoder import EncodedPacket, Encoder
 from services.encode.recorder import Limits, Recorder
 from services.options import RecordingOptions
 from signalling.recordings import RecordingRefused, Recordings, download_name
@@ -26,13 +26,11 @@ ROOMY = Limits(max_bytes=2**30, max_seconds=3600, min_free_bytes=0)
 
 def packets(codec: str, count: int, keyframe_at: int = 0) -> list[EncodedPacket]:
     """``count`` frames of a grey ramp (frame i at level 2·i), a keyframe at ``keyframe_at``."""
-    core = EncodeCore()
-    core.open_session("s", codec, W, H)
+    encoder = Encoder(codec, W, H)
     out = []
     for i in range(count):
         rgb = np.full((H, W, 3), 20 + 2 * i, np.uint8)
-        out += core.encode("s", rgb, 1000 + i * TICKS, force_keyframe=i == keyframe_at)
-    core.close()
+        out += encoder.encode(rgb, 1000 + i * TICKS, force_keyframe=i == keyframe_at)
     return out
 
 

@@ -1,9 +1,9 @@
 """The decode service: encoded frames from signalling → RGB at the pipeline size → a ring.
 
-Per session one PyAV decoder (:class:`services.decode.core.DecodeCore`). The scaler writes
-into a fresh frame that is copied once, straight into the session's output ring slot. When a
-session cannot decode (a lost packet, no keyframe yet, a restart of this process) signalling is
-asked for a keyframe, which it turns into an RTCP PLI upstream.
+Per session one PyAV decoder (:class:`services.decode.decoder.Decoder`, the session's state).
+The scaler writes into a fresh frame that is copied once, straight into the session's output
+ring slot. When a session cannot decode (a lost packet, no keyframe yet, a restart of this
+process) signalling is asked for a keyframe, which it turns into an RTCP PLI upstream.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 
 from services import protocol as p
-from services.decode.core import DecodeCore
+from services.decode.decoder import Decoder
 from services.options import DecodeOptions
 from services.runtime import Outbox, ServiceSpec
 from services.stage import RingStage, StageSession
@@ -26,7 +26,7 @@ KEYFRAME_REQUEST_INTERVAL_S = 0.25
 
 @dataclass(slots=True)
 class DecodeState:
-    codec: str
+    decoder: Decoder
     frame_number: int = 0
     keyframe_asked: float = 0.0
 
@@ -37,31 +37,21 @@ class DecodeStage(RingStage[DecodeState, p.DecodeInbox]):
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
         options = msgspec.convert(spec.options, DecodeOptions)
-        self.core = DecodeCore(options.hardware)
+        self.hardware = options.hardware
         self.keyframe_target = options.keyframe_target
 
     def new_state(
         self, session: StageSession[DecodeState], previous: DecodeState | None
     ) -> DecodeState:
-        self.core.close_session(session.session_id)
-        self.core.open_session(session.session_id, session.codec, session.width, session.height)
-        return DecodeState(session.codec)
-
-    def end_state(self, session: StageSession[DecodeState]) -> None:
-        self.core.close_session(session.session_id)
-
-    def close(self) -> None:
-        self.core.close()
+        return DecodeState(Decoder(session.codec, session.width, session.height, self.hardware))
 
     def handle(self, msg: p.DecodeInbox) -> None:
         """Its only message: an encoded frame from signalling."""
         session = self.session(msg.session_id)
         state = session.state
-        if msg.codec != state.codec:
+        if msg.codec != state.decoder.codec:
             # The browser may switch between negotiated codecs: follow it.
-            self.core.close_session(session.session_id)
-            self.core.open_session(session.session_id, msg.codec, session.width, session.height)
-            state.codec = msg.codec
+            state.decoder = Decoder(msg.codec, session.width, session.height, self.hardware)
         assert session.output is not None
         stamps = np.zeros(N_STAMPS, dtype=np.int64)
         stamps[Stage.RTP_ARRIVAL] = msg.rtp_arrival_ns
@@ -69,11 +59,9 @@ class DecodeStage(RingStage[DecodeState, p.DecodeInbox]):
         stamps[Stage.NODE_IN] = msg.node_in_ns
         stamps[Stage.DECODE_START] = time.monotonic_ns()
         slot = session.output.begin(session.width, session.height)
-        decoded = self.core.decode(
-            session.session_id, msg.data, msg.pts, out=lambda h, w: slot.array
-        )
+        decoded = state.decoder.decode(msg.data, msg.pts, out=lambda h, w: slot.array)
         stamps[Stage.DECODE_END] = time.monotonic_ns()
-        if self.core.needs_keyframe(session.session_id):
+        if state.decoder.needs_keyframe():
             self._ask_keyframe(session)
         if not decoded:
             # A decoder error, or a delta before the first keyframe: lost here, so counted here

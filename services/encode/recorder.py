@@ -21,7 +21,7 @@ import av.container
 import av.error
 
 from services.codec_common import VIDEO_TIME_BASE, VideoCodec
-from services.encode.core import EncodedPacket
+from services.encode.encoder import EncodedPacket
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ import msgspec
 import numpy as np
 
 from services import protocol as p
-from services.codec_common import check_codec
-from services.encode.core import EncodeCore, EncodedPacket
+from services.encode.encoder import EncodedPacket, Encoder
 from services.encode.recorder import Limits, Recorder
 from services.options import EncodeOptions
 from services.runtime import Outbox, ServiceSpec
@@ -38,49 +37,56 @@ class Encoded:
     packets: list[EncodedPacket]
 
 
-class EncodeStage(RingStage[None, p.EncodeInbox]):
+@dataclass(eq=False, slots=True)
+class EncodeState:
+    """A session's encoder, and the file it records to, if any."""
+
+    encoder: Encoder
+    recorder: Recorder | None = None
+
+
+class EncodeStage(RingStage[EncodeState, p.EncodeInbox]):
     inbox = p.EncodeInbox
 
     def __init__(self, spec: ServiceSpec, outbox: Outbox) -> None:
         super().__init__(spec, outbox)
-        options = msgspec.convert(spec.options, EncodeOptions)
-        self.core = EncodeCore(
-            min_bitrate_bps=options.min_bitrate_bps,
-            max_bitrate_bps=options.max_bitrate_bps,
-            keyframe_interval_frames=options.keyframe_interval_frames,
-            hardware=options.hardware,
-        )
-        self.initial_bitrate_bps = options.start_bitrate_bps
-        self.recorders: dict[str, Recorder] = {}
+        self.options = msgspec.convert(spec.options, EncodeOptions)
 
-    def new_state(self, session: StageSession[None], previous: None) -> None:
-        """The encoder context lives in :class:`EncodeCore`, keyed by session."""
-        self.core.close_session(session.session_id)
-        self.core.open_session(
-            session.session_id,
+    def new_state(
+        self, session: StageSession[EncodeState], previous: EncodeState | None
+    ) -> EncodeState:
+        o = self.options
+        encoder = Encoder(
             session.codec,
             session.width,
             session.height,
-            bitrate_bps=self.initial_bitrate_bps,
+            bitrate_bps=o.start_bitrate_bps,
+            min_bitrate_bps=o.min_bitrate_bps,
+            max_bitrate_bps=o.max_bitrate_bps,
+            keyframe_interval_frames=o.keyframe_interval_frames,
+            hardware=o.hardware,
         )
+        return EncodeState(encoder)
 
-    def end_state(self, session: StageSession[None]) -> None:
+    def end_state(self, session: StageSession[EncodeState]) -> None:
         self._finish_recording(session, "session ended")
-        self.core.close_session(session.session_id)
 
     def close(self) -> None:
         for session in list(self.sessions.values()):
             self._finish_recording(session, "encode stopped")
-        self.core.close()
 
-    def step(self, session: StageSession[None], frame: ReadFrame, out: WriteSlot | None) -> Encoded:
+    def step(
+        self, session: StageSession[EncodeState], frame: ReadFrame, out: WriteSlot | None
+    ) -> Encoded:
         stamps = frame.stamps
         stamps[Stage.ENCODE_START] = time.monotonic_ns()
-        packets = self.core.encode(session.session_id, frame.array, frame.pts)
+        packets = session.state.encoder.encode(frame.array, frame.pts)
         stamps[Stage.ENCODE_END] = time.monotonic_ns()
         return Encoded(frame.frame_number, stamps, packets)
 
-    def commit(self, session: StageSession[None], outcome: Encoded, out: WriteSlot | None) -> None:
+    def commit(
+        self, session: StageSession[EncodeState], outcome: Encoded, out: WriteSlot | None
+    ) -> None:
         self.count_done(session)
         target = session.downstream
         if target is None:
@@ -103,7 +109,7 @@ class EncodeStage(RingStage[None, p.EncodeInbox]):
                     stamps=stamp_list,
                 ),
             )
-        if (recorder := self.recorders.get(session.session_id)) is not None:
+        if (recorder := session.state.recorder) is not None:
             for packet in outcome.packets:  # after the client's: the stream never waits
                 if (reason := recorder.write(packet)) is not None:
                     self._finish_recording(session, reason)
@@ -114,9 +120,9 @@ class EncodeStage(RingStage[None, p.EncodeInbox]):
             case p.FrameReady():
                 self.frame_ready(msg)
             case p.KeyframeNeeded(session_id=session_id):
-                self.core.request_keyframe(self._known(session_id))
+                self.session(session_id).state.encoder.request_keyframe()
             case p.BitrateChanged(session_id=session_id, bitrate_bps=bps):
-                self.core.set_bitrate(self._known(session_id), bps)
+                self.session(session_id).state.encoder.set_bitrate(bps)
             case p.RecordCommand():
                 self._record(msg)
             case _:
@@ -127,18 +133,18 @@ class EncodeStage(RingStage[None, p.EncodeInbox]):
         if msg.action == "stop":
             self._finish_recording(session, "stopped")
             return
-        if msg.action == "start" and session.session_id in self.recorders:
+        state = session.state
+        if msg.action == "start" and state.recorder is not None:
             return  # already recording: the file goes on
         self._finish_recording(session, "cut")
         limits = Limits(msg.max_bytes, msg.max_seconds, msg.min_free_bytes)
-        codec = check_codec(session.codec)
-        self.recorders[session.session_id] = Recorder(
-            Path(msg.path), codec, session.width, session.height, limits
+        state.recorder = Recorder(
+            Path(msg.path), session.codec, session.width, session.height, limits
         )
-        self.core.request_keyframe(session.session_id)  # a file starts at a keyframe
+        state.encoder.request_keyframe()  # a file starts at a keyframe
 
-    def _finish_recording(self, session: StageSession[None], reason: str) -> None:
-        recorder = self.recorders.pop(session.session_id, None)
+    def _finish_recording(self, session: StageSession[EncodeState], reason: str) -> None:
+        recorder, session.state.recorder = session.state.recorder, None
         if recorder is None:
             return
         done = recorder.finish()
@@ -158,6 +164,3 @@ class EncodeStage(RingStage[None, p.EncodeInbox]):
                     reason=reason,
                 ),
             )
-
-    def _known(self, session_id: str) -> str:
-        return self.session(session_id).session_id

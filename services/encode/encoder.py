@@ -1,6 +1,7 @@
 """Encoding of RGB frames for WebRTC (VP8 via libvpx, H.264 via libx264), no sockets.
 
-One PyAV encoder per session, configured for real time the way aiortc configures its own
+An :class:`Encoder` is one session's PyAV encoder (the encode stage keeps it in the session's
+state), configured for real time the way aiortc configures its own
 (``aiortc/codecs/vpx.py`` and ``h264.py``): no lookahead, no B-frames, one packet out per frame
 in, immediately. Packets are what aiortc's ``Vp8Encoder.pack`` / ``H264Encoder.pack`` take:
 a raw VP8 frame, or H.264 Annex-B NAL units (constrained baseline, SPS and PPS repeated in
@@ -36,13 +37,7 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.frame import PictureType, VideoFrame
 
 from services import hwcodec
-from services.codec_common import (
-    VIDEO_TIME_BASE,
-    PerSession,
-    VideoCodec,
-    check_codec,
-    check_size,
-)
+from services.codec_common import VIDEO_TIME_BASE, check_codec, check_size
 from services.hwcodec import Hardware
 from services.options import (
     KEYFRAME_INTERVAL_FRAMES,
@@ -50,6 +45,7 @@ from services.options import (
     MIN_BITRATE_BPS,
     START_BITRATE_BPS,
 )
+from services.protocol import VideoCodec
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +70,7 @@ class EncodedPacket:
     data: bytes
     """One encoded frame: raw VP8, or H.264 Annex-B NAL units."""
     pts: int
-    """Presentation time in 1/90000 s, as given to :meth:`EncodeCore.encode`."""
+    """Presentation time in 1/90000 s, as given to :meth:`Encoder.encode`."""
     keyframe: bool
 
     def to_av_packet(self) -> av.Packet:
@@ -83,22 +79,6 @@ class EncodedPacket:
         packet.pts = self.pts
         packet.time_base = VIDEO_TIME_BASE
         return packet
-
-
-@dataclasses.dataclass(slots=True)
-class _Stream:
-    codec: VideoCodec
-    width: int
-    height: int
-    fps: int
-    bitrate_bps: int
-    """Target; the encoder in ``context`` may still run at ``context_bitrate_bps``."""
-    context: VideoCodecContext | None = None
-    context_bitrate_bps: int = 0
-    frame_index: int = 0
-    force_keyframe: bool = False
-    pending_pts: dict[int, int] = dataclasses.field(default_factory=dict)
-    """Caller pts by encoder frame index, for frames not yet out of the encoder."""
 
 
 def _thread_count(pixels: int, cpus: int) -> int:
@@ -121,79 +101,69 @@ def _h264_level(width: int, height: int, fps: int) -> str:
     return "52"
 
 
-class EncodeCore(PerSession[_Stream]):
-    """Per-session encoders. Not thread-safe: call from one thread.
+class Encoder:
+    """One session's encoder. Not thread-safe: call from one thread.
 
-    Bitrates are clamped to [``min_bitrate_bps``, ``max_bitrate_bps``].
+    Bitrates are clamped to [``min_bitrate_bps``, ``max_bitrate_bps``]; the PyAV context is
+    created at the first :meth:`encode` and again when the bitrate moves enough.
     """
-
-    holds = "encoder"
 
     def __init__(
         self,
-        min_bitrate_bps: int = MIN_BITRATE_BPS,
-        max_bitrate_bps: int = MAX_BITRATE_BPS,
-        keyframe_interval_frames: int = KEYFRAME_INTERVAL_FRAMES,
-        hardware: Hardware = "auto",
-    ) -> None:
-        if not 0 < min_bitrate_bps <= max_bitrate_bps:
-            raise ValueError(f"bad bitrate range [{min_bitrate_bps}, {max_bitrate_bps}]")
-        if keyframe_interval_frames < 1:
-            raise ValueError(f"keyframe interval must be >= 1, got {keyframe_interval_frames}")
-        self.min_bitrate_bps = min_bitrate_bps
-        self.max_bitrate_bps = max_bitrate_bps
-        self.keyframe_interval_frames = keyframe_interval_frames
-        self.hardware: Hardware = hardware
-        super().__init__()
-
-    def open_session(
-        self,
-        session_id: str,
         codec: str,
         width: int,
         height: int,
         fps: int = DEFAULT_FPS,
         bitrate_bps: int = START_BITRATE_BPS,
+        *,
+        min_bitrate_bps: int = MIN_BITRATE_BPS,
+        max_bitrate_bps: int = MAX_BITRATE_BPS,
+        keyframe_interval_frames: int = KEYFRAME_INTERVAL_FRAMES,
+        hardware: Hardware = "auto",
     ) -> None:
-        """Start encoding ``codec`` ("VP8" or "H264") at ``width`` x ``height``.
-
-        The encoder is created on the first :meth:`encode`. Raises ``ValueError`` if the
-        session is already open.
-        """
-        name = check_codec(codec)
+        """Encode ``codec`` ("VP8" or "H264") at ``width`` x ``height``; ``ValueError`` for
+        another codec, an odd size or bad limits."""
+        self.codec: VideoCodec = check_codec(codec)
         check_size(width, height)
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
-        if session_id in self._sessions:
-            raise ValueError(f"session {session_id!r} is already open")
-        self._sessions[session_id] = _Stream(
-            codec=name, width=width, height=height, fps=fps, bitrate_bps=self._clamp(bitrate_bps)
-        )
-        logger.debug("session %s: encoding %s %dx%d@%d", session_id, codec, width, height, fps)
+        if not 0 < min_bitrate_bps <= max_bitrate_bps:
+            raise ValueError(f"bad bitrate range [{min_bitrate_bps}, {max_bitrate_bps}]")
+        if keyframe_interval_frames < 1:
+            raise ValueError(f"keyframe interval must be >= 1, got {keyframe_interval_frames}")
+        self.width, self.height, self.fps = width, height, fps
+        self.min_bitrate_bps = min_bitrate_bps
+        self.max_bitrate_bps = max_bitrate_bps
+        self.keyframe_interval_frames = keyframe_interval_frames
+        self.hardware: Hardware = hardware
+        #: The target; the running context may still be at ``_context_bitrate_bps``.
+        self.bitrate_bps = self._clamp(bitrate_bps)
+        self._context: VideoCodecContext | None = None
+        self._context_bitrate_bps = 0
+        self._frame_index = 0
+        self._force_keyframe = False
+        #: Caller pts by encoder frame index, for frames not yet out of the encoder.
+        self._pending_pts: dict[int, int] = {}
+        logger.debug("encoding %s %dx%d@%d", codec, width, height, fps)
 
     def _clamp(self, bitrate_bps: int) -> int:
         return max(self.min_bitrate_bps, min(int(bitrate_bps), self.max_bitrate_bps))
 
-    def request_keyframe(self, session_id: str) -> None:
+    def request_keyframe(self) -> None:
         """Make the next encoded frame a keyframe (on RTCP PLI or FIR)."""
-        self._session(session_id).force_keyframe = True
+        self._force_keyframe = True
 
-    def set_bitrate(self, session_id: str, bitrate_bps: int) -> int:
+    def set_bitrate(self, bitrate_bps: int) -> int:
         """Set the target bitrate (e.g. from REMB); returns it after clamping.
 
         Takes effect at the next frame if it differs from the running encoder's by more than
         10%, by recreating the encoder (that frame is then a keyframe).
         """
-        session = self._session(session_id)
-        session.bitrate_bps = self._clamp(bitrate_bps)
-        return session.bitrate_bps
-
-    def bitrate(self, session_id: str) -> int:
-        """The session's target bitrate in bits per second."""
-        return self._session(session_id).bitrate_bps
+        self.bitrate_bps = self._clamp(bitrate_bps)
+        return self.bitrate_bps
 
     def encode(
-        self, session_id: str, rgb: np.ndarray, pts: int, force_keyframe: bool = False
+        self, rgb: np.ndarray, pts: int, force_keyframe: bool = False
     ) -> list[EncodedPacket]:
         """Encode one (H, W, 3) uint8 RGB frame; ``pts`` in 1/90000 s.
 
@@ -201,61 +171,59 @@ class EncodeCore(PerSession[_Stream]):
         completes: one with these real-time settings (none only if the encoder dropped the
         frame).
         """
-        session = self._session(session_id)
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
-        context = self._context(session_id, session)
+        context = self._current_context()
 
         try:
             frame = VideoFrame.from_numpy_buffer(rgb, format="rgb24")
         except ValueError:  # rows not contiguous
             frame = VideoFrame.from_numpy_buffer(np.ascontiguousarray(rgb), format="rgb24")
-        index = session.frame_index
-        session.frame_index += 1
+        index = self._frame_index
+        self._frame_index += 1
         frame.pts = index
         frame.time_base = context.time_base
-        if force_keyframe or session.force_keyframe:
+        if force_keyframe or self._force_keyframe:
             frame.pict_type = PictureType.I
-            session.force_keyframe = False
+            self._force_keyframe = False
         else:
             frame.pict_type = PictureType.NONE
-        session.pending_pts[index] = pts
+        self._pending_pts[index] = pts
 
         packets = []
         for packet in context.encode(frame):
             packet_index = packet.pts if packet.pts is not None else index
-            packet_pts = session.pending_pts.pop(packet_index, pts)
+            packet_pts = self._pending_pts.pop(packet_index, pts)
             packets.append(
                 EncodedPacket(data=bytes(packet), pts=packet_pts, keyframe=packet.is_keyframe)
             )
         # Frames the encoder dropped never come out: forget the oldest.
-        while len(session.pending_pts) > _PENDING_PTS_MAX:
-            del session.pending_pts[next(iter(session.pending_pts))]
+        while len(self._pending_pts) > _PENDING_PTS_MAX:
+            del self._pending_pts[next(iter(self._pending_pts))]
         return packets
 
-    def _context(self, session_id: str, session: _Stream) -> VideoCodecContext:
-        context = session.context
+    def _current_context(self) -> VideoCodecContext:
+        context = self._context
         if context is not None and (
-            abs(session.bitrate_bps - session.context_bitrate_bps) / session.context_bitrate_bps
+            abs(self.bitrate_bps - self._context_bitrate_bps) / self._context_bitrate_bps
             <= BITRATE_REOPEN_RATIO
         ):
             return context
         if context is not None:
             logger.debug(
-                "session %s: bitrate %d -> %d bps, recreating encoder",
-                session_id,
-                session.context_bitrate_bps,
-                session.bitrate_bps,
+                "bitrate %d -> %d bps, recreating the encoder",
+                self._context_bitrate_bps,
+                self.bitrate_bps,
             )
-        context = self._create_context(session)
-        session.context = context
-        session.context_bitrate_bps = session.bitrate_bps
-        session.pending_pts.clear()
+        context = self._create_context()
+        self._context = context
+        self._context_bitrate_bps = self.bitrate_bps
+        self._pending_pts.clear()
         return context
 
-    def _create_context(self, session: _Stream) -> VideoCodecContext:
-        bitrate = session.bitrate_bps
-        if session.codec == "VP8":
+    def _create_context(self) -> VideoCodecContext:
+        bitrate = self.bitrate_bps
+        if self.codec == "VP8":
             context = av.CodecContext.create("libvpx", "w")
             context.qmin = 2  # rc_min_quantizer
             context.qmax = 56  # rc_max_quantizer
@@ -295,21 +263,21 @@ class EncodeCore(PerSession[_Stream]):
             options = {
                 "preset": "ultrafast",
                 "tune": "zerolatency",  # no lookahead, no B-frames, sliced threads
-                "level": _h264_level(session.width, session.height, session.fps),
+                "level": _h264_level(self.width, self.height, self.fps),
                 "forced-idr": "1",  # a forced keyframe is an IDR (SPS/PPS repeated)
                 # A one-second VBV at the target rate, so the rate holds over short spans.
                 "maxrate": str(bitrate),
                 "bufsize": str(bitrate),
             }
         assert isinstance(context, VideoCodecContext)
-        context.width = session.width
-        context.height = session.height
+        context.width = self.width
+        context.height = self.height
         context.pix_fmt = "yuv420p"
         context.bit_rate = bitrate
-        context.framerate = fractions.Fraction(session.fps, 1)
-        context.time_base = fractions.Fraction(1, session.fps)
+        context.framerate = fractions.Fraction(self.fps, 1)
+        context.time_base = fractions.Fraction(1, self.fps)
         context.gop_size = self.keyframe_interval_frames
-        context.thread_count = _thread_count(session.width * session.height, os.cpu_count() or 1)
+        context.thread_count = _thread_count(self.width * self.height, os.cpu_count() or 1)
         context.options = options
         context.open()
         return context
