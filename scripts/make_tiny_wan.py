@@ -10,6 +10,10 @@
   must unwrap: a ``{"generator": {"model.…"}}`` pickle (StreamDiffusionV2), a plain pickle
   (LongLive, with its built-in LoRA beside it in PEFT's key names), a safetensors file (Krea).
 
+* ``DIR/daydreamlive/Autoencoders/``: ``taew2_1.pth`` and ``lighttaew2_1.pth``, TAEHV's Wan 2.1
+  tiny autoencoder (``vae_type`` ``tae`` / ``lighttae``) as the original's state dict, random
+  weights stored in float16. Its layer widths are fixed (11.3 M parameters, 22 MB a file).
+
 Every repository gets the downloader's completion marker. The transformer is 2 layers of width
 256 (two heads of 128, as Wan's head size); a 64×64 block takes milliseconds on a laptop CPU.
 """
@@ -173,14 +177,29 @@ def make_base(root: Path, seed: int = 1) -> None:
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+def write_tae(path: Path, seed: int) -> None:
+    """TAEHV's state dict (the original's key names) with random weights, as a ``.pth``."""
+    import torch
+
+    from services.inference.wan.tae import TinyAutoencoder
+
+    torch.manual_seed(seed)
+    state = {k: v.half() for k, v in TinyAutoencoder().state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
 def make_all(models_dir: Path) -> None:
     import torch
 
-    from services.inference.wan.specs import CHECKPOINTS, LORAS
+    from services.inference.wan.specs import AUTOENCODERS, CHECKPOINTS, LORAS, TAE_FILES
     from services.models.store import mark_complete, repo_dir
 
     make_base(repo_dir(models_dir, WAN_REPO))
     mark_complete(models_dir, WAN_REPO)
+    for i, (filename, _) in enumerate(sorted(TAE_FILES.values())):
+        write_tae(repo_dir(models_dir, AUTOENCODERS.repo_id) / filename, seed=30 + i)
+    mark_complete(models_dir, AUTOENCODERS.repo_id)
     containers = {
         "streamdiffusionv2": "generator",
         "longlive": "plain",

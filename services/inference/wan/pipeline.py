@@ -45,7 +45,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from services.inference.wan.blocks import BlockLoop, BlockStream, motion_noise_s
 from services.inference.wan.convert import load_transformer
 from services.inference.wan.model import CausalWanTransformer
 from services.inference.wan.specs import (
+    AUTOENCODERS,
     CHECKPOINTS,
     GEOMETRY,
     LORAS,
@@ -67,7 +68,7 @@ from services.inference.wan.specs import (
     StreamDiffusionV2Config,
     WanConfig,
 )
-from services.inference.wan.vae import VaeStream, from_uint8_frames, to_uint8_frames
+from services.inference.wan.vae import LatentStream, from_uint8_frames, open_vae, to_uint8_frames
 from services.models.downloads import require_models
 from services.models.store import repo_dir
 from services.protocol import LoraAdapter
@@ -116,7 +117,7 @@ class WanState:
     config: WanConfig
     prompt: d.PromptTrack
     stream: BlockStream
-    vae: VaeStream
+    vae: LatentStream
     mode: str | None = None
     cross: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
     cached_with: torch.Tensor | None = None  # the embedding the KV cache was made with
@@ -142,8 +143,10 @@ class WanPipeline(Pipeline):
 
     def __init__(self, spec: PipelineSpec, load: WanConfig, models_dir: Path) -> None:
         super().__init__(spec)
-        require_models(spec, models_dir)
-        from diffusers import AutoencoderKLWan
+        needed = spec.artifacts
+        if load.vae_type == "wan":  # the light autoencoders' files only when one is asked for
+            needed = tuple(a for a in needed if a != AUTOENCODERS)
+        require_models(replace(spec, artifacts=needed), models_dir)
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         self.device = d.select_device("bfloat16")
@@ -192,21 +195,19 @@ class WanPipeline(Pipeline):
         self.transformer = transformer
         self.loop = BlockLoop(transformer, self.geometry, dev)
         base = repo_dir(models_dir, WAN_BASE.repo_id)
-        text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder", dtype=dtype)
+        text_encoder: Any = UMT5EncoderModel.from_pretrained(base / "text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
-        self.vae = AutoencoderKLWan.from_pretrained(
-            base / "vae", torch_dtype=dtype, **d._low_cpu_mem_kwargs()
-        )
-        modules: tuple[Any, ...] = (text_encoder, self.vae)
-        for module in modules:
-            module.to(dev).eval().requires_grad_(False)
+        text_encoder.to(dev).eval().requires_grad_(False)
+        #: Makes a session's stream through the VAE ``vae_type`` names (``wan``: Wan's own).
+        self.vae_stream = open_vae(load.vae_type, models_dir, dtype, dev)
+        self.vae_type = load.vae_type
         self.prompts = WanPromptEncoder(text_encoder, tokenizer, self.device)
         #: Generate the next text block while the queued frames are served (see the module doc).
         self.prefetch = True
         self._model_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"{spec.id}-ahead")
         self._worker_stream = torch.cuda.Stream() if dev.type == "cuda" else None
-        logger.info("%s on %s", spec.id, self.device_description)
+        logger.info("%s on %s, VAE %s", spec.id, self.device_description, self.vae_type)
 
     @property
     def model_calls(self) -> int:
@@ -217,7 +218,7 @@ class WanPipeline(Pipeline):
     def new_session(self, session_id: str, width: int, height: int, config: WanConfig) -> WanState:
         track = d.PromptTrack(self.prompts, config.prompts, config.prompt_interpolation_method)
         s = WanState(
-            session_id, width, height, config, track, self.loop.new_stream(), VaeStream(self.vae)
+            session_id, width, height, config, track, self.loop.new_stream(), self.vae_stream()
         )
         # Krea's re-encoded context frame is the oldest of the last 1 + 4·(context − 1) frames.
         s.decoded = deque(maxlen=max(0, 1 + 4 * (self.geometry.context_frames - 1)))
@@ -437,7 +438,7 @@ class WanPipeline(Pipeline):
         self._start_block(s)
         frames = torch.stack(inputs)
         h, w = self._latent_hw(s)
-        video = from_uint8_frames(frames, self.vae.dtype)
+        video = from_uint8_frames(frames, self.device.dtype)
         pad_h, pad_w = h * VAE_SCALE - s.height, w * VAE_SCALE - s.width
         if pad_h or pad_w:
             video = torch.nn.functional.pad(video, (0, pad_w, 0, pad_h, 0, 0), mode="replicate")
@@ -469,7 +470,7 @@ class WanPipeline(Pipeline):
         """Krea's first context latent past the stream's start: the oldest of its last nine
         output frames, encoded on its own (scope:krea_realtime_video/blocks/
         recompute_kv_cache.py)."""
-        return VaeStream(self.vae).encode(s.decoded[0]).to(self.device.device)
+        return self.vae_stream().encode(s.decoded[0]).to(self.device.device)
 
     # ------------------------------------------------------------ the model
 

@@ -58,6 +58,9 @@ LONGLIVE_WEIGHTS = Artifact(
     "Efficient-Large-Model/LongLive-1.3B", ("models/longlive_base.pt", "models/lora.pt")
 )
 KREA_WEIGHTS = Artifact("krea/krea-realtime-video", ("krea-realtime-video-14b.safetensors",))
+#: The light autoencoders Scope offers as ``vae_type`` (its mirror of lightx2v/Autoencoders):
+#: TAEHV's Wan 2.1 tiny autoencoder and LightX2V's retrained weights for it.
+AUTOENCODERS = Artifact("daydreamlive/Autoencoders", ("taew2_1.pth", "lighttaew2_1.pth"))
 
 #: Where each pipeline's transformer checkpoint lives inside its artifact.
 CHECKPOINTS: dict[str, tuple[str, str]] = {
@@ -72,6 +75,16 @@ LORAS: dict[str, tuple[str, str, float]] = {
 }
 
 Quantization = Literal["fp8_e4m3fn"]
+
+#: Scope's ``vae_type`` values (scope:enums.py ``VaeType``): the full Wan VAE, LightX2V's 75 %
+#: pruned one, TAEHV's tiny autoencoder, the same with LightX2V's weights.
+VaeType = Literal["wan", "lightvae", "tae", "lighttae"]
+#: The light autoencoders' files in :data:`AUTOENCODERS`, and whether the weights work on the
+#: Wan VAE's raw latents (LightX2V's) rather than the normalised ones the model sees.
+TAE_FILES: dict[str, tuple[str, bool]] = {
+    "tae": ("taew2_1.pth", False),
+    "lighttae": ("lighttaew2_1.pth", True),
+}
 
 
 def _prompts(text: str = DEFAULT_PROMPT) -> list[PromptItem]:
@@ -126,6 +139,15 @@ class WanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     lora_merge_mode: LoraMergeMode = "permanent_merge"
     lora_merge_strategy: LoraMergeStrategy = "permanent_merge"
     lora_scales: LoraScales = None
+    vae_type: Annotated[
+        VaeType,
+        msgspec.Meta(
+            description="VAE type to use. 'wan' is the full VAE, 'lightvae' is 75% pruned "
+            "(faster but lower quality), 'tae' is a tiny autoencoder for fast preview quality, "
+            "'lighttae' is LightTAE with WanVAE normalization.",
+            extra_json_schema=ui(3, label="VAE", load=True),
+        ),
+    ] = "wan"
 
 
 class StreamDiffusionV2Config(WanConfig, forbid_unknown_fields=True, kw_only=True):
@@ -225,7 +247,7 @@ def _spec(
     weights: Artifact,
     width: int,
     height: int,
-    load_only: frozenset[str] = frozenset({"height", "width"}) | LORA_LOAD_KEYS,
+    load_only: frozenset[str] = frozenset({"height", "width", "vae_type"}) | LORA_LOAD_KEYS,
     *,
     mode_steps: dict[str, list[int]] | None = None,
     estimated_vram_gb: float = 20.0,
@@ -243,7 +265,7 @@ def _spec(
         loader="services.inference.wan.pipeline:load",
         default_width=width,
         default_height=height,
-        artifacts=(WAN_BASE, weights),
+        artifacts=(WAN_BASE, weights, AUTOENCODERS),
         frames_per_call=4 * geometry.block_frames,
         load_only=load_only,
         check=check_descending,
@@ -287,7 +309,7 @@ KREA_REALTIME_VIDEO = _spec(
     KREA_WEIGHTS,
     576,
     320,
-    frozenset({"height", "width", "quantization"}),
+    frozenset({"height", "width", "quantization", "vae_type"}),
     mode_steps={"video": [1000, 750]},
     estimated_vram_gb=32.0,
     recommended_quantization_vram_threshold=40.0,

@@ -8,16 +8,61 @@ block through the same encoder/decoder modules: a block decodes only its new fra
 result equals decoding the whole video at once.
 
 Frame counts follow the VAE: the first latent frame is one video frame, every later one four.
+
+A pipeline picks its VAE with ``vae_type`` (:func:`open_vae`): ``wan``, this module's stream;
+``tae`` and ``lighttae``, the tiny autoencoder's (:mod:`.tae`), with the same interface
+(:class:`LatentStream`) and frame counts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
+from services.inference import diffusion as d
+from services.inference.wan.specs import AUTOENCODERS, TAE_FILES, WAN_BASE
+from services.models.store import repo_dir
+
 Tensor = torch.Tensor
+
+
+class LatentStream(Protocol):
+    """One session's way through a VAE: normalised Wan latents in and out, causal across
+    calls, ``reset`` to start afresh (a hard cut)."""
+
+    def reset(self) -> None: ...
+
+    def encode(self, video: Tensor) -> Tensor: ...
+
+    def decode(self, latents: Tensor) -> Tensor: ...
+
+
+def open_vae(
+    vae_type: str, models_dir: Path, dtype: torch.dtype, device: torch.device
+) -> Callable[[], LatentStream]:
+    """Load the VAE ``vae_type`` names; returns what makes a session's stream through it."""
+    if vae_type == "wan":
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(
+            repo_dir(models_dir, WAN_BASE.repo_id) / "vae",
+            torch_dtype=dtype,
+            **d._low_cpu_mem_kwargs(),
+        )
+        vae.to(device).eval().requires_grad_(False)
+        return partial(VaeStream, vae)
+    if vae_type in TAE_FILES:
+        from services.inference.wan.tae import TaeStream, TinyAutoencoder
+
+        filename, raw_latents = TAE_FILES[vae_type]
+        path = repo_dir(models_dir, AUTOENCODERS.repo_id) / filename
+        return partial(TaeStream, TinyAutoencoder.load(path, dtype, device), raw_latents)
+    raise ValueError(f"vae_type: {vae_type!r} is not available in dreamwire")
 
 
 @dataclass(eq=False)
