@@ -8,6 +8,12 @@ in one run.
 
 ``--models DIR`` without the checkpoints gets the tiny random ones (``make_tiny_wan.py``).
 
+``--vae-type wan --vae-type tae …`` measures the VAEs side by side instead: the model loop of
+each pipeline and mode loaded with each ``vae_type``, and the median time of the session's VAE
+encode and decode calls, one call per block (Krea's text mode encodes too: its re-encoded context
+frame). The tiny models' Wan VAE is tiny too; ``make_tiny_wan.py DIR --wan-vae full`` writes it at
+its real size (the light VAEs always are), which is what a comparison needs.
+
 With the real checkpoints on a GPU, compare with the published figures (StreamDiffusionV2
 ~17-22 fps at 512x512 on one high-end GPU, LongLive ~20 fps on an H100, Krea ~11 fps on a B200).
 """
@@ -40,23 +46,57 @@ from supervisor.client import AdminClient, find_run_dirs  # noqa: E402
 PIPELINES = ("streamdiffusionv2", "longlive", "krea-realtime-video")
 
 
+class TimedVae:
+    """A session's VAE stream that records how long each encode and decode call takes (ms)."""
+
+    def __init__(self, inner: Any, times: dict[str, list[float]]) -> None:
+        self.inner, self.times = inner, times
+
+    def _timed(self, what: str, call: Any, x: Any) -> Any:
+        start = time.perf_counter()
+        out = call(x)
+        if out.is_cuda:
+            import torch
+
+            torch.cuda.synchronize(out.device)
+        self.times[what].append(1e3 * (time.perf_counter() - start))
+        return out
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def encode(self, video: Any) -> Any:
+        return self._timed("encode", self.inner.encode, video)
+
+    def decode(self, latents: Any) -> Any:
+        return self._timed("decode", self.inner.decode, latents)
+
+
 def bench_model_loop(
-    pipeline_id: str, models: Path, size: int, blocks: int, mode: p.Mode = "text"
+    pipeline_id: str,
+    models: Path,
+    size: int,
+    blocks: int,
+    mode: p.Mode = "text",
+    vae_type: str = "wan",
 ) -> dict[str, float]:
     """The pipeline object alone: one session, called until ``blocks`` blocks of frames came
     back (a block's other frames taken with ``ready``, as the service does). Text: a call while
     the next block is still being made (ahead, off the calling thread) yields nothing, and the
     loop waits a millisecond. Video: every call brings a new input frame, as fast as the model
-    takes them."""
+    takes them. The VAE's calls are timed (medians over the measured blocks)."""
     spec = registry.get(pipeline_id)
-    load = registry.full_config(spec, {"height": size, "width": size})
+    load = registry.full_config(spec, {"height": size, "width": size, "vae_type": vae_type})
     pipe = spec.load(load, models)
     config = registry.full_config(spec, {"height": size, "width": size})
+    from services.inference.wan.pipeline import WanPipeline
+
+    assert isinstance(pipe, WanPipeline)
+    times: dict[str, list[float]] = {"encode": [], "decode": []}
+    streams = pipe.vae_stream
+    pipe.vae_stream = lambda: TimedVae(streams(), times)
     state = pipe.new_session("bench", size, size, config)
     if mode == "video":
-        from services.inference.wan.pipeline import WanPipeline
-
-        assert isinstance(pipe, WanPipeline)
         pipe.prefetch = False  # the model's own pace: each block on the calling thread
     rng = np.random.default_rng(0)
     made = 0
@@ -74,6 +114,8 @@ def bench_model_loop(
     while made < 2 * spec.frames_per_call:  # the first block (and one made ahead)
         call()
     made = 0
+    for calls in times.values():
+        calls.clear()
     frames = blocks * spec.frames_per_call
     start = time.perf_counter()
     while made < frames:
@@ -83,7 +125,17 @@ def bench_model_loop(
             time.sleep(0.001)
     total = time.perf_counter() - start
     pipe.end_session(state)
-    return {"block_ms": round(1e3 * total / blocks, 1), "fps": round(made / total, 2)}
+    pipe.close()
+
+    def median(calls: list[float]) -> float:
+        return round(statistics.median(calls), 1) if calls else 0.0
+
+    return {
+        "block_ms": round(1e3 * total / blocks, 1),
+        "fps": round(made / total, 2),
+        "encode_ms": median(times["encode"]),
+        "decode_ms": median(times["decode"]),
+    }
 
 
 def bench_system(
@@ -237,10 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--vae-type",
+        choices=["wan", "lightvae", "tae", "lighttae"],
+        action="append",
+        help="measure the model loop and its VAE with each of these (no system run)",
+    )
     args = parser.parse_args(argv)
     pipeline_ids = args.pipeline or list(PIPELINES)
     modes: list[p.Mode] = args.mode or ["text"]
     ensure_models(args.models, pipeline_ids)
+    if args.vae_type:
+        return compare_vaes(args, pipeline_ids, modes)
     results: dict[str, dict[str, Any]] = {}
     for pipeline_id, mode in itertools.product(pipeline_ids, modes):
         results[f"{pipeline_id} {mode}"] = {
@@ -265,6 +325,38 @@ def main(argv: list[str] | None = None) -> int:
             f"{system['fps']} | {system['fps'] / loop['fps']:.2f} | "
             f"{system['interval_p50_ms']} | {system['interval_p99_ms']} | "
             f"{system['interval_max_ms']} | {ratio:.2f} | {system['pacing_p50_ms']} |"
+        )
+    return 0
+
+
+def compare_vaes(args: argparse.Namespace, pipeline_ids: list[str], modes: list[p.Mode]) -> int:
+    """The model loop with each ``--vae-type``, one after the other for each pipeline and mode."""
+    results: dict[str, dict[str, Any]] = {}
+    for pipeline_id, mode in itertools.product(pipeline_ids, modes):
+        for vae_type in args.vae_type:
+            loop = bench_model_loop(
+                pipeline_id, args.models, args.size, args.blocks, mode, vae_type
+            )
+            results[f"{pipeline_id} {mode} {vae_type}"] = loop
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    config = args.models / "Wan-AI/Wan2.1-T2V-1.3B-Diffusers/vae/config.json"
+    base_dim = json.loads(config.read_text()).get("base_dim") if config.is_file() else None
+    print(
+        f"Wan VAE of {args.models}: base_dim {base_dim} (Wan 2.1's is 96); {args.size}x{args.size}"
+    )
+    print(
+        "| pipeline, mode | VAE | loop ms/block | loop fps | VAE encode ms/block "
+        "| VAE decode ms/block | VAE share of the block |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for key, r in results.items():
+        pipeline_id, name, vae_type = key.split()
+        share = (r["encode_ms"] + r["decode_ms"]) / max(r["block_ms"], 1e-9)
+        print(
+            f"| {pipeline_id} {name} | {vae_type} | {r['block_ms']} | {r['fps']} | "
+            f"{r['encode_ms'] or '–'} | {r['decode_ms']} | {100 * share:.0f} % |"
         )
     return 0
 

@@ -10,9 +10,15 @@
   must unwrap: a ``{"generator": {"model.…"}}`` pickle (StreamDiffusionV2), a plain pickle
   (LongLive, with its built-in LoRA beside it in PEFT's key names), a safetensors file (Krea).
 
-* ``DIR/daydreamlive/Autoencoders/``: ``taew2_1.pth`` and ``lighttaew2_1.pth``, TAEHV's Wan 2.1
-  tiny autoencoder (``vae_type`` ``tae`` / ``lighttae``) as the original's state dict, random
-  weights stored in float16. Its layer widths are fixed (11.3 M parameters, 22 MB a file).
+* ``DIR/daydreamlive/Autoencoders/``: the light VAEs with random weights stored in float16, at
+  their real sizes (their widths are fixed): ``lightvaew2_1.pth`` (``vae_type`` ``lightvae``,
+  the Wan VAE at a quarter of its widths, the original Wan VAE's key names; 8.0 M parameters),
+  ``taew2_1.pth`` and ``lighttaew2_1.pth`` (``tae`` / ``lighttae``, TAEHV's Wan 2.1 tiny
+  autoencoder as the original's state dict; 11.3 M parameters).
+
+``--wan-vae full`` writes the Wan VAE at its real size (Wan 2.1's config, 127 M random
+parameters) instead of the tiny one, for measuring what the light VAEs save
+(``scripts/bench_wan.py --vae-type``).
 
 Every repository gets the downloader's completion marker. The transformer is 2 layers of width
 256 (two heads of 128, as Wan's head size); a 64×64 block takes milliseconds on a laptop CPU.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import string
 import sys
 from pathlib import Path
@@ -63,6 +70,61 @@ def to_original_key(key: str) -> str:
     if ".norm3." in key:
         return key.replace(".norm3.", ".norm2.")
     return key
+
+
+#: diffusers' ``AutoencoderKLWan`` resnet part -> the original Wan VAE's ``ResidualBlock`` part.
+VAE_RESNET = (
+    ("norm1.", "residual.0."),
+    ("conv1.", "residual.2."),
+    ("norm2.", "residual.3."),
+    ("conv2.", "residual.6."),
+    ("conv_shortcut.", "shortcut."),
+)
+
+
+def to_original_vae_key(key: str) -> str:
+    """An ``AutoencoderKLWan`` name -> the original Wan VAE's (what Scope's files hold): the
+    inverse of diffusers' ``convert_wan_vae_to_diffusers``."""
+
+    def resnet(part: str) -> str:
+        for new, old in VAE_RESNET:
+            if part.startswith(new):
+                return old + part[len(new) :]
+        return part  # a resample's own layers keep their names
+
+    top = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
+    first, _, rest = key.partition(".")
+    if first in top:
+        return f"{top[first]}.{rest}"
+    side = {"conv_in.": "conv1.", "norm_out.": "head.0.", "conv_out.": "head.2."}
+    for new, old in side.items():
+        if rest.startswith(new):
+            return f"{first}.{old}{rest[len(new) :]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
+        return f"{first}.middle.1.{m[1]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", rest):
+        return f"{first}.middle.{2 * int(m[1])}.{resnet(m[2])}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest):
+        return f"{first}.downsamples.{m[1]}.{resnet(m[2])}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
+        return f"{first}.upsamples.{4 * int(m[1]) + int(m[2])}.{resnet(m[3])}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", rest):
+        return f"{first}.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+    raise ValueError(f"no original Wan VAE name for {key}")
+
+
+def write_lightvae(path: Path, seed: int) -> None:
+    """LightVAE as its file holds it: the original Wan VAE's names, a quarter of the widths."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from services.inference.wan.vae import LIGHTVAE_BASE_DIM
+
+    torch.manual_seed(seed)
+    vae: Any = AutoencoderKLWan(base_dim=LIGHTVAE_BASE_DIM)
+    state = {to_original_vae_key(k): v.half() for k, v in vae.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
 
 
 def tiny_transformer(seed: int = 0) -> Any:
@@ -144,7 +206,7 @@ def write_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def make_base(root: Path, seed: int = 1) -> None:
+def make_base(root: Path, seed: int = 1, wan_vae: str = "tiny") -> None:
     import torch
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
@@ -165,7 +227,10 @@ def make_base(root: Path, seed: int = 1) -> None:
         decoder_start_token_id=0,
     )
     UMT5EncoderModel(text_config).save_pretrained(root / "text_encoder")
-    vae: Any = AutoencoderKLWan(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    if wan_vae == "full":
+        vae: Any = AutoencoderKLWan()  # Wan 2.1's own config
+    else:
+        vae = AutoencoderKLWan(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
     vae.save_pretrained(root / "vae")
     index = {
         "_class_name": "WanPipeline",
@@ -189,16 +254,24 @@ def write_tae(path: Path, seed: int) -> None:
     torch.save(state, path)
 
 
-def make_all(models_dir: Path) -> None:
+def make_all(models_dir: Path, wan_vae: str = "tiny") -> None:
     import torch
 
-    from services.inference.wan.specs import AUTOENCODERS, CHECKPOINTS, LORAS, TAE_FILES
+    from services.inference.wan.specs import (
+        AUTOENCODERS,
+        CHECKPOINTS,
+        LIGHTVAE_FILE,
+        LORAS,
+        TAE_FILES,
+    )
     from services.models.store import mark_complete, repo_dir
 
-    make_base(repo_dir(models_dir, WAN_REPO))
+    make_base(repo_dir(models_dir, WAN_REPO), wan_vae=wan_vae)
     mark_complete(models_dir, WAN_REPO)
+    light = repo_dir(models_dir, AUTOENCODERS.repo_id)
+    write_lightvae(light / LIGHTVAE_FILE, seed=29)
     for i, (filename, _) in enumerate(sorted(TAE_FILES.values())):
-        write_tae(repo_dir(models_dir, AUTOENCODERS.repo_id) / filename, seed=30 + i)
+        write_tae(light / filename, seed=30 + i)
     mark_complete(models_dir, AUTOENCODERS.repo_id)
     containers = {
         "streamdiffusionv2": "generator",
@@ -217,8 +290,14 @@ def make_all(models_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="models directory to fill")
+    parser.add_argument(
+        "--wan-vae",
+        choices=["tiny", "full"],
+        default="tiny",
+        help="the Wan VAE: tiny (tests) or at Wan 2.1's real size (VAE benchmarks)",
+    )
     args = parser.parse_args(argv)
-    make_all(args.dir)
+    make_all(args.dir, args.wan_vae)
     print(f"tiny causal Wan models written to {args.dir}")
     return 0
 

@@ -1,12 +1,15 @@
-"""The light VAEs (``vae_type``): TAEHV's Wan 2.1 tiny autoencoder against the original's outputs
-(``tests/data/taehv``), streamed block by block, and the Wan pipelines running with it.
+"""The light VAEs (``vae_type``): TAEHV's Wan 2.1 tiny autoencoder against the original
+``taehv.py``'s outputs (``tests/data/taehv``) and LightVAE against Scope's code's
+(``tests/data/lightvae``), streamed block by block, and the Wan pipelines running with each.
 
-The golden weights are rebuilt from the README's recipe (every key's checksum checked), written
-as the original's ``.pth`` state dict and read by dreamwire's real loader.
+The golden weights are rebuilt from each README's recipe (every key's checksum checked), written
+in the released files' format (a ``.pth`` state dict, the original's key names) and read by
+dreamwire's real loaders.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import zlib
@@ -29,11 +32,13 @@ from services.inference.wan.tae import (  # noqa: E402
     TaeStream,
     TinyAutoencoder,
 )
+from services.inference.wan.vae import LIGHTVAE_BASE_DIM, VaeStream, load_lightvae  # noqa: E402
 from services.models.downloads import ModelsNotDownloaded  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 DATA = Path(__file__).resolve().parent / "data" / "taehv"
+LIGHTVAE_DATA = DATA.parent / "lightvae"
 TOLERANCE = 1e-4
 CPU = torch.device("cpu")
 SPECS = {s.id: s for s in (ws.STREAMDIFFUSIONV2, ws.LONGLIVE, ws.KREA_REALTIME_VIDEO)}
@@ -49,16 +54,31 @@ def recipe_weight(key: str, shape: list[int]) -> Any:
     return r * 0.05
 
 
-@pytest.fixture(scope="module")
-def golden_state() -> dict[str, Any]:
-    keys = json.loads((DATA / "manifest.json").read_text())["keys"]
+def lightvae_recipe_weight(key: str, shape: list[int]) -> Any:
+    gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    r = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if key.endswith(".gamma"):
+        return r * 0.1 + 1.0
+    if len(shape) >= 2:
+        return r * (1.0 / math.sqrt(math.prod(shape[1:])))
+    return r * 0.05
+
+
+def rebuild(data: Path, recipe: Any) -> dict[str, Any]:
+    """The weights of ``data/manifest.json`` by ``recipe``, each key's checksums checked."""
+    keys = json.loads((data / "manifest.json").read_text())["keys"]
     state = {}
     for key, entry in sorted(keys.items()):
-        w = recipe_weight(key, entry["shape"])
+        w = recipe(key, entry["shape"])
         assert float(w.double().sum()) == pytest.approx(entry["sum"], rel=1e-9, abs=1e-9), key
         assert float(w.double().pow(2).sum()) == pytest.approx(entry["sumsq"], rel=1e-9), key
         state[key] = w
     return state
+
+
+@pytest.fixture(scope="module")
+def golden_state() -> dict[str, Any]:
+    return rebuild(DATA, recipe_weight)
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +208,60 @@ def test_lighttae_works_on_raw_wan_latents(model: Any, golden: dict[str, Any]) -
     assert max_diff(light.encode(video) * std + mean, plain.encode(video)) <= TOLERANCE
 
 
+# ---------------------------------------------------------------- LightVAE against Scope's
+
+
+@pytest.fixture(scope="module")
+def lightvae(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    path = tmp_path_factory.mktemp("lightvae") / "lightvaew2_1.pth"
+    torch.save(rebuild(LIGHTVAE_DATA, lightvae_recipe_weight), path)
+    return load_lightvae(path, torch.float32, CPU)
+
+
+@pytest.fixture(scope="module")
+def lightvae_golden() -> dict[str, Any]:
+    files = ("inputs.safetensors", "expected.safetensors")
+    return {k: v for f in files for k, v in load_file(str(LIGHTVAE_DATA / f)).items()}
+
+
+@pytest.mark.parametrize("sizes", [[5], [2, 3], [2, 1, 1, 1]])
+def test_lightvae_decode_matches_scope(
+    lightvae: Any, lightvae_golden: dict[str, Any], sizes: list[int]
+) -> None:
+    stream, latents = VaeStream(lightvae), lightvae_golden["latents"]
+    bounds = np.cumsum([0, *sizes])
+    out = [stream.decode(latents[:, :, a:b]) for a, b in itertools.pairwise(bounds)]
+    assert out[0].shape[2] == 4 * sizes[0] - 3
+    assert max_diff(torch.cat(out, dim=2), lightvae_golden["decoded"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("sizes", [[9], [5, 4], [1, 4, 4]])
+def test_lightvae_encode_matches_scope(
+    lightvae: Any, lightvae_golden: dict[str, Any], sizes: list[int]
+) -> None:
+    stream, video = VaeStream(lightvae), lightvae_golden["video"]
+    bounds = np.cumsum([0, *sizes])
+    out = [stream.encode(video[:, :, a:b]) for a, b in itertools.pairwise(bounds)]
+    assert max_diff(torch.cat(out, dim=2), lightvae_golden["encoded"]) <= TOLERANCE
+
+
+def test_tiny_lightvae_file_has_the_original_names(
+    golden_state: dict[str, Any], tmp_path: Path
+) -> None:
+    """``make_tiny_wan`` writes LightVAE under the names Scope's file has (the inverse of
+    diffusers' converter), and a file of another model is refused naming it."""
+    import make_tiny_wan
+    from diffusers import AutoencoderKLWan
+
+    names = set(json.loads((LIGHTVAE_DATA / "manifest.json").read_text())["keys"])
+    vae: Any = AutoencoderKLWan(base_dim=LIGHTVAE_BASE_DIM)
+    own = vae.state_dict()
+    assert {make_tiny_wan.to_original_vae_key(k) for k in own} == names
+    torch.save(golden_state, tmp_path / "taew2_1.pth")
+    with pytest.raises(ValueError, match=r"taew2_1\.pth is not a LightVAE"):
+        load_lightvae(tmp_path / "taew2_1.pth", torch.float32, CPU)
+
+
 # ---------------------------------------------------------------- in the pipelines
 
 SIZE = 32
@@ -209,6 +283,7 @@ def moving_frames(n: int) -> list[np.ndarray]:
         ("longlive", "tae"),
         ("krea-realtime-video", "tae"),
         ("longlive", "lighttae"),
+        ("longlive", "lightvae"),
     ],
 )
 def test_pipeline_frames_with_the_tiny_autoencoder(
@@ -272,8 +347,10 @@ def test_schema_offers_vae_type_as_scope(pipeline_id: str) -> None:
     assert prop["default"] == "wan"
     assert prop["ui"]["is_load_param"] is True and prop["ui"]["label"] == "VAE"
     assert "vae_type" in s["load_params"]
-    assert {"repo_id": "daydreamlive/Autoencoders", "files": ["taew2_1.pth", "lighttaew2_1.pth"],
-            "revision": "main"} in s["artifacts"]  # fmt: skip
+    light = ["lightvaew2_1.pth", "taew2_1.pth", "lighttaew2_1.pth"]
+    assert {"repo_id": "daydreamlive/Autoencoders", "files": light, "revision": "main"} in s[
+        "artifacts"
+    ]
 
 
 def test_a_bad_vae_type_is_an_error_naming_the_key() -> None:

@@ -10,7 +10,8 @@ module adds what a stream needs around it. Per block:
 2. video mode encodes the gathered input frames through the session's causal VAE stream and
    sets the noise (``noise_scale``, lowered by ``noise_controller`` when the input moves);
 3. the block loop denoises the block;
-4. the VAE decodes only the new latents, through the session's causal cache.
+4. the VAE decodes only the new latents, through the session's causal cache (``vae_type``
+   picks it: Wan's own, LightX2V's pruned one, or TAEHV's tiny one; :mod:`.vae`).
 
 The contract gives one result per request, so frames queue per session: in text mode a call
 pops one frame; in video mode input frames gather until a block's worth is there (``4·n + 1``

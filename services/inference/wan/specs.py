@@ -59,8 +59,10 @@ LONGLIVE_WEIGHTS = Artifact(
 )
 KREA_WEIGHTS = Artifact("krea/krea-realtime-video", ("krea-realtime-video-14b.safetensors",))
 #: The light autoencoders Scope offers as ``vae_type`` (its mirror of lightx2v/Autoencoders):
-#: TAEHV's Wan 2.1 tiny autoencoder and LightX2V's retrained weights for it.
-AUTOENCODERS = Artifact("daydreamlive/Autoencoders", ("taew2_1.pth", "lighttaew2_1.pth"))
+#: LightX2V's pruned Wan VAE, TAEHV's Wan 2.1 tiny autoencoder and LightX2V's weights for it.
+AUTOENCODERS = Artifact(
+    "daydreamlive/Autoencoders", ("lightvaew2_1.pth", "taew2_1.pth", "lighttaew2_1.pth")
+)
 
 #: Where each pipeline's transformer checkpoint lives inside its artifact.
 CHECKPOINTS: dict[str, tuple[str, str]] = {
@@ -79,7 +81,8 @@ Quantization = Literal["fp8_e4m3fn"]
 #: Scope's ``vae_type`` values (scope:enums.py ``VaeType``): the full Wan VAE, LightX2V's 75 %
 #: pruned one, TAEHV's tiny autoencoder, the same with LightX2V's weights.
 VaeType = Literal["wan", "lightvae", "tae", "lighttae"]
-#: The light autoencoders' files in :data:`AUTOENCODERS`, and whether the weights work on the
+LIGHTVAE_FILE = "lightvaew2_1.pth"
+#: The tiny autoencoders' files in :data:`AUTOENCODERS`, and whether the weights work on the
 #: Wan VAE's raw latents (LightX2V's) rather than the normalised ones the model sees.
 TAE_FILES: dict[str, tuple[str, bool]] = {
     "tae": ("taew2_1.pth", False),

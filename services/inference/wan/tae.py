@@ -201,12 +201,9 @@ class TinyAutoencoder(nn.Module):
     def load(cls, path: Path, dtype: torch.dtype, device: torch.device) -> TinyAutoencoder:
         """Read a checkpoint (the original's ``.pth`` state dict, or its ``.safetensors``);
         every key must fit, or the error names the file and what does not."""
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from services.inference.wan.convert import read_checkpoint
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)
         model = cls()
         own = model.state_dict()
         missing = sorted(set(own) - set(state))

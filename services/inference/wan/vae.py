@@ -9,9 +9,10 @@ result equals decoding the whole video at once.
 
 Frame counts follow the VAE: the first latent frame is one video frame, every later one four.
 
-A pipeline picks its VAE with ``vae_type`` (:func:`open_vae`): ``wan``, this module's stream;
-``tae`` and ``lighttae``, the tiny autoencoder's (:mod:`.tae`), with the same interface
-(:class:`LatentStream`) and frame counts.
+A pipeline picks its VAE with ``vae_type`` (:func:`open_vae`): ``wan`` and ``lightvae`` (the
+same network with a quarter of the channels), this module's stream; ``tae`` and ``lighttae``, the
+tiny autoencoder's (:mod:`.tae`), with the same interface (:class:`LatentStream`) and frame
+counts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from services.inference import diffusion as d
-from services.inference.wan.specs import AUTOENCODERS, TAE_FILES, WAN_BASE
+from services.inference.wan.specs import AUTOENCODERS, LIGHTVAE_FILE, TAE_FILES, WAN_BASE
 from services.models.store import repo_dir
 
 Tensor = torch.Tensor
@@ -42,6 +43,11 @@ class LatentStream(Protocol):
     def decode(self, latents: Tensor) -> Tensor: ...
 
 
+#: LightX2V's LightVAE (``lightvaew2_1.pth``): the Wan VAE with 75 % of its channels pruned,
+#: every width a quarter of Wan's (base 96 -> 24); same code, layers and latent statistics.
+LIGHTVAE_BASE_DIM = 24
+
+
 def open_vae(
     vae_type: str, models_dir: Path, dtype: torch.dtype, device: torch.device
 ) -> Callable[[], LatentStream]:
@@ -56,13 +62,34 @@ def open_vae(
         )
         vae.to(device).eval().requires_grad_(False)
         return partial(VaeStream, vae)
+    if vae_type == "lightvae":
+        path = repo_dir(models_dir, AUTOENCODERS.repo_id) / LIGHTVAE_FILE
+        return partial(VaeStream, load_lightvae(path, dtype, device))
     if vae_type in TAE_FILES:
         from services.inference.wan.tae import TaeStream, TinyAutoencoder
 
         filename, raw_latents = TAE_FILES[vae_type]
         path = repo_dir(models_dir, AUTOENCODERS.repo_id) / filename
         return partial(TaeStream, TinyAutoencoder.load(path, dtype, device), raw_latents)
-    raise ValueError(f"vae_type: {vae_type!r} is not available in dreamwire")
+    raise ValueError(f"vae_type: unknown VAE {vae_type!r}")
+
+
+def load_lightvae(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """LightVAE from its released file (the original Wan VAE's key names, as Scope loads it),
+    renamed by diffusers' own converter into an ``AutoencoderKLWan`` of a quarter the widths;
+    every key must fit."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from services.inference.wan.convert import load_state_strict, read_checkpoint
+
+    vae: Any = AutoencoderKLWan(base_dim=LIGHTVAE_BASE_DIM)
+    state = {k: v.to(dtype) for k, v in read_checkpoint(path).items()}
+    try:  # assigned in ``dtype`` (no buffers to cast)
+        load_state_strict(vae, convert_wan_vae_to_diffusers(state))
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path} is not a LightVAE (Wan 2.1) checkpoint: {exc}") from None
+    return vae.to(device).eval().requires_grad_(False)
 
 
 @dataclass(eq=False)
