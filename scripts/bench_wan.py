@@ -187,7 +187,7 @@ def bench_system(
         inbox.bind(inbox_endpoint(str(find_run_dirs(base / "run")[0]), "bench"))
         stages = [name, "testsink"] if mode == "text" else ["testsrc", name, "testsink"]
         opened = admin.request(
-            p.OpenSession(session_id="bench", stages=stages, width=size, height=size, mode=mode)
+            p.OpenSession(session_id="bench", stages=stages, width=size, height=size, modes=[mode])
         )
         assert isinstance(opened, p.SessionOpened), opened
         start = time.monotonic()

@@ -37,6 +37,12 @@ ServiceState = Literal["starting", "ready", "restarting", "failed", "stopping", 
 SupervisorPhase = Literal["starting", "running", "stopping"]
 #: What a stage tells a session's client (FastRTC's message types).
 OutputKind = Literal["fetch_output", "error", "warning", "log"]
+#: Why a request was refused: ``unavailable``, the request is fine but the server lacks a
+#: resource for it now (shared memory: the client gets 503 and may try again); ``invalid``, a
+#: field of the request is wrong (the reason names it: 400); ``not_loaded``, no pipeline is
+#: loaded for it (not yet, still loading, failed: Scope's "load first"); ``refused``, anything
+#: else.
+Refusal = Literal["refused", "unavailable", "invalid", "not_loaded"]
 
 
 class Hello(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -182,20 +188,27 @@ class Shutdown(msgspec.Struct, tag=True, forbid_unknown_fields=True):
 
 
 class OpenSession(msgspec.Struct, tag=True, forbid_unknown_fields=True):
-    """Allocate the rings of a session's chain and start the session in each stage.
+    """Open a session in one step: plan its chain, take its size, mode and parameters, make
+    its rings and start it in each stage; the answer (:class:`SessionOpened`) says what was
+    chosen.
 
-    The chain is the supervisor's to plan (:func:`services.topology.plan_chain`) from
-    ``pipeline_ids``, the session's pipelines in order; ``stages`` instead names the services
-    outright (synthetic chains in tests and benchmarks)."""
+    From ``pipeline_ids`` (those of the loaded pipelines a client asked for, in order; empty:
+    the loaded ones) the supervisor plans the chain (:func:`services.topology.plan_chain`),
+    takes the size its first pipeline was loaded at (unless ``width`` and ``height`` are
+    given), the first of ``modes`` that pipeline supports, and ``params`` over the session
+    settings the pipelines were loaded with, sorted by Scope's policy
+    (:meth:`services.inference.catalog.PipelineCatalog.sort`). ``stages`` instead names the
+    services outright, with the size (synthetic chains in tests and benchmarks)."""
 
     session_id: str
-    width: int
-    height: int
+    width: int = 0
+    height: int = 0
     pipeline_ids: list[str] = []
     stages: list[str] = []
     sink: str | None = None
     params: dict[str, Any] = {}
-    mode: Mode = "video"
+    #: The modes the client's offer allows, the one it prefers first.
+    modes: list[Mode] = msgspec.field(default_factory=lambda: ["video"])
     codec: VideoCodec = "VP8"
     #: The service told when a stage of the session fails (signalling, for the client).
     owner: str | None = None
@@ -320,13 +333,21 @@ class SessionOpened(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     #: The processes the session's frames pass, in order; ``rings[i]`` joins stage i to i+1.
     stages: list[str]
     rings: list[str]
+    pipeline_ids: list[str] = []
+    width: int = 0
+    height: int = 0
+    mode: Mode = "video"
+    #: The session's parameters as its stages got them (known keys, converted).
+    params: dict[str, Any] = {}
+    #: Keys of ``OpenSession.params`` no pipeline of the chain has: ignored.
+    unknown: list[str] = []
+    #: Load-time keys sent with the session: the pipelines run as they were loaded.
+    load_time: list[str] = []
 
 
 class Rejected(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     reason: str
-    #: The request was fine but the server lacks a resource for it now (shared memory): the
-    #: client gets 503 and may try again, rather than a 400 for its request.
-    unavailable: bool = False
+    why: Refusal = "refused"
 
 
 AdminReply = StatusReport | Ack | SessionOpened | Rejected

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from services import protocol as p
 from services import topology
+from services.inference.catalog import PipelineCatalog
 from services.models.store import resolve_models_dir
 from services.runtime import ServiceSpec, log_file
 from signalling.api import StudioState, add_api_routes
@@ -27,7 +28,6 @@ from signalling.metrics_routes import add_metrics_routes
 from signalling.models import ModelsLink
 from signalling.options import SignallingOptions
 from signalling.outputs import add_output_routes
-from signalling.pipelines import PipelineCatalog
 from signalling.recording_routes import add_recording_routes, recording_operations
 from signalling.recordings import Recordings
 from signalling.sessions import SessionManager

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 
 from services import protocol as p
 from services import topology
+from services.inference.catalog import ParameterError, PipelineCatalog
 from services.inference.lora_files import LoraFileError, lora_path
 from signalling.api.errors import (
     ApiError,
@@ -32,13 +33,12 @@ from signalling.api.types import (
     WebRtcOfferResponse,
 )
 from signalling.connections import DESCRIPTORS_LOW_SHARE, ConnectionGuard, descriptor_use
-from signalling.intent import Intent, offer_mode, read_intent
+from signalling.intent import Intent, offer_modes, read_intent
 from signalling.links import AdminLink
 from signalling.models import ModelsLink
-from signalling.pipelines import ParameterError, PipelineCatalog
 from signalling.recording_routes import start_recording
 from signalling.recordings import Recordings
-from signalling.sessions import SessionManager, SessionPlan, SessionRefused
+from signalling.sessions import SessionManager, SessionRefused
 from signalling.webrtc.offer_limits import check_offer
 
 logger = logging.getLogger(__name__)
@@ -123,43 +123,6 @@ class SignallingBackend:
     async def pipeline_schemas(self) -> dict[str, dict[str, Any]]:
         return self.catalog.schemas()
 
-    async def _session_plan(
-        self, asked: tuple[str, ...] | None
-    ) -> tuple[SessionPlan, dict[str, Any]]:
-        """The chain the loaded pipelines make (or those of them the client asked for): the
-        first non-overlay pipeline runs in its inference process; an overlay (Moondream) comes
-        after it, or alone on the camera."""
-        states = (await self.admin.status()).pipelines
-        if errors := [s for s in states if s.status == "error"]:
-            raise NoPipelineLoaded(
-                f"Pipeline {errors[0].pipeline_id} failed to load: {errors[0].error}"
-            )
-        if any(s.status == "loading" for s in states):
-            raise NoPipelineLoaded("Pipeline is still loading. Wait for status 'loaded'.")
-        loaded = {s.pipeline_id: s for s in states if s.status == "loaded"}
-        if not loaded:
-            raise NoPipelineLoaded()
-        try:
-            chain = topology.plan_chain(list(loaded), asked, overlays=self.catalog.overlays())
-        except topology.ChainError as exc:
-            raise InvalidParameters(f"initialParameters.{exc}") from None
-        first = loaded[chain.pipeline_id]
-        info = self.catalog.info(first.pipeline_id, first.load_params)
-        plan = SessionPlan(chain=chain, width=info.width, height=info.height, modes=info.modes)
-        return plan, self._session_defaults([loaded[pid] for pid in chain.pipeline_ids])
-
-    def _session_defaults(self, states: list[p.PipelineState]) -> dict[str, Any]:
-        """The session settings the pipelines were last loaded with (Scope's UI sends a node's
-        settings with its load): a new session starts from them. The running process may have
-        been started with older ones (a change of these never reloads it)."""
-        defaults: dict[str, Any] = {}
-        for state in states:
-            load_keys = set(self.catalog.load_keys(state.pipeline_id))
-            for key, value in state.load_params.items():
-                if key not in load_keys:
-                    defaults.setdefault(key, value)
-        return defaults
-
     # ------------------------------------------------------------------ sessions
 
     async def create_session(self, offer: WebRtcOfferRequest) -> WebRtcOfferResponse:
@@ -182,30 +145,26 @@ class SignallingBackend:
     async def _create_session(
         self, offer: WebRtcOfferRequest, intent: Intent, params: dict[str, Any]
     ) -> WebRtcOfferResponse:
-        plan, defaults = await self._session_plan(intent.pipeline_ids)
-        checked = self.catalog.sort(plan.chain.pipeline_ids, {**defaults, **params})
-        if checked.errors:
-            raise InvalidParameters(
-                "initialParameters." + "; initialParameters.".join(checked.errors)
-            )
-        mode = offer_mode(offer.sdp, plan.modes, intent.mode)
+        modes = offer_modes(offer.sdp, intent.mode)
         try:
             session_id, answer = await self.sessions.create(
                 offer.sdp,
-                plan,
-                mode,
-                checked.valid,
+                intent.pipeline_ids,
+                modes,
+                params,
                 nodes=intent.nodes,
                 record_nodes=intent.record_nodes,
-                unknown=checked.unknown,
-                load_time=checked.load_time,
             )
-        except ParameterError as exc:
-            raise InvalidParameters(str(exc)) from None
         except SessionRefused as exc:
-            if exc.unavailable:
-                raise OutOfResources(str(exc)) from None
-            raise NoPipelineLoaded(str(exc)) from None
+            match exc.why:
+                case "unavailable":
+                    raise OutOfResources(str(exc)) from None
+                case "invalid":
+                    raise InvalidParameters(str(exc)) from None
+                case "not_loaded" | "refused":
+                    raise NoPipelineLoaded(str(exc)) from None
+                case _:
+                    assert_never(exc.why)
         except ValueError as exc:
             raise InvalidSdp(f"invalid SDP offer: {exc}") from None
         if intent.recording and not intent.record_nodes and self.recordings is not None:

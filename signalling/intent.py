@@ -15,12 +15,11 @@ Scope's clients say it in several ways, and dreamwire reads them in this order:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.inference.catalog import ParameterError
 from services.protocol import Mode
-from signalling.pipelines import ParameterError
 
 _DIRECTIONS = ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")
 
@@ -162,15 +161,14 @@ def _video_section(sdp: str) -> tuple[str, bool]:
     return direction, has_stream
 
 
-def offer_mode(sdp: str, modes: Sequence[str], asked: Mode | None) -> Mode:
-    """The session's mode: what the client asked for, else what its SDP and the pipeline say."""
+def offer_modes(sdp: str, asked: Mode | None) -> list[Mode]:
+    """The modes a session may run in, the client's preference first: what it asked for
+    (``input_mode``), else what its SDP says (a camera it sends: video, then text; no
+    camera: text, then video; an offer that only receives: text). The supervisor takes the
+    first the chain's first pipeline supports."""
     if asked is not None:
-        return asked
+        return [asked]
     direction, has_stream = _video_section(sdp)
     if direction in ("recvonly", "inactive"):
-        return "text"
-    if "video" not in modes:
-        return "text"
-    if "text" in modes and not has_stream:
-        return "text"
-    return "video"
+        return ["text"]
+    return ["video", "text"] if has_stream else ["text", "video"]

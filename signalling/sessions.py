@@ -29,11 +29,11 @@ from aiortc.sdp import candidate_from_sdp
 
 from services import protocol as p
 from services import topology
-from services.topology import Chain
+from services.codec_common import check_codec
+from services.inference.catalog import ParameterError, PipelineCatalog
 from signalling.api.types import IceCandidate
 from signalling.links import AsyncOutbox
 from signalling.metrics import MetricsAggregator
-from signalling.pipelines import ParameterError, PipelineCatalog
 from signalling.webrtc import (
     EncodedVideoFrame,
     EncodedVideoTrack,
@@ -72,21 +72,6 @@ def parse_parameters_message(raw: str | bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ParameterError(f"message: expected a JSON object, got {type(value).__name__}")
     return value
-
-
-@dataclass(frozen=True)
-class SessionPlan:
-    """What a new session will be: its chain's pipelines (the supervisor plans the processes
-    and rings from them when the session opens), its size and the modes it can run in."""
-
-    chain: Chain
-    width: int
-    height: int
-    modes: tuple[str, ...]
-
-    @property
-    def pipeline_id(self) -> str:
-        return self.chain.pipeline_id
 
 
 @dataclass
@@ -158,12 +143,11 @@ class Admin(Protocol):
 
 
 class SessionRefused(RuntimeError):
-    """The supervisor would not open the session's chain."""
+    """The supervisor would not open the session."""
 
-    def __init__(self, reason: str, unavailable: bool = False) -> None:
+    def __init__(self, reason: str, why: p.Refusal = "refused") -> None:
         super().__init__(reason)
-        #: The server lacks a resource now (503), rather than the session being wrong.
-        self.unavailable = unavailable
+        self.why = why
 
 
 class SessionManager:
@@ -227,76 +211,75 @@ class SessionManager:
     async def create(
         self,
         sdp: str,
-        plan: SessionPlan,
-        mode: p.Mode,
+        asked: tuple[str, ...] | None,
+        modes: list[p.Mode],
         initial_params: dict[str, Any],
         *,
         nodes: dict[str, str] | None = None,
         record_nodes: frozenset[str] = frozenset(),
-        unknown: tuple[str, ...] = (),
-        load_time: tuple[str, ...] = (),
     ) -> tuple[str, RTCSessionDescription]:
-        """Negotiate, allocate the chain and answer. Raises ValueError for a bad offer.
+        """Negotiate, open the session (one request: the supervisor plans its chain and
+        settles its size, mode and parameters) and answer. Raises ValueError for a bad offer,
+        :class:`SessionRefused` when the supervisor refuses.
 
-        ``mode`` is the one :func:`signalling.intent.offer_mode` chose; ``unknown`` names the
-        ``initialParameters`` keys no pipeline of the chain has (reported once to the client)."""
-        pipeline_id, width, height = plan.pipeline_id, plan.width, plan.height
-        if mode not in plan.modes:
-            raise ParameterError(
-                f"mode: {pipeline_id} does not support "
-                + ("video input" if mode == "video" else "no-input (text-to-video) sessions")
-            )
+        ``asked``: the pipelines the client named (None: the loaded ones); ``modes``: the
+        modes its offer allows, preferred first (:func:`signalling.intent.offer_modes`)."""
         session_id = secrets.token_hex(8)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
         track = EncodedVideoTrack(
             on_keyframe_request=lambda reason: self._keyframe_to_encode(session_id, reason),
             on_bitrate=lambda bps: self._bitrate_to_encode(session_id, bps),
         )
-        direction = "sendrecv" if mode == "video" else "sendonly"
-        transceiver = pc.addTransceiver(track, direction=direction)
+        # Narrowed to sendonly before the answer if the session runs in text mode.
+        transceiver = pc.addTransceiver(track, direction="sendrecv")
         track.attach_sender(transceiver.sender)
         session = PeerSession(
             session_id,
-            pipeline_id,
-            mode,
+            "",
+            modes[0],
             pc,
             track,
             transceiver,
             [],
-            pipeline_ids=plan.chain.pipeline_ids,
             nodes=dict(nodes or {}),
             record_nodes=record_nodes,
         )
-        session.params = dict(initial_params)
-        self._report_unknown(session, unknown)
-        self._report_load_time(session, load_time)
+        opened: p.SessionOpened | None = None
         try:
-            prefer_video_codecs(transceiver, sdp, preferred=self.preferred_codec)
+            bad_offer: ValueError | None = None
+            try:
+                chosen = prefer_video_codecs(transceiver, sdp, preferred=self.preferred_codec)
+                session.codec = check_codec(chosen.upper())
+            except ValueError as exc:
+                bad_offer = exc
+            # Registered before its stages start, so their first outputs find it. A session
+            # the server cannot open is refused before a bad offer is (as Scope answers).
+            self.sessions[session_id] = session
+            opened = await self._open(session, asked, modes, initial_params)
+            if bad_offer is not None:
+                raise bad_offer
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             negotiated = negotiated_video_codec(transceiver)
-            if negotiated is None:
+            if negotiated is None or negotiated.name.upper() != session.codec:
                 raise ValueError("the offer has no video codec dreamwire supports (VP8, H264)")
-            if negotiated.name not in ("VP8", "H264"):
-                raise ValueError(f"the offer's video codec {negotiated.name} is not VP8 or H264")
-            session.codec = "VP8" if negotiated.name == "VP8" else "H264"
-            if mode == "video":
+            if session.mode == "video":
                 forward_encoded(transceiver.receiver)
+            else:
+                transceiver.direction = "sendonly"
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
         except Exception:
-            await pc.close()
-            raise
-        self.sessions[session_id] = session
-        self._wire_events(session)
-        try:
-            session.stages = await self._open_chain(session, width, height, dict(initial_params))
-        except Exception:
             self.sessions.pop(session_id, None)
+            if opened is not None:
+                await self.admin.request(p.CloseSession(session_id))
             await pc.close()
             raise
-        self.metrics.session_opened(session_id, pipeline_id, mode, session.stages)
+        self._report_unknown(session, tuple(opened.unknown))
+        self._report_load_time(session, tuple(opened.load_time))
+        self._wire_events(session)
+        self.metrics.session_opened(session_id, session.pipeline_id, session.mode, session.stages)
         self._spawn(self._close_unconnected(session), f"session-{session_id[:6]}.connect")
-        if mode == "video":
+        if session.mode == "video":
             session.drain = start_drain(
                 transceiver.receiver.track,
                 lambda frame: self._forward_frame(session, frame),
@@ -305,36 +288,43 @@ class SessionManager:
         logger.info(
             "session %s: %s, %s mode, %s %dx%d",
             session_id,
-            pipeline_id,
-            mode,
+            session.pipeline_id,
+            session.mode,
             session.codec,
-            width,
-            height,
+            opened.width,
+            opened.height,
         )
         return session_id, pc.localDescription
 
-    async def _open_chain(
-        self, session: PeerSession, width: int, height: int, params: dict[str, Any]
-    ) -> list[str]:
-        """The supervisor plans the session's processes from its pipelines and makes its
-        rings; the stages its frames pass."""
+    async def _open(
+        self,
+        session: PeerSession,
+        asked: tuple[str, ...] | None,
+        modes: list[p.Mode],
+        params: dict[str, Any],
+    ) -> p.SessionOpened:
+        """The supervisor plans the session's chain, settles it and starts its stages; the
+        session takes what was chosen."""
         reply = await self.admin.request(
             p.OpenSession(
                 session_id=session.session_id,
-                pipeline_ids=list(session.pipeline_ids),
-                width=width,
-                height=height,
+                pipeline_ids=list(asked or ()),
                 sink=topology.SIGNALLING,
                 params=params,
                 owner=topology.SIGNALLING,
-                mode=session.mode,
+                modes=modes,
                 codec=session.codec,
             )
         )
         if isinstance(reply, p.Rejected):
-            raise SessionRefused(reply.reason, reply.unavailable)
+            raise SessionRefused(reply.reason, reply.why)
         assert isinstance(reply, p.SessionOpened)
-        return list(reply.stages)
+        session.stages = list(reply.stages)
+        session.pipeline_ids = tuple(reply.pipeline_ids)
+        session.pipeline_id = reply.pipeline_ids[0]
+        session.mode = reply.mode
+        session.params = dict(reply.params)
+        return reply
 
     def _wire_events(self, session: PeerSession) -> None:
         pc = session.pc

@@ -51,6 +51,7 @@ from supervisor.nodes import NodeTable
 from supervisor.pipelines import PipelineSet
 from supervisor.procstats import ProcessSample
 from supervisor.sessions import NoRoom, RingStore, SessionTable
+from supervisor.settle import InvalidRequest, NotLoaded
 
 logger = logging.getLogger(__name__)
 
@@ -284,10 +285,17 @@ class SupervisorCore:
                 return p.Ack(), [StopRequested(reason or "supervisor stop")]
             case p.OpenSession():
                 try:
-                    return self.sessions.open(request, self.pipelines.order, now)
+                    states = self.pipelines.states()
+                    return self.sessions.open(request, self.pipelines.order, states, now)
                 except NoRoom as exc:
                     logger.warning("session %s refused: %s", request.session_id, exc)
-                    return p.Rejected(reason=str(exc), unavailable=True), []
+                    return p.Rejected(reason=str(exc), why="unavailable"), []
+                except NotLoaded as exc:
+                    return p.Rejected(reason=str(exc), why="not_loaded"), []
+                except InvalidRequest as exc:
+                    return p.Rejected(reason=str(exc), why="invalid"), []
+                except topology.ChainError as exc:
+                    return p.Rejected(reason=f"initialParameters.{exc}", why="invalid"), []
                 except (ValueError, OSError) as exc:
                     return p.Rejected(reason=str(exc)), []
             case p.CloseSession(session_id=session_id):

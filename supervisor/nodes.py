@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from services import protocol as p
 from services import topology
 from services.inference import registry
+from supervisor.settle import pick_mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,7 @@ class Placement:
     stages: list[str]
     pipeline_ids: tuple[str, ...]
     room: topology.Room
+    mode: p.Mode = "video"
 
 
 class NodeTable:
@@ -63,7 +65,7 @@ class NodeTable:
         return [r for r in self.reports.values() if r.up]
 
     def placements(
-        self, asked: Sequence[str] | None, mode: str, placed: dict[str, int]
+        self, asked: Sequence[str] | None, modes: Sequence[p.Mode], placed: dict[str, int]
     ) -> list[Placement]:
         """The chain on each node that is up and has its pipelines loaded; ``placed`` counts
         the sessions the front has put on each node (the node's beat may not show them yet)."""
@@ -74,6 +76,7 @@ class NodeTable:
                 chain = topology.plan_chain(loaded, asked, overlays=registry.overlays())
             except topology.ChainError:
                 continue
+            mode = pick_mode(chain.pipeline_id, modes)
             free = [
                 r.free_bytes
                 for r in report.rooms
@@ -86,7 +89,7 @@ class NodeTable:
                 placed.get(report.node, 0),
             )
             stages = [topology.node_stage(report.node, s) for s in chain.stages(mode)]
-            out.append(Placement(stages, chain.pipeline_ids, room))
+            out.append(Placement(stages, chain.pipeline_ids, room, mode))
         return out
 
     def pipeline_states(self) -> list[p.PipelineState]:

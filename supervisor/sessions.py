@@ -12,11 +12,13 @@ from typing import Protocol
 from services import protocol as p
 from services import topology
 from services.inference import registry
+from services.inference.catalog import PipelineCatalog
 from shm.ring import RingError, RingStats
 from supervisor.children import Children, State
 from supervisor.config import Config
 from supervisor.events import Effect, Send
 from supervisor.nodes import NodeTable, Placement
+from supervisor.settle import InvalidRequest, check_loaded, pick_mode, settle
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class SessionTable:
         self.rings = rings
         self.nodes = nodes
         self.sessions: dict[str, ChainSession] = {}
+        self.catalog = PipelineCatalog()
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self.sessions
@@ -89,23 +92,38 @@ class SessionTable:
     # ------------------------------------------------------------ opening
 
     def open(
-        self, req: p.OpenSession, pipeline_order: list[str], now: float
+        self,
+        req: p.OpenSession,
+        pipeline_order: list[str],
+        states: list[p.PipelineState],
+        now: float,
     ) -> tuple[p.SessionOpened, list[Effect]]:
-        """Plan (or take) the chain, make its rings, start it in every stage. Raises
-        ``ValueError`` for a request that cannot be served, :class:`NoRoom` when shared memory
-        is short."""
+        """Plan (or take) the chain, settle its size, mode and parameters, make its rings,
+        start it in every stage. Raises ``ValueError`` for a request that cannot be served
+        (:class:`~supervisor.settle.NotLoaded`, :class:`~supervisor.settle.InvalidRequest`,
+        ``ChainError`` among them), :class:`NoRoom` when shared memory is short."""
         if req.session_id in self.sessions:
             raise ValueError(f"session {req.session_id!r} already exists")
         if not req.session_id.replace("-", "").isalnum() or len(req.session_id) > 64:
             raise ValueError("session_id must be 1-64 letters, digits or '-'")
+        if not req.modes:
+            raise InvalidRequest("modes: no mode offered")
+        opened = p.SessionOpened(req.session_id, stages=[], rings=[], mode=req.modes[0])
         if req.stages:
             if req.pipeline_ids:
                 raise ValueError("give pipeline_ids or stages, not both")
             stages = list(req.stages)
+            opened.width, opened.height, opened.params = req.width, req.height, dict(req.params)
         else:
+            check_loaded(states)
             placement = self._place(req, pipeline_order)
+            settled = settle(req, placement.pipeline_ids, states, self.catalog)
+            opened.pipeline_ids = list(placement.pipeline_ids)
+            opened.width, opened.height = settled.width, settled.height
+            opened.mode, opened.params = placement.mode, settled.params
+            opened.unknown, opened.load_time = list(settled.unknown), list(settled.load_time)
             if (node := topology.StageAddress.parse(placement.stages[0]).node) is not None:
-                return self._open_on_node(req, node, placement, now)
+                return self._open_on_node(req, opened, node, placement, now)
             stages = placement.stages
         unknown = [s for s in stages if s not in self.children]
         if unknown or not stages:
@@ -113,10 +131,10 @@ class SessionTable:
                 f"unknown stage(s): {', '.join(unknown) or '(none given)'}"
                 f" (this server runs: {', '.join(self.children) or 'nothing'})"
             )
-        self._check_size(req)
+        self._check_size(opened.width, opened.height)
         session = ChainSession(
-            req.session_id, stages, req.width, req.height, req.sink, dict(req.params),
-            owner=req.owner, mode=req.mode, codec=req.codec, opened_at=now,
+            req.session_id, stages, opened.width, opened.height, req.sink, opened.params,
+            owner=req.owner, mode=opened.mode, codec=req.codec, opened_at=now,
         )  # fmt: skip
         self._make_rings(session)
         self.sessions[req.session_id] = session
@@ -124,7 +142,7 @@ class SessionTable:
         for stage in stages:
             effects += self.children.send_to(stage, session.start_message(stage))
         logger.info("session %s opened: %s", req.session_id, " → ".join(stages))
-        opened = p.SessionOpened(req.session_id, stages=stages, rings=list(session.rings))
+        opened.stages, opened.rings = stages, list(session.rings)
         return opened, effects
 
     def _make_rings(self, session: ChainSession) -> None:
@@ -149,12 +167,11 @@ class SessionTable:
             self._free_rings(session)
             raise
 
-    def _check_size(self, req: p.OpenSession) -> None:
+    def _check_size(self, width: int, height: int) -> None:
         cfg = self.config
-        if not (0 < req.width <= cfg.max_frame_width and 0 < req.height <= cfg.max_frame_height):
+        if not (0 < width <= cfg.max_frame_width and 0 < height <= cfg.max_frame_height):
             raise ValueError(
-                f"{req.width}x{req.height} is outside 1x1..{cfg.max_frame_width}x"
-                f"{cfg.max_frame_height}"
+                f"{width}x{height} is outside 1x1..{cfg.max_frame_width}x{cfg.max_frame_height}"
             )
 
     def _place(self, req: p.OpenSession, pipeline_order: list[str]) -> Placement:
@@ -174,7 +191,8 @@ class SessionTable:
         except topology.ChainError as exc:
             error = exc
         else:
-            stages = [self._placed(stage) for stage in chain.stages(req.mode)]
+            mode = pick_mode(chain.pipeline_id, req.modes)
+            stages = [self._placed(stage) for stage in chain.stages(mode)]
             first = next(
                 (s for s in stages if topology.StageAddress.parse(s).process in chain.processing),
                 stages[0],
@@ -182,12 +200,12 @@ class SessionTable:
             child = self.children.get(first)
             free = child.memory_free_bytes if child is not None else None
             room = topology.Room(first, free, self.sessions_in(first))
-            options.append(Placement(stages, chain.pipeline_ids, room))
+            options.append(Placement(stages, chain.pipeline_ids, room, mode))
         placed: dict[str, int] = {}
         for session in self.sessions.values():
             if session.node is not None:
                 placed[session.node] = placed.get(session.node, 0) + 1
-        options += self.nodes.placements(asked, req.mode, placed)
+        options += self.nodes.placements(asked, req.modes, placed)
         if not options:
             remote = self.nodes.pipeline_states()
             everywhere = loaded + [s.pipeline_id for s in remote if s.status == "loaded"]
@@ -211,30 +229,35 @@ class SessionTable:
         return topology.place(rooms) if rooms else stage
 
     def _open_on_node(
-        self, req: p.OpenSession, node: str, placement: Placement, now: float
+        self,
+        req: p.OpenSession,
+        opened: p.SessionOpened,
+        node: str,
+        placement: Placement,
+        now: float,
     ) -> tuple[p.SessionOpened, list[Effect]]:
         """A session on a media node: its rings are the node's; the front's link carries the
-        request there (a failure comes back as ``SessionFailed``)."""
-        self._check_size(req)
+        settled request there (a failure comes back as ``SessionFailed``)."""
+        self._check_size(opened.width, opened.height)
         session = ChainSession(
-            req.session_id, placement.stages, req.width, req.height, req.sink,
-            dict(req.params), owner=req.owner, mode=req.mode, codec=req.codec, node=node,
+            req.session_id, placement.stages, opened.width, opened.height, req.sink,
+            opened.params, owner=req.owner, mode=opened.mode, codec=req.codec, node=node,
             opened_at=now,
         )  # fmt: skip
         self.sessions[req.session_id] = session
         request = p.OpenSession(
             session_id=req.session_id,
-            width=req.width,
-            height=req.height,
+            width=opened.width,
+            height=opened.height,
             pipeline_ids=list(placement.pipeline_ids),
-            params=dict(req.params),
-            mode=req.mode,
+            params=dict(opened.params),
+            modes=[opened.mode],
             codec=req.codec,
         )
         logger.info(
             "session %s opened on node %s: %s", req.session_id, node, " → ".join(session.stages)
         )
-        opened = p.SessionOpened(req.session_id, stages=list(session.stages), rings=[])
+        opened.stages = list(session.stages)
         return opened, self.to_node(node, request)
 
     # ------------------------------------------------------------ life and end

@@ -39,7 +39,7 @@ def test_two_devices_share_the_sessions_and_one_crash_stays_on_its_device(
     placed = []
     for session_id in ("s1", "s2"):
         request = p.OpenSession(
-            session_id, 128, 96, pipeline_ids=["testcard"], mode="text", params={"mode": "text"}
+            session_id, 128, 96, pipeline_ids=["testcard"], modes=["text"], params={"mode": "text"}
         )
         reply = run.request(request)
         assert isinstance(reply, p.SessionOpened), reply

@@ -10,10 +10,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from services.inference.catalog import ParameterError, PipelineCatalog
 from signalling.api.loras import list_loras
 from signalling.api.studio import Workflow, resolve_workflow, tail_log
-from signalling.intent import graph_chain, offer_mode, read_intent
-from signalling.pipelines import ParameterError, PipelineCatalog
+from signalling.intent import graph_chain, offer_modes, read_intent
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -223,7 +223,10 @@ def test_input_mode_must_be_video_or_text() -> None:
     ],
 )
 def test_mode_from_intent(sdp: str, modes: tuple[str, ...], asked: Any, mode: str) -> None:
-    assert offer_mode(sdp, modes, asked) == mode
+    """The offer's modes, the first the pipeline supports taken (the supervisor's
+    ``pick_mode``), else the first (then refused, naming the mode)."""
+    offered = offer_modes(sdp, asked)
+    assert next((m for m in offered if m in modes), offered[0]) == mode
 
 
 def test_log_tail_follows_offsets_and_waits_for_whole_lines(tmp_path: Path) -> None:

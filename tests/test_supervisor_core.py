@@ -387,7 +387,8 @@ def test_bad_requests_are_refused_with_the_reason() -> None:
     reply, _ = rig.admin(p.OpenSession("s1", 64, 32, stages=["src", "gone"]), 0.0)
     assert isinstance(reply, p.Rejected) and "unknown stage(s): gone" in reply.reason
     reply, _ = rig.admin(p.OpenSession("s1", 64, 32, pipeline_ids=["krea"]), 0.0)
-    assert isinstance(reply, p.Rejected) and reply.reason == "pipeline_ids: no pipeline is loaded"
+    assert isinstance(reply, p.Rejected) and reply.why == "not_loaded"
+    assert reply.reason == "Pipeline not loaded. Please load pipeline first."
     reply, _ = rig.admin(p.OpenSession("s 1", 64, 32, stages=["src"]), 0.0)
     assert isinstance(reply, p.Rejected) and "session_id" in reply.reason
     reply, _ = rig.admin(p.LoadPipelines([p.PipelineLoad("../x")]), 0.0)
@@ -405,7 +406,7 @@ def test_a_session_without_room_for_its_rings_is_refused_and_the_others_go_on() 
     rig.rings.capacity = 2 * ring + ring  # room for one more ring, not two
     big = p.OpenSession("s2", 64, 32, stages=["src", "mid", "sink"], sink="signalling")
     reply, effects = rig.admin(big, 0.0)
-    assert isinstance(reply, p.Rejected) and reply.unavailable
+    assert isinstance(reply, p.Rejected) and reply.why == "unavailable"
     assert reply.reason == (
         f"no room in /dev/shm for a 64×32 session: {2 * ring / 2**20:.1f} MB needed, "
         f"{ring / 2**20:.1f} MB free"
@@ -417,7 +418,7 @@ def test_a_session_without_room_for_its_rings_is_refused_and_the_others_go_on() 
     rig.rings.capacity = 2**40
     rig.rings.fail_next = RingError("no room in /dev/shm for ring s2.1: size 28672 bytes")
     reply, _ = rig.admin(big, 0.0)
-    assert isinstance(reply, p.Rejected) and reply.unavailable
+    assert isinstance(reply, p.Rejected) and reply.why == "unavailable"
     assert reply.reason.startswith("no room in /dev/shm for a 64×32 session")
     assert list(rig.core.sessions.sessions) == ["s1"] and len(rig.rings.live) == 2
 
@@ -481,7 +482,7 @@ def test_sessions_spread_over_devices_and_a_crash_stops_only_its_own() -> None:
 
     def open_text(session_id: str) -> list[str]:
         req = p.OpenSession(
-            session_id, 64, 32, pipeline_ids=["testcard"], mode="text", owner="owner"
+            session_id, 64, 32, pipeline_ids=["testcard"], modes=["text"], owner="owner"
         )
         reply, _ = rig.admin(req, 1.0)
         assert isinstance(reply, p.SessionOpened), reply
@@ -496,3 +497,53 @@ def test_sessions_spread_over_devices_and_a_crash_stops_only_its_own() -> None:
     assert rig.core.pipelines.states()[0].status == "loaded"  # cuda:0 still serves
     status = {s.name: s for s in rig.core.status(3.0).services}
     assert status[names[0]].device == "cuda:0" and status[names[0]].memory_free_bytes == gib
+
+
+def test_one_request_opens_a_session_settled_from_the_loaded_pipeline() -> None:
+    """The supervisor plans the chain, takes the size the pipeline was loaded at, the first of
+    the offer's modes it supports, and the client's parameters over the loaded session
+    settings: the stages start with them and the answer says what was chosen."""
+    rig = Rig(media=True)
+    rig.add("owner")
+    rig.start(ServiceConfig("encode", Kind.ENCODE, restart=POLICY))
+    rig.hello_ready("encode")
+    load = {"height": 64, "width": 96, "prompts": [{"text": "loaded", "weight": 1.0}]}
+    rig.apply(rig.admin(p.LoadPipelines([p.PipelineLoad("testcard", load)]), 0.0)[1])
+    waiting = p.OpenSession("early", owner="owner", modes=["video", "text"])
+    reply, _ = rig.admin(waiting, 0.1)
+    assert reply == p.Rejected(
+        "Pipeline is still loading. Wait for status 'loaded'.", why="not_loaded"
+    )
+    rig.hello_ready("inference/testcard")
+
+    # A camera offered to a text-only generator: text, the offer's second choice.
+    offer = p.OpenSession(
+        "s1", owner="owner", modes=["video", "text"], params={"paused": True, "volume": 3}
+    )
+    reply, effects = rig.admin(offer, 1.0)
+    assert isinstance(reply, p.SessionOpened), reply
+    assert (reply.pipeline_ids, reply.width, reply.height, reply.mode) == (
+        ["testcard"],
+        96,
+        64,
+        "text",
+    )
+    assert reply.stages == ["inference/testcard", "encode"]
+    assert reply.params == {"paused": True, "prompts": [{"text": "loaded", "weight": 1.0}]}
+    assert reply.unknown == ["volume"] and reply.load_time == []
+    starts = sent(effects, p.StartSession)
+    assert [route for route, _ in starts] == [b"inference/testcard", b"encode"]
+    assert all(
+        (m.width, m.height, m.mode, m.params) == (96, 64, "text", reply.params) for _, m in starts
+    )
+    # A bad value is refused naming it, an offer that only sends video likewise: no session.
+    bad = p.OpenSession("s2", owner="owner", modes=["text"], params={"paused": "sometimes"})
+    reply, effects = rig.admin(bad, 1.0)
+    assert isinstance(reply, p.Rejected) and reply.why == "invalid" and effects == []
+    assert reply.reason.startswith("initialParameters.paused: ")
+    reply, _ = rig.admin(p.OpenSession("s3", owner="owner", modes=["video"]), 1.0)
+    assert reply == p.Rejected("mode: testcard does not support video input", why="invalid")
+    reply, _ = rig.admin(p.OpenSession("s4", pipeline_ids=["longlive"], modes=["text"]), 1.0)
+    assert isinstance(reply, p.Rejected) and reply.why == "invalid"
+    assert reply.reason.startswith("initialParameters.pipeline_ids: longlive not loaded")
+    assert list(rig.core.sessions.sessions) == ["s1"]

@@ -9,7 +9,7 @@ reported with its line, not Python's message.
 
 from __future__ import annotations
 
-from signalling.pipelines import ParameterError
+from services.inference.catalog import ParameterError
 
 #: Scope's 0.2 UI offers 3 sections; a page with several sources a handful more.
 MAX_MEDIA_SECTIONS = 16

@@ -1,4 +1,4 @@
-"""What signalling needs to know about pipelines, without importing any model code.
+"""What signalling and the supervisor know of pipelines, without importing any model code.
 
 Backed by the inference registry (``services.inference.registry``), which declares every
 pipeline's config, modes and default size in modules that import neither torch nor diffusers.
