@@ -96,11 +96,12 @@ class PeerSession:
     codec: p.VideoCodec = "VP8"
     channel: RTCDataChannel | None = None
     drain: FrameDrain | None = None
-    params: dict[str, Any] = field(default_factory=dict)
     packets_out: int = 0
     frames_in: int = 0
     created: float = field(default_factory=time.monotonic)
     closed: bool = False
+    #: Registered while it opens (its offer still holds a reserved slot: counted once).
+    opening: bool = True
     #: Messages for the client queued before its data channel opened.
     pending_messages: list[str] = field(default_factory=list)
     #: Server-sent-event listeners of this session's results (``/api/v1/sessions/{id}/outputs``).
@@ -183,7 +184,8 @@ class SessionManager:
     def reserve(self, limit: int) -> bool:
         """Take a slot for an offer, atomically (no await between the check and the take);
         :meth:`release` gives it back once the offer is a session or refused."""
-        if len(self.sessions) + self.reserved >= limit:
+        opened = sum(1 for s in self.sessions.values() if not s.opening)
+        if opened + self.reserved >= limit:
             return False
         self.reserved += 1
         return True
@@ -274,6 +276,7 @@ class SessionManager:
                 await self.admin.request(p.CloseSession(session_id))
             await pc.close()
             raise
+        session.opening = False
         self._report_unknown(session, tuple(opened.unknown))
         self._report_load_time(session, tuple(opened.load_time))
         self._wire_events(session)
@@ -323,7 +326,6 @@ class SessionManager:
         session.pipeline_ids = tuple(reply.pipeline_ids)
         session.pipeline_id = reply.pipeline_ids[0]
         session.mode = reply.mode
-        session.params = dict(reply.params)
         return reply
 
     def _wire_events(self, session: PeerSession) -> None:
@@ -437,7 +439,6 @@ class SessionManager:
         self._report_load_time(session, checked.load_time)
         if not checked.valid:
             return
-        session.params.update(checked.valid)
         update = p.UpdateParameters(session_id=session.session_id, params=checked.valid)
         for target in targets:
             self.outbox.send(target, update)
