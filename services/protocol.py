@@ -348,6 +348,8 @@ class SessionOpened(msgspec.Struct, tag=True, forbid_unknown_fields=True):
 class Rejected(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     reason: str
     why: Refusal = "refused"
+    #: ``invalid``: what is wrong, one ``"<field>: <what>"`` per field (``reason`` joins them).
+    problems: list[str] = []
 
 
 AdminReply = StatusReport | Ack | SessionOpened | Rejected

@@ -320,6 +320,9 @@ class SessionManager:
             )
         )
         if isinstance(reply, p.Rejected):
+            if reply.why == "invalid":  # fields of the offer's initialParameters
+                reason = "initialParameters." + "; initialParameters.".join(reply.problems)
+                raise SessionRefused(reason, reply.why)
             raise SessionRefused(reply.reason, reply.why)
         assert isinstance(reply, p.SessionOpened)
         session.stages = list(reply.stages)

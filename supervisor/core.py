@@ -293,9 +293,9 @@ class SupervisorCore:
                 except NotLoaded as exc:
                     return p.Rejected(reason=str(exc), why="not_loaded"), []
                 except InvalidRequest as exc:
-                    return p.Rejected(reason=str(exc), why="invalid"), []
-                except topology.ChainError as exc:
-                    return p.Rejected(reason=f"initialParameters.{exc}", why="invalid"), []
+                    return p.Rejected(str(exc), "invalid", exc.problems), []
+                except topology.ChainError as exc:  # names pipeline_ids
+                    return p.Rejected(str(exc), "invalid", [str(exc)]), []
                 except (ValueError, OSError) as exc:
                     return p.Rejected(reason=str(exc)), []
             case p.CloseSession(session_id=session_id):

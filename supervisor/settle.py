@@ -20,7 +20,12 @@ class NotLoaded(ValueError):
 
 
 class InvalidRequest(ValueError):
-    """A field of the client's request is wrong; the message names it."""
+    """Fields of the client's request are wrong: ``problems``, one ``"<field>: <what>"``
+    each."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
 @dataclass(frozen=True)
@@ -80,5 +85,5 @@ def settle(
                 defaults.setdefault(key, value)
     checked = catalog.sort(tuple(pipeline_ids), {**defaults, **req.params})
     if checked.errors:
-        raise InvalidRequest("initialParameters." + "; initialParameters.".join(checked.errors))
+        raise InvalidRequest(*checked.errors)
     return Settled(width, height, checked.valid, checked.unknown, checked.load_time)
