@@ -542,7 +542,8 @@ def test_one_request_opens_a_session_settled_from_the_loaded_pipeline() -> None:
     assert isinstance(reply, p.Rejected) and reply.why == "invalid" and effects == []
     assert reply.reason.startswith("paused: ") and reply.problems == [reply.reason]
     reply, _ = rig.admin(p.OpenSession("s3", owner="owner", modes=["video"]), 1.0)
-    assert reply == p.Rejected("mode: testcard does not support video input", why="invalid")
+    problem = "mode: testcard does not support video input"
+    assert reply == p.Rejected(problem, why="invalid", problems=[problem])
     reply, _ = rig.admin(p.OpenSession("s4", pipeline_ids=["longlive"], modes=["text"]), 1.0)
     assert isinstance(reply, p.Rejected) and reply.why == "invalid"
     assert reply.reason.startswith("pipeline_ids: longlive not loaded")
