@@ -310,3 +310,15 @@ def test_a_lora_for_another_model_fails_naming_it(wan_base: Any, tmp_path: Path)
     path = write(tmp_path, "deeper.safetensors", renamed)
     with pytest.raises(LoraFileError, match=r"10 of its 20 LoRA layers name no module"):
         load_wan(wan_base, tmp_path, [LoraItem(path)])
+
+
+def test_every_pipeline_with_loras_takes_them_at_load_only() -> None:
+    """A LoRA list sent with a session is a load-time key (reported, the model stays as
+    loaded), on every pipeline that offers LoRAs."""
+    from services.inference import registry
+    from services.inference.fields import LORA_LOAD_KEYS
+
+    with_loras = [s for s in registry.specs().values() if "loras" in registry.load_param_names(s)]
+    assert {s.id for s in with_loras} >= {"longlive", "krea-realtime-video", "streamdiffusion"}
+    for spec in with_loras:
+        assert spec.load_only >= LORA_LOAD_KEYS, spec.id

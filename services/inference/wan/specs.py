@@ -312,7 +312,7 @@ KREA_REALTIME_VIDEO = _spec(
     KREA_WEIGHTS,
     576,
     320,
-    frozenset({"height", "width", "quantization", "vae_type"}),
+    frozenset({"height", "width", "quantization", "vae_type"}) | LORA_LOAD_KEYS,
     mode_steps={"video": [1000, 750]},
     estimated_vram_gb=32.0,
     recommended_quantization_vram_threshold=40.0,
