@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from services.runtime import SPEC_ENV, Outbox, ServiceCore, ServiceSpec, run_service
+from services.runtime import (
+    SPEC_ENV,
+    CoreFactory,
+    Outbox,
+    ServiceCore,
+    ServiceProc,
+    ServiceSpec,
+    run_service,
+)
 from services.topology import Kind
-
-CoreFactory = Callable[[ServiceSpec, Outbox], ServiceCore[Any]]
 
 
 def core_factory(kind: Kind) -> CoreFactory:
@@ -34,14 +39,6 @@ def core_factory(kind: Kind) -> CoreFactory:
             from services.overlay.core import OverlayCore
 
             return OverlayCore
-        case Kind.NODES:
-            from services.nodes.front import FrontLink
-
-            return FrontLink
-        case Kind.NODE_LINK:
-            from services.nodes.node import NodeLink
-
-            return NodeLink
         case Kind.TESTSRC:
             from services.synthetic import TestSourceCore
 
@@ -51,6 +48,20 @@ def core_factory(kind: Kind) -> CoreFactory:
 
             return TestSinkCore
     raise ValueError(f"unknown service kind {kind!r}")
+
+
+def proc_class(kind: Kind) -> type[ServiceProc]:
+    """The process around a kind's core: a media-node link's owns its network sockets."""
+    match kind:
+        case Kind.NODES:
+            from services.nodes.front import FrontProc
+
+            return FrontProc
+        case Kind.NODE_LINK:
+            from services.nodes.node import NodeProc
+
+            return NodeProc
+    return ServiceProc
 
 
 def main() -> int:
@@ -64,7 +75,7 @@ def main() -> int:
         # Resolved inside the runtime, so an import error is reported as ServiceFailed.
         return core_factory(spec.kind)(spec, outbox)
 
-    return run_service(spec, build)
+    return run_service(spec, build, proc_class(spec.kind))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -233,8 +234,6 @@ class ServiceCore(ABC, Generic[M]):
         #: The model calls of a model process (its heartbeats report them).
         self.calls = CallClock()
         self.session_failures: list[tuple[str, str]] = []
-        #: Other reports for the supervisor (a node link's NodeReport), sent by the loop.
-        self.reports: list[p.ServiceToSupervisor] = []
 
     def report_session_failure(self, session_id: str, reason: str) -> None:
         """This service can no longer serve the session: the supervisor tells its owner
@@ -274,20 +273,12 @@ class ServiceCore(ABC, Generic[M]):
     def on_session_failed(self, msg: p.SessionFailed) -> None:
         """Another stage of a session this service owns failed (signalling tells the client)."""
 
-    def on_control(self, msg: p.SupervisorToService) -> None:
-        """A control message the runtime does not handle itself (a link's ``ToNode``)."""
-
-    def sockets(self) -> tuple[zmq.Socket[bytes], ...]:
-        """The core's own sockets (a link's network socket) for the loop to poll beside
-        control and the inbox; when one is readable, :meth:`readable` is called. Asked again
-        each turn: a core may add sockets as it goes."""
-        return ()
-
-    def readable(self, sock: zmq.Socket[bytes]) -> None:
-        """One of :meth:`sockets` has messages."""
-
     def close(self) -> None:
         pass
+
+
+#: Builds a service's core (``services.main.core_factory``).
+CoreFactory = Callable[[ServiceSpec, Outbox], ServiceCore[Any]]
 
 
 class SessionError(Exception):
@@ -322,6 +313,27 @@ class ServiceProc:
 
     def send_control(self, message: p.ServiceToSupervisor) -> None:
         self.control.send(self.control_codec.encode(message))
+
+    # ------------------------------------------------------------ a link's hooks
+
+    def make_core(self, core_factory: CoreFactory | None) -> ServiceCore[Any]:
+        """The core this process runs (a link's proc makes its own, and its sockets)."""
+        assert core_factory is not None
+        return core_factory(self.spec, self.outbox)
+
+    def sockets(self) -> tuple[zmq.Socket[bytes], ...]:
+        """A link's own sockets (its network connection, the inboxes it carries) for the loop
+        to poll beside control and the inbox; asked again each turn."""
+        return ()
+
+    def readable(self, sock: zmq.Socket[bytes]) -> None:
+        """One of :meth:`sockets` has messages."""
+
+    def on_control(self, msg: p.SupervisorToService) -> None:
+        """A control message the runtime does not handle itself (a link's ``ToNode``)."""
+
+    def close_sockets(self) -> None:
+        """Close :meth:`sockets` (before the context ends)."""
 
     def _ack(self, core: ServiceCore[Any], seq: int, memory_free: int | None) -> p.HeartbeatAck:
         calls = core.calls
@@ -388,13 +400,13 @@ class ServiceProc:
                 case _:
                     self._deferred.append(msg)
 
-    def run(self, core_factory: Any) -> int:
+    def run(self, core_factory: CoreFactory | None) -> int:
         """Hello → build the core → Ready → loop until Stop. Returns the exit code."""
         spec = self.spec
         self.send_control(p.Hello(service=spec.name, pid=os.getpid(), secret=spec.secret))
         core: ServiceCore[Any] | None = None
         try:
-            core = core_factory(spec, self.outbox)
+            core = self.make_core(core_factory)
             self.inbox_codec = p.inbox_codec(core.inbox)
             self._start_liveness(core)
             self.send_control(p.Ready(service=spec.name))
@@ -412,6 +424,8 @@ class ServiceProc:
             if core is not None:
                 with contextlib.suppress(Exception):
                     core.close()
+            with contextlib.suppress(Exception):
+                self.close_sockets()
             self.outbox.close()
             self.control.close(linger=100)
             self.inbox.close(linger=0)
@@ -424,7 +438,7 @@ class ServiceProc:
         own: tuple[zmq.Socket[bytes], ...] = ()
         next_tick = 0.0
         while not self._stopping:
-            if (wanted := core.sockets()) != own:
+            if (wanted := self.sockets()) != own:
                 for sock in set(own) - set(wanted):
                     poller.unregister(sock)
                 for sock in set(wanted) - set(own):
@@ -442,7 +456,7 @@ class ServiceProc:
                 next_tick = 0.0  # new messages may be new work (a frame to run the model on)
             for sock in own:
                 if sock in events and not self._stopping:
-                    core.readable(sock)
+                    self.readable(sock)
             now = time.monotonic()
             if not next_tick or now >= next_tick:
                 wait_s = core.tick()
@@ -452,8 +466,6 @@ class ServiceProc:
                 self.send_control(
                     p.SessionFailed(session_id=session_id, service=self.spec.name, reason=reason)
                 )
-            while core.reports:
-                self.send_control(core.reports.pop(0))
             if now - self._last_parent_check >= PARENT_CHECK_INTERVAL_S:
                 self._last_parent_check = now
                 if os.getppid() != self.spec.supervisor_pid:
@@ -505,7 +517,7 @@ class ServiceProc:
             case p.SessionFailed():
                 core.on_session_failed(msg)
             case _:
-                core.on_control(msg)
+                self.on_control(msg)
 
     def _drain_inbox(self, core: ServiceCore[Any]) -> None:
         # Bounded so control gets a look-in between bursts.
@@ -534,13 +546,17 @@ class ServiceProc:
                 logger.warning("rejected %s: %s", type(msg).__name__, exc)
 
 
-def run_service(spec: ServiceSpec, core_factory: Any) -> int:
-    """Entry function of a service process."""
+def run_service(
+    spec: ServiceSpec,
+    core_factory: CoreFactory | None,
+    proc_class: type[ServiceProc] = ServiceProc,
+) -> int:
+    """Entry function of a service process (``proc_class``: a link's own process)."""
     configure_logging(spec.name, spec.log_level, spec.run_dir)
     die_with_parent(spec.supervisor_pid)
     # SIGINT goes to the whole foreground process group on Ctrl-C: the supervisor stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    proc = ServiceProc(spec)
+    proc = proc_class(spec)
 
     def on_sigterm(signum: int, frame: object) -> None:
         proc._stopping = True
