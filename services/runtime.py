@@ -37,6 +37,7 @@ import zmq
 
 from services import protocol as p
 from services.calls import CallClock
+from services.control import ControlSide, Progress
 from services.logsummary import REPEATS
 from services.topology import Kind
 
@@ -298,9 +299,8 @@ class ServiceProc:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.control, self.inbox = service_sockets(self.ctx, spec)
         self.outbox = ZmqOutbox(self.ctx, spec.run_dir)
-        self.control_codec = p.service_control_codec()
+        self.side = ControlSide(spec.name, spec.secret)
         self.inbox_codec = p.inbox_codec()
-        self.rejected = 0
         self._stopping = False
         self._last_parent_check = 0.0
         # During a long model call the liveness thread answers on the control socket: it holds
@@ -312,7 +312,7 @@ class ServiceProc:
         self._closing = threading.Event()
 
     def send_control(self, message: p.ServiceToSupervisor) -> None:
-        self.control.send(self.control_codec.encode(message))
+        self.control.send(self.side.encode(message))
 
     # ------------------------------------------------------------ a link's hooks
 
@@ -330,24 +330,27 @@ class ServiceProc:
         """One of :meth:`sockets` has messages."""
 
     def on_control(self, msg: p.SupervisorToService) -> None:
-        """A control message the runtime does not handle itself (a link's ``ToNode``)."""
+        """A control message the runtime does not handle itself (a link's ``ToNode``); a
+        service that does not take it refuses it."""
+        self.side.reject(f"{type(msg).__name__}: {self.spec.kind} does not take it")
 
     def close_sockets(self) -> None:
         """Close :meth:`sockets` (before the context ends)."""
 
-    def _ack(self, core: ServiceCore[Any], seq: int, memory_free: int | None) -> p.HeartbeatAck:
+    def _ack(self, core: ServiceCore[Any], seq: int, memory_free: int | None) -> bytes:
         calls = core.calls
-        return p.HeartbeatAck(
-            seq=seq,
-            frames_done=core.frames_done,
-            frames_waiting=core.frames_waiting(),
-            rejected=self.rejected,
-            sessions=core.session_count(),
-            memory_free_bytes=memory_free,
-            call_running_s=round(calls.running_s(), 3),
-            longest_call_s=round(calls.longest_s(), 3),
-            calls_done=calls.done,
-            loras=core.loras(),
+        return self.side.ack(
+            seq,
+            Progress(
+                frames_done=core.frames_done,
+                frames_waiting=core.frames_waiting(),
+                sessions=core.session_count(),
+                memory_free_bytes=memory_free,
+                call_running_s=round(calls.running_s(), 3),
+                longest_call_s=round(calls.longest_s(), 3),
+                calls_done=calls.done,
+                loras=core.loras(),
+            ),
         )
 
     # ------------------------------------------------------------ liveness during calls
@@ -385,15 +388,11 @@ class ServiceProc:
                 raw = self.control.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                msg = self.control_codec.decode(raw)
-            except p.MessageRejected as exc:
-                self.rejected += 1
-                logger.warning("rejected control message: %s", exc)
+            if (msg := self.side.decode(raw)) is None:
                 continue
             match msg:
                 case p.Heartbeat(seq=seq):
-                    self.send_control(self._ack(core, seq, self._memory_free))
+                    self.control.send(self._ack(core, seq, self._memory_free))
                 case p.Stop():
                     self._stopping = True
                     self._deferred.append(msg)
@@ -403,13 +402,13 @@ class ServiceProc:
     def run(self, core_factory: CoreFactory | None) -> int:
         """Hello → build the core → Ready → loop until Stop. Returns the exit code."""
         spec = self.spec
-        self.send_control(p.Hello(service=spec.name, pid=os.getpid(), secret=spec.secret))
+        self.control.send(self.side.hello())
         core: ServiceCore[Any] | None = None
         try:
             core = self.make_core(core_factory)
             self.inbox_codec = p.inbox_codec(core.inbox)
             self._start_liveness(core)
-            self.send_control(p.Ready(service=spec.name))
+            self.control.send(self.side.ready())
             logger.info("ready (pid %d)", os.getpid())
             self._loop(core)
             return 0
@@ -480,11 +479,7 @@ class ServiceProc:
                 raw = self.control.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                msg = self.control_codec.decode(raw)
-            except p.MessageRejected as exc:
-                self.rejected += 1
-                logger.warning("rejected control message: %s", exc)
+            if (msg := self.side.decode(raw)) is None:
                 continue
             self._on_control(core, msg)
 
@@ -492,7 +487,7 @@ class ServiceProc:
         match msg:
             case p.Heartbeat(seq=seq):
                 self._memory_free = core.memory_free_bytes()
-                self.send_control(self._ack(core, seq, self._memory_free))
+                self.control.send(self._ack(core, seq, self._memory_free))
             case p.Stop(reason=reason):
                 logger.info("stopping (%s)", reason or "requested")
                 self._stopping = True
@@ -529,8 +524,7 @@ class ServiceProc:
             try:
                 msg = self.inbox_codec.decode(raw)
             except p.MessageRejected as exc:
-                self.rejected += 1
-                logger.warning("rejected inbox message: %s", exc)
+                self.side.reject(f"inbox message: {exc}")
                 continue
             try:
                 core.handle(msg)
@@ -542,8 +536,7 @@ class ServiceProc:
                 )
             except (KeyError, ValueError) as exc:
                 # A well-formed message that does not fit (unknown session, wrong ring).
-                self.rejected += 1
-                logger.warning("rejected %s: %s", type(msg).__name__, exc)
+                self.side.reject(f"{type(msg).__name__}: {exc}")
 
 
 def run_service(

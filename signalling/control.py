@@ -1,7 +1,9 @@
-"""signalling's side of the control protocol, on asyncio (``zmq.asyncio``).
+"""signalling's end of the control connection, on asyncio (``zmq.asyncio``).
 
-Mirrors :class:`services.runtime.ServiceProc`: ``Hello`` → ``Ready``, heartbeats answered,
-``Stop`` honoured, garbage rejected and counted, the process exits with the supervisor.
+The protocol's service side is :class:`services.control.ControlSide`, as in every service
+process (``Hello`` → ``Ready``, heartbeats acked, what is refused counted once); this module is
+its I/O on the event loop: ``Stop`` honoured, signalling's own messages (a session failed, a
+Dreams worker ended) handed on, and the process stops with the supervisor.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from services import protocol as p
+from services.control import ControlSide, Progress
 from services.runtime import ServiceSpec, service_sockets
 
 logger = logging.getLogger(__name__)
@@ -25,9 +28,8 @@ class ControlLink:
         self.spec = spec
         self.ctx = zmq.asyncio.Context()
         self.control, self.inbox = service_sockets(self.ctx, spec)
-        self.control_codec = p.service_control_codec()
+        self.side = ControlSide(spec.name, spec.secret)
         self.inbox_codec = p.inbox_codec(p.SignallingInbox)
-        self.rejected = 0
         self.frames_done = 0
         self.stopped = asyncio.Event()
         self.on_session_failed: Callable[[p.SessionFailed], Awaitable[None]] | None = None
@@ -36,14 +38,18 @@ class ControlLink:
         self.on_inbox: Callable[[p.SignallingInbox], Awaitable[None]] | None = None
         self.session_count: Callable[[], int] = lambda: 0
 
+    @property
+    def rejected(self) -> int:
+        return self.side.rejected
+
     async def send(self, message: p.ServiceToSupervisor) -> None:
-        await self.control.send(self.control_codec.encode(message))
+        await self.control.send(self.side.encode(message))
 
     async def hello(self) -> None:
-        await self.send(p.Hello(service=self.spec.name, pid=os.getpid(), secret=self.spec.secret))
+        await self.control.send(self.side.hello())
 
     async def ready(self) -> None:
-        await self.send(p.Ready(service=self.spec.name))
+        await self.control.send(self.side.ready())
 
     async def run(self) -> None:
         """Serve control and inbox until Stop or the supervisor's death."""
@@ -61,24 +67,12 @@ class ControlLink:
 
     async def _control_loop(self) -> None:
         while True:
-            raw = await self.control.recv()
-            try:
-                msg = self.control_codec.decode(raw)
-            except p.MessageRejected as exc:
-                self.rejected += 1
-                logger.warning("rejected control message: %s", exc)
+            if (msg := self.side.decode(await self.control.recv())) is None:
                 continue
             match msg:
                 case p.Heartbeat(seq=seq):
-                    await self.send(
-                        p.HeartbeatAck(
-                            seq=seq,
-                            frames_done=self.frames_done,
-                            frames_waiting=0,
-                            rejected=self.rejected,
-                            sessions=self.session_count(),
-                        )
-                    )
+                    progress = Progress(self.frames_done, sessions=self.session_count())
+                    await self.control.send(self.side.ack(seq, progress))
                 case p.Stop(reason=reason):
                     logger.info("stopping (%s)", reason or "requested")
                     self.stopped.set()
@@ -89,8 +83,7 @@ class ControlLink:
                     if self.on_worker_exited is not None:
                         self.on_worker_exited(msg)
                 case _:
-                    self.rejected += 1
-                    logger.warning("rejected %s: signalling does not take it", type(msg).__name__)
+                    self.side.reject(f"{type(msg).__name__}: signalling does not take it")
 
     async def _inbox_loop(self) -> None:
         while True:
@@ -98,18 +91,15 @@ class ControlLink:
             try:
                 msg = self.inbox_codec.decode(raw)
             except p.MessageRejected as exc:
-                self.rejected += 1
-                logger.warning("rejected inbox message: %s", exc)
+                self.side.reject(f"inbox message: {exc}")
                 continue
             if self.on_inbox is None:
-                self.rejected += 1
-                logger.warning("rejected %s: no handler", type(msg).__name__)
+                self.side.reject(f"{type(msg).__name__}: no handler")
                 continue
             try:
                 await self.on_inbox(msg)
             except (KeyError, ValueError) as exc:
-                self.rejected += 1
-                logger.warning("rejected %s: %s", type(msg).__name__, exc)
+                self.side.reject(f"{type(msg).__name__}: {exc}")
 
     async def _parent_watch(self) -> None:
         """Stop when the supervisor exits: its pidfd becomes readable then."""
