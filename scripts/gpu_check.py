@@ -22,6 +22,10 @@ Checks (the CUDA paths dreamwire takes):
 * ``oom``: an impossible allocation is the out-of-memory error dreamwire's services report as
   ``ServiceFailed`` (``is_out_of_memory``), and a smaller allocation works after it;
 * ``vram_returned``: unloading a model gives its memory back;
+* ``vae``: the session VAEs a causal Wan block passes (``vae_type`` ``wan``, ``lightvae``,
+  ``tae``; ``lighttae`` is ``tae``'s network), streamed as the pipelines stream them: ms to
+  encode a longlive video block (12 frames) and to decode one (3 latents) at 576×320 and 512²,
+  beside the Wan VAE's;
 * ``moondream``: Moondream 2's own model code (``--moondream-code``, default the copy in
   ``../shared/artifacts/moondream2-torch``) built full size by dreamwire's loader with random
   weights: each feature's latency at 512² (caption and query to 32 tokens), bf16.
@@ -472,6 +476,52 @@ def main(argv: list[str] | None = None) -> int:
         free()
         return out
 
+    def vae() -> dict[str, Any]:
+        """Streamed encode and decode of a block, each VAE at full size with random weights
+        (the dry run: a narrow Wan VAE and 8×8 latents)."""
+        from diffusers import AutoencoderKLWan
+
+        from services.inference.wan.tae import TaeStream, TinyAutoencoder
+        from services.inference.wan.vae import LIGHTVAE_BASE_DIM, VaeStream
+
+        def wan_vae(base_dim: int) -> VaeStream:
+            model: Any = AutoencoderKLWan(base_dim=base_dim if cuda else 8)
+            return VaeStream(model.to(device, dtype).eval())
+
+        makers: dict[str, Callable[[], Any]] = {
+            "wan": lambda: wan_vae(96),  # the Wan 2.1 VAE's width
+            "lightvae": lambda: wan_vae(LIGHTVAE_BASE_DIM),
+            "tae": lambda: TaeStream(TinyAutoencoder().to(device, dtype).eval()),
+        }
+        out: dict[str, Any] = {}
+        for label, (h, w) in (("576x320", sizes["longlive"]), ("512x512", sizes["sdv2"])):
+            for name, make in makers.items():
+                stream = make()
+                first = torch.rand(1, 3, 9, 8 * h, 8 * w, device=device, dtype=dtype) * 2 - 1
+                block = torch.rand(1, 3, 12, 8 * h, 8 * w, device=device, dtype=dtype) * 2 - 1
+                stream.decode(stream.encode(first))  # the stream's start: 9 frames, 3 latents
+                enc, dec = [], []
+                for _ in range(blocks):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    latents = stream.encode(block)
+                    sync(device)
+                    t1 = time.perf_counter()
+                    frames = stream.decode(latents)
+                    sync(device)
+                    enc.append(t1 - t0)
+                    dec.append(time.perf_counter() - t1)
+                assert frames.shape[2] == 12, frames.shape
+                out[f"{name} {label} encode_ms"] = round(1e3 * sorted(enc)[len(enc) // 2], 1)
+                out[f"{name} {label} decode_ms"] = round(1e3 * sorted(dec)[len(dec) // 2], 1)
+                del stream
+                free()
+            for name in ("lightvae", "tae"):
+                wan_ms = out[f"wan {label} encode_ms"] + out[f"wan {label} decode_ms"]
+                ms = out[f"{name} {label} encode_ms"] + out[f"{name} {label} decode_ms"]
+                out[f"{name} {label} speedup"] = round(wan_ms / ms, 1) if ms else None
+        return out
+
     check.run("dtypes", dtypes, 5)
     check.run("moondream (its own code, random weights)", moondream, 60)
     check.run("video codecs (NVENC/NVDEC)", video_codecs, 30)
@@ -487,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         60,
     )
     check.run("stream_handoff", stream_handoff, 30)
+    check.run("vae (wan, lightvae, tae: a block streamed)", vae, 60)
     check.run("sd-turbo unet + taesd (channels_last)", sd_turbo, 60)
     check.run("fp8 (1.3B)", fp8(small, "1.3B"), 60)
     check.run("compile (longlive)", compile_check, 180)

@@ -337,8 +337,20 @@ class ServiceProc:
     def close_sockets(self) -> None:
         """Close :meth:`sockets` (before the context ends)."""
 
-    def _ack(self, core: ServiceCore[Any], seq: int, memory_free: int | None) -> bytes:
+    def _ack(
+        self,
+        core: ServiceCore[Any],
+        seq: int,
+        memory_free: int | None,
+        covering: float | None = None,
+    ) -> bytes:
+        """``covering``: the start of the call the liveness thread answers for. A heartbeat
+        it answers as that call ends still reports the call (the loop has not yet counted the
+        call's frames, so "none done, no call" would read as a stall)."""
         calls = core.calls
+        running_s = calls.running_s()
+        if covering is not None:
+            running_s = max(running_s, calls.clock() - covering)
         return self.side.ack(
             seq,
             Progress(
@@ -346,7 +358,7 @@ class ServiceProc:
                 frames_waiting=core.frames_waiting(),
                 sessions=core.session_count(),
                 memory_free_bytes=memory_free,
-                call_running_s=round(calls.running_s(), 3),
+                call_running_s=round(running_s, 3),
                 longest_call_s=round(calls.longest_s(), 3),
                 calls_done=calls.done,
                 loras=core.loras(),
@@ -380,9 +392,9 @@ class ServiceProc:
             with self._control_lock:
                 while calls.started == started and not self._closing.is_set():
                     if self.control.poll(int(LIVENESS_POLL_S * 1000)):
-                        self._liveness_drain(core)
+                        self._liveness_drain(core, started)
 
-    def _liveness_drain(self, core: ServiceCore[Any]) -> None:
+    def _liveness_drain(self, core: ServiceCore[Any], started: float) -> None:
         while True:
             try:
                 raw = self.control.recv(zmq.NOBLOCK)
@@ -392,7 +404,7 @@ class ServiceProc:
                 continue
             match msg:
                 case p.Heartbeat(seq=seq):
-                    self.control.send(self._ack(core, seq, self._memory_free))
+                    self.control.send(self._ack(core, seq, self._memory_free, started))
                 case p.Stop():
                     self._stopping = True
                     self._deferred.append(msg)
