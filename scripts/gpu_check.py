@@ -494,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             "tae": lambda: TaeStream(TinyAutoencoder().to(device, dtype).eval()),
         }
         out: dict[str, Any] = {}
-        for label, (h, w) in (("576x320", sizes["longlive"]), ("512x512", sizes["sdv2"])):
+        for h, w in (sizes["longlive"], sizes["sdv2"]):
+            label = f"{8 * w}x{8 * h}"  # 576x320 and 512x512 on a GPU
             for name, make in makers.items():
                 stream = make()
                 first = torch.rand(1, 3, 9, 8 * h, 8 * w, device=device, dtype=dtype) * 2 - 1
