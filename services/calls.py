@@ -34,7 +34,9 @@ class CallClock:
         self.changed = threading.Condition()
 
     @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
+    def running(self, *, record: bool = True) -> Iterator[None]:
+        """Around a model call (``record``: its duration joins the recent calls'); without
+        ``record``, a wait for model work already counted (a block made ahead)."""
         started = self.clock()
         with self.changed:
             self.started = started
@@ -45,10 +47,17 @@ class CallClock:
         finally:
             with self.changed:
                 self.started = None
-                self.durations.append(self.clock() - started)
-                self.done += 1
+                if record:
+                    self.durations.append(self.clock() - started)
+                    self.done += 1
                 self.changed.notify_all()
             self.after_call()
+
+    def record(self, duration_s: float) -> None:
+        """Model work done off the loop (a block made ahead on a worker thread): it counts
+        among the recent calls' durations, so waiting for it is not taken for stuck."""
+        with self.changed:
+            self.durations.append(duration_s)
 
     def wait_for_call(self, timeout_s: float) -> float | None:
         """The start of the call running now, waiting up to ``timeout_s`` for one."""

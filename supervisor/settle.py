@@ -86,4 +86,14 @@ def settle(
     checked = catalog.sort(tuple(pipeline_ids), {**defaults, **req.params})
     if checked.errors:
         raise InvalidRequest(*checked.errors)
-    return Settled(width, height, checked.valid, checked.unknown, checked.load_time)
+    # Scope's UIs repeat the load settings (height, width, vae_type) in every offer: only one
+    # that differs from what the pipeline was loaded with is worth a warning.
+    as_loaded = {
+        k: v for pid in pipeline_ids if pid in loaded for k, v in loaded[pid].load_params.items()
+    }
+    load_time = tuple(
+        key
+        for key in checked.load_time
+        if key not in as_loaded or as_loaded[key] != req.params[key]
+    )
+    return Settled(width, height, checked.valid, checked.unknown, load_time)

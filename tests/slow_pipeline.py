@@ -6,6 +6,9 @@
   ``DREAMWIRE_TEST_LOAD_GATE`` exists, so a test holds the server in its start-up.
 * ``stuckpass=slow_pipeline:STUCKPASS``: calls take 0.6 s, until the fifth, which never ends
   (a deadlocked model call).
+* ``waitpass=slow_pipeline:WAITPASS``: a block model's shape: its blocks are made off the loop
+  (2 s each, reported through ``work_done``) and a parameter change waits for the block in
+  flight (2 s).
 """
 
 from __future__ import annotations
@@ -92,4 +95,27 @@ STUCKPASS = dataclasses.replace(
     name="Stuck passthrough",
     description="Four calls of 0.6 s, then one that never ends.",
     loader="slow_pipeline:load_stuck",
+)
+
+
+class WaitingPassthrough(PassthroughPipeline):
+    def __call__(self, requests: Sequence[Request]) -> list[Result]:
+        self.work_done(SLOW_CALL_S)  # as a causal model's block made ahead
+        return super().__call__(requests)
+
+    def update(self, state: Any, config: Any, changed: set[str]) -> None:
+        time.sleep(SLOW_CALL_S)  # waits for the block in flight
+        super().update(state, config, changed)
+
+
+def load_waiting(spec: PipelineSpec, load_params: Any, models_dir: Path) -> WaitingPassthrough:
+    return WaitingPassthrough(spec)
+
+
+WAITPASS = dataclasses.replace(
+    SLOWPASS,
+    id="waitpass",
+    name="Waiting passthrough",
+    description="A parameter change waits 2 s for a block made off the loop.",
+    loader="slow_pipeline:load_waiting",
 )

@@ -331,6 +331,41 @@ def test_a_long_model_call_is_not_taken_for_a_frozen_process(
     assert "no heartbeat answered for 1." in run.log() and "the process is frozen" in run.log()
 
 
+def test_a_parameter_change_waiting_for_a_block_is_not_taken_for_a_frozen_process(
+    start_supervisor: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A block model's parameter change waits for the session's block in flight (2 s here,
+    # over the 1 s heartbeat limit): the liveness thread answers meanwhile, and the wait is
+    # judged against the blocks made ahead, so the model streams on. (Scope's UI sends
+    # parameters while longlive made blocks of 10 s on a CPU: the process was killed as frozen.)
+    monkeypatch.setenv("DREAMWIRE_PIPELINES", "waitpass=slow_pipeline:WAITPASS")
+    run = start_supervisor(
+        "stall_timeout_s = 1.0\nmodel_heartbeat_timeout_s = 1.0\n"
+        + CHAIN.replace('pipelines = ["passthrough"]', 'pipelines = ["waitpass"]')
+    )
+    stages = ["testsrc", "inference/waitpass", "testsink"]
+    reply = run.request(p.OpenSession(session_id="s1", stages=stages, width=128, height=96))
+    assert isinstance(reply, p.SessionOpened), reply
+    wait_until(lambda: sink_frames(run) >= 10, 30, "frames at the sink")
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    assert run.run_dir is not None
+    push.connect(inbox_endpoint(run.run_dir, "inference/waitpass"))
+    codec = p.inbox_codec()
+    try:
+        for paused in (True, False):
+            push.send(codec.encode(p.UpdateParameters("s1", {"paused": paused})))
+        before = sink_frames(run)
+        wait_until(lambda: sink_frames(run) >= before + 10, 30, "frames after the changes")
+    finally:
+        push.close()
+        ctx.term()
+    service = run.service("inference/waitpass")
+    assert service.restarts == 0 and service.state == "ready", run.log()
+    assert "killing it" not in run.log()
+
+
 def test_a_stuck_model_call_is_killed_by_its_own_history(
     start_supervisor: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:

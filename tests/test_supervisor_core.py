@@ -517,9 +517,9 @@ def test_one_request_opens_a_session_settled_from_the_loaded_pipeline() -> None:
     rig.hello_ready("inference/testcard")
 
     # A camera offered to a text-only generator: text, the offer's second choice.
-    offer = p.OpenSession(
-        "s1", owner="owner", modes=["video", "text"], params={"paused": True, "volume": 3}
-    )
+    # Scope's UI repeats the load settings: the same value passes quietly, another is reported.
+    params = {"paused": True, "volume": 3, "height": 64, "width": 100}
+    offer = p.OpenSession("s1", owner="owner", modes=["video", "text"], params=params)
     reply, effects = rig.admin(offer, 1.0)
     assert isinstance(reply, p.SessionOpened), reply
     assert (reply.pipeline_ids, reply.width, reply.height, reply.mode) == (
@@ -530,7 +530,7 @@ def test_one_request_opens_a_session_settled_from_the_loaded_pipeline() -> None:
     )
     assert reply.stages == ["inference/testcard", "encode"]
     assert reply.params == {"paused": True, "prompts": [{"text": "loaded", "weight": 1.0}]}
-    assert reply.unknown == ["volume"] and reply.load_time == []
+    assert reply.unknown == ["volume"] and reply.load_time == ["width"]
     starts = sent(effects, p.StartSession)
     assert [route for route, _ in starts] == [b"inference/testcard", b"encode"]
     assert all(

@@ -122,6 +122,7 @@ class InferenceCore(FrameStage[InferenceState]):
         #: Block pipelines (a causal video model: several frames a call) are paced.
         self.paced = self.pipeline_spec.frames_per_call > 1
         self.copies_input = self.pipeline.copies_input
+        self.pipeline.work_done = self.calls.record
         self.failures = 0
         self._pending: set[str] = set()
 
@@ -152,7 +153,8 @@ class InferenceCore(FrameStage[InferenceState]):
 
     def end_state(self, session: StageSession[InferenceState]) -> None:
         if session.state.session is not None:
-            session.state.session.end()
+            with self.calls.running(record=False):  # may wait for its block in flight
+                session.state.session.end()
 
     def on_parameters(self, session: StageSession[InferenceState], changed: dict[str, Any]) -> None:
         """Merge new values (newest wins); the pipeline applies them on the next frame."""
@@ -160,7 +162,10 @@ class InferenceCore(FrameStage[InferenceState]):
         if pipeline_session is None:
             return
         try:
-            pipeline_session.update(changed)
+            # A block model waits for the session's block in flight first: a model call, as
+            # far as liveness goes (heartbeats are answered meanwhile).
+            with self.calls.running(record=False):
+                pipeline_session.update(changed)
         except ValueError as exc:
             logger.warning("session %s: parameters refused: %s", session.session_id, exc)
             self._tell(session, "error", str(exc))

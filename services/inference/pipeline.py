@@ -178,8 +178,13 @@ class Pipeline(ABC):
     def new_session(self, session_id: str, width: int, height: int, config: Any) -> Any:
         """Per-session state (caches, embeddings, noise) for a validated config."""
 
+    #: Called with the duration of model work done off the caller's thread (a block made
+    #: ahead); the service counts it among its calls (``CallClock.record``).
+    work_done: Callable[[float], None] = staticmethod(lambda duration_s: None)
+
     def update(self, state: Any, config: Any, changed: set[str]) -> None:  # noqa: B027
-        """The session's config changed (``changed`` names the fields); applied next frame."""
+        """The session's config changed (``changed`` names the fields); applied next frame.
+        May wait for the session's model work in flight (the service answers heartbeats)."""
 
     def end_session(self, state: Any) -> None:  # noqa: B027
         """Free what the session held."""

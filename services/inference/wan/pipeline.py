@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -364,9 +365,11 @@ class WanPipeline(Pipeline):
     def _text_block_ahead(self, s: WanState) -> None:
         """On the worker thread: the next block, its frames on the CPU once complete."""
         with self._model_lock, torch.inference_mode(), self._on_worker_stream():
+            started = time.monotonic()
             frames = self._text_block(s)
             if self._worker_stream is not None:
                 frames = [(f.cpu(), tag, block) for f, tag, block in frames]
+            self.work_done(time.monotonic() - started)
         s.out.extend(frames)
 
     def _take_inputs(self, s: WanState) -> tuple[list[torch.Tensor], list[Any]]:
@@ -381,9 +384,11 @@ class WanPipeline(Pipeline):
     def _video_block_ahead(self, s: WanState, inputs: list[torch.Tensor], tags: list[Any]) -> None:
         """On the worker thread: a video block, its frames on the CPU once complete."""
         with self._model_lock, torch.inference_mode(), self._on_worker_stream():
+            started = time.monotonic()
             frames = self._video_frames(s, inputs, tags)
             if self._worker_stream is not None:
                 frames = [(f.cpu(), tag, block) for f, tag, block in frames]
+            self.work_done(time.monotonic() - started)
         s.out.extend(frames)
 
     def _on_worker_stream(self) -> Any:
