@@ -110,8 +110,10 @@ async def test_ui_0_1_camera_session_with_its_loads_and_offer(
         assert key in warning["data"]
     for key in ("input_mode", "pipeline_ids", "recording"):
         assert key not in warning["data"]
+    # The resolution the offer repeats is the loaded one: not warned about; another one is.
+    await client.send_parameters({"height": 512})
     load_time = await client.wait_message("warning")
-    assert "height, width: set when the pipeline loads" in load_time["data"]
+    assert "ignored height: set when the pipeline loads" in load_time["data"]
     await client.send_parameters(
         {"prompts": [{"text": "x", "weight": 100}], "quantize_mode": "none", "lookahead_ms": 0}
     )
