@@ -98,6 +98,9 @@ class Child:
         self.state = State.STARTING
         self.started_at = self.last_ack = self.progress_at = now
         self.unanswered_since = None
+        # The killed process's calls are not the new one's: judged on its own from here.
+        self.call_running_s = self.longest_call_s = 0.0
+        self.calls_done = 0
         logger.info("started %s (pid %d)", self.name, pid)
         if not self.controlled:
             self.state = State.READY

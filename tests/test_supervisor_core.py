@@ -235,6 +235,16 @@ def test_a_long_model_call_is_judged_by_its_history_and_a_frozen_one_by_its_sile
     assert child.kill_reason == (
         "a model call has run for 41.0 s, over 40.0 s (4× its longest recent call, 10.0 s): stuck"
     )
+    # Restarted, the new process is judged on its own calls, not the killed one's last report
+    # (it was killed again 0.15 s after each ready, for good).
+    old_pid = child.pid
+    rig.apply(rig.core.handle(Exited(old_pid or 0, -9), 121.5))
+    rig.apply(rig.tick(122.0))
+    assert child.pid not in (None, old_pid)
+    rig.now = 122.0
+    rig.hello_ready("inference/slow")
+    for t in (122.2, 123.0, 124.0):
+        assert not any(isinstance(e, Kill) for e in rig.tick(t)), child.kill_reason
 
 
 def test_a_frozen_model_process_is_killed_by_the_heartbeat_limit() -> None:

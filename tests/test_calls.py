@@ -1,0 +1,24 @@
+"""A model process's call clock: what its heartbeats say of the calls it runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.calls import RECENT_CALLS, CallClock
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_blocks_made_off_the_loop_stay_the_longest_work_among_many_short_calls() -> None:
+    now = [0.0]
+    clock = CallClock(clock=lambda: now[0])
+    clock.record(12.0)  # a block made ahead on the worker thread
+    for _ in range(10 * RECENT_CALLS):  # a text session's loop asks every 10 ms
+        with clock.running():
+            now[0] += 0.001
+    assert clock.longest_s() == 12.0 and clock.done == 10 * RECENT_CALLS
+    # A wait for that block (a parameter change) is covered but not counted as a call.
+    with clock.running(record=False):
+        now[0] += 11.0
+        assert clock.running_s() == pytest.approx(11.0)
+    assert clock.done == 10 * RECENT_CALLS and clock.running_s() == 0.0
