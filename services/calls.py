@@ -15,8 +15,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
-#: Recent call durations remembered (their maximum is "the longest recent call").
-RECENT_CALLS = 32
+#: How long a call (or a piece of work off the loop) counts as recent. A span of time, not a
+#: number of calls: a text session's loop makes a hundred 1 ms calls a second, which must not
+#: push a 15 s block out of the record.
+RECENT_S = 300.0
+RECENT_CALLS = 32  # kept for callers that size a history by calls
 
 
 class CallClock:
@@ -25,10 +28,10 @@ class CallClock:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.started: float | None = None
-        self.durations: deque[float] = deque(maxlen=RECENT_CALLS)
-        #: Model work done off the loop (blocks made ahead), kept apart: the loop's own calls
-        #: may be many and short (a text session asks every 10 ms) and would push it out.
-        self.work: deque[float] = deque(maxlen=RECENT_CALLS)
+        #: (when, duration) of the recent calls and work, longest first: a sliding-window
+        #: maximum, so a long block stays the longest for ``RECENT_S`` however many short
+        #: calls follow it.
+        self._longest: deque[tuple[float, float]] = deque()
         self.done = 0
         #: Set by the process around each call (the liveness thread takes over the control
         #: socket during it); no-ops for a core run without one (tests).
@@ -51,7 +54,7 @@ class CallClock:
             with self.changed:
                 self.started = None
                 if record:
-                    self.durations.append(self.clock() - started)
+                    self._remember(self.clock() - started)
                     self.done += 1
                 self.changed.notify_all()
             self.after_call()
@@ -60,7 +63,13 @@ class CallClock:
         """Model work done off the loop (a block made ahead on a worker thread): it counts
         among the recent calls' durations, so waiting for it is not taken for stuck."""
         with self.changed:
-            self.work.append(duration_s)
+            self._remember(duration_s)
+
+    def _remember(self, duration_s: float) -> None:
+        now = self.clock()
+        while self._longest and self._longest[-1][1] <= duration_s:
+            self._longest.pop()  # never the longest again while this one is recent
+        self._longest.append((now, duration_s))
 
     def wait_for_call(self, timeout_s: float) -> float | None:
         """The start of the call running now, waiting up to ``timeout_s`` for one."""
@@ -78,5 +87,8 @@ class CallClock:
         return 0.0 if started is None else max(0.0, self.clock() - started)
 
     def longest_s(self) -> float:
-        """The longest recent call, or recent piece of work off the loop."""
-        return max(max(self.durations, default=0.0), max(self.work, default=0.0))
+        """The longest call, or piece of work off the loop, of the last ``RECENT_S``."""
+        with self.changed:
+            while self._longest and self._longest[0][0] < self.clock() - RECENT_S:
+                self._longest.popleft()
+            return self._longest[0][1] if self._longest else 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.calls import RECENT_CALLS, CallClock
+from services.calls import RECENT_CALLS, RECENT_S, CallClock
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -22,3 +22,17 @@ def test_blocks_made_off_the_loop_stay_the_longest_work_among_many_short_calls()
         now[0] += 11.0
         assert clock.running_s() == pytest.approx(11.0)
     assert clock.done == 10 * RECENT_CALLS and clock.running_s() == 0.0
+
+
+def test_a_block_made_on_the_loop_stays_the_longest_call_for_a_while() -> None:
+    """A text session's first block is made in a call; its loop then asks every 10 ms."""
+    now = [0.0]
+    clock = CallClock(clock=lambda: now[0])
+    with clock.running():
+        now[0] += 15.0
+    for _ in range(2000):
+        with clock.running():
+            now[0] += 0.001
+    assert clock.longest_s() == 15.0
+    now[0] += RECENT_S
+    assert clock.longest_s() < 15.0  # no longer recent
