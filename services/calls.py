@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 #: number of calls: a text session's loop makes a hundred 1 ms calls a second, which must not
 #: push a 15 s block out of the record.
 RECENT_S = 300.0
-RECENT_CALLS = 32  # kept for callers that size a history by calls
 
 
 class CallClock:
