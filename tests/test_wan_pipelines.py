@@ -391,7 +391,7 @@ def test_krea_rebuilds_from_a_re_encoded_older_frame_past_the_first_blocks(
     real = pipe._reencode
 
     def spy(s: Any) -> Any:
-        encoded.append((s.stream.next_frame, s.decoded[0].clone()))
+        encoded.append((s.stream.next_frame, s.output.decoded[0].clone()))
         return real(s)
 
     pipe._reencode = spy

@@ -57,8 +57,9 @@ import torch
 from services.inference import diffusion as d
 from services.inference.loras import LoraSet, merge_mode, read_safetensors, wan_adapters
 from services.inference.pipeline import COMPILE_ENV, Pipeline, PipelineSpec, Request, Result
-from services.inference.wan.blocks import BlockLoop, BlockStream, motion_noise_scale
+from services.inference.wan.blocks import BlockLoop, BlockStream
 from services.inference.wan.convert import load_transformer
+from services.inference.wan.ends import VAE_SCALE, BlockInput, BlockOutput, context_keep
 from services.inference.wan.model import CausalWanTransformer
 from services.inference.wan.specs import (
     AUTOENCODERS,
@@ -70,7 +71,7 @@ from services.inference.wan.specs import (
     StreamDiffusionV2Config,
     WanConfig,
 )
-from services.inference.wan.vae import LatentStream, from_uint8_frames, open_vae, to_uint8_frames
+from services.inference.wan.vae import open_vae
 from services.models.downloads import require_models
 from services.models.store import repo_dir
 from services.protocol import LoraAdapter
@@ -81,7 +82,6 @@ logger = logging.getLogger(__name__)
 MAX_WAITING_INPUTS = 64
 
 TEXT_LEN = 512
-VAE_SCALE = 8
 
 
 class WanPromptEncoder(d.PromptEncoder):
@@ -119,7 +119,9 @@ class WanState:
     config: WanConfig
     prompt: d.PromptTrack
     stream: BlockStream
-    vae: LatentStream
+    #: The loop's ends (None where they run in the VAE stage processes of a split pipeline).
+    input: BlockInput | None
+    output: BlockOutput | None
     mode: str | None = None
     cross: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
     cached_with: torch.Tensor | None = None  # the embedding the KV cache was made with
@@ -127,9 +129,7 @@ class WanState:
     ahead: Future[None] | None = None  # the text block being generated ahead
     inputs: list[torch.Tensor] = field(default_factory=list)
     input_tags: list[Any] = field(default_factory=list)
-    last_input: torch.Tensor | None = None  # the noise controller's previous frame
     noise_level: float | None = None
-    decoded: deque[torch.Tensor] = field(default_factory=deque)  # Krea: recent output frames
     cross_computed: int = 0
     pending_cut: bool = False
     lora_version: int = 0  # the model's LoRA scales this session's caches were made with
@@ -220,10 +220,21 @@ class WanPipeline(Pipeline):
     def new_session(self, session_id: str, width: int, height: int, config: WanConfig) -> WanState:
         track = d.PromptTrack(self.prompts, config.prompts, config.prompt_interpolation_method)
         s = WanState(
-            session_id, width, height, config, track, self.loop.new_stream(), self.vae_stream()
+            session_id,
+            width,
+            height,
+            config,
+            track,
+            self.loop.new_stream(),
+            BlockInput(self.vae_stream(), self.device.dtype),
+            BlockOutput(
+                self.vae_stream(),
+                height,
+                width,
+                self.vae_stream,
+                context_keep(self.geometry.context_frames),
+            ),
         )
-        # Krea's re-encoded context frame is the oldest of the last 1 + 4·(context − 1) frames.
-        s.decoded = deque(maxlen=max(0, 1 + 4 * (self.geometry.context_frames - 1)))
         if config.transition is not None:
             track.start_transition(config.transition, config.prompt_interpolation_method)
         return s
@@ -249,10 +260,10 @@ class WanPipeline(Pipeline):
         """Frame 0 again: KV cache, VAE caches and the noise controller start afresh (Scope's
         ``init_cache``); frames already made stay queued."""
         self.loop.reset(s.stream)
-        s.vae.reset()
+        for end in (s.input, s.output):
+            if end is not None:
+                end.reset()
         s.cached_with = None
-        s.last_input = None
-        s.decoded.clear()
         s.pending_cut = False
 
     def _init(self, s: WanState, mode: str) -> None:
@@ -442,41 +453,27 @@ class WanPipeline(Pipeline):
         self, s: WanState, inputs: list[torch.Tensor], tags: list[Any]
     ) -> list[tuple[torch.Tensor, Any, int]]:
         self._start_block(s)
-        frames = torch.stack(inputs)
-        h, w = self._latent_hw(s)
-        video = from_uint8_frames(frames, self.device.dtype)
-        pad_h, pad_w = h * VAE_SCALE - s.height, w * VAE_SCALE - s.width
-        if pad_h or pad_w:
-            video = torch.nn.functional.pad(video, (0, pad_w, 0, pad_h, 0, 0), mode="replicate")
-        scale = self._noise_scale(s, video)
-        z = s.vae.encode(video)
-        latents = self._generate(s, z, scale)
+        assert s.input is not None
+        z, s.noise_level = s.input.encode(
+            torch.stack(inputs),
+            self._latent_hw(s),
+            noise_scale=s.config.noise_scale,
+            controller=s.config.noise_controller,
+            block_frames=self.block_frames,
+        )
+        latents = self._generate(s, z, s.noise_level)
         return [
             (frame, tag, s.blocks)
             for frame, tag in zip(self._decode(s, latents), tags, strict=True)
         ]
 
-    def _noise_scale(self, s: WanState, video: torch.Tensor) -> float:
-        """The block's noise: ``noise_scale``, or Scope's motion controller from it."""
-        base = s.config.noise_scale
-        if s.config.noise_controller:
-            base = motion_noise_scale(video, s.last_input, self.block_frames, base)
-            s.last_input = video[:, :, -1:]
-        s.noise_level = base
-        return base
-
     def _decode(self, s: WanState, latents: torch.Tensor) -> list[torch.Tensor]:
-        video = s.vae.decode(latents)
-        if self.geometry.context_frames:
-            s.decoded.extend(video[:, :, i : i + 1] for i in range(video.shape[2]))
-        frames = to_uint8_frames(video)[:, : s.height, : s.width]
-        return list(frames.unbind(0))
+        assert s.output is not None
+        return s.output.decode(latents)
 
     def _reencode(self, s: WanState) -> torch.Tensor:
-        """Krea's first context latent past the stream's start: the oldest of its last nine
-        output frames, encoded on its own (scope:krea_realtime_video/blocks/
-        recompute_kv_cache.py)."""
-        return self.vae_stream().encode(s.decoded[0]).to(self.device.device)
+        assert s.output is not None
+        return s.output.reencode().to(self.device.device)
 
     # ------------------------------------------------------------ the model
 
