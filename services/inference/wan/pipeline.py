@@ -142,6 +142,7 @@ class WanState:
 class WanPipeline(Pipeline):
     copies_input = True
     oom_errors = d.OOM_ERRORS
+    state_type: type[WanState] = WanState
 
     def __init__(self, spec: PipelineSpec, load: WanConfig, models_dir: Path) -> None:
         super().__init__(spec)
@@ -200,8 +201,6 @@ class WanPipeline(Pipeline):
         text_encoder: Any = UMT5EncoderModel.from_pretrained(base / "text_encoder", dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
         text_encoder.to(dev).eval().requires_grad_(False)
-        #: Makes a session's stream through the VAE ``vae_type`` names (``wan``: Wan's own).
-        self.vae_stream = open_vae(load.vae_type, models_dir, dtype, dev)
         self.vae_type = load.vae_type
         self.prompts = WanPromptEncoder(text_encoder, tokenizer, self.device)
         #: Generate the next text block while the queued frames are served (see the module doc).
@@ -209,7 +208,20 @@ class WanPipeline(Pipeline):
         self._model_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"{spec.id}-ahead")
         self._worker_stream = torch.cuda.Stream() if dev.type == "cuda" else None
+        self._load_ends(load, models_dir)
         logger.info("%s on %s, VAE %s", spec.id, self.device_description, self.vae_type)
+
+    def _load_ends(self, load: WanConfig, models_dir: Path) -> None:
+        #: Makes a session's stream through the VAE ``vae_type`` names (``wan``: Wan's own).
+        self.vae_stream = open_vae(load.vae_type, models_dir, self.device.dtype, self.device.device)
+
+    def _ends(self, width: int, height: int) -> tuple[BlockInput | None, BlockOutput | None]:
+        """A new session's VAE ends (both in this process)."""
+        keep = context_keep(self.geometry.context_frames)
+        return (
+            BlockInput(self.vae_stream(), self.device.dtype),
+            BlockOutput(self.vae_stream(), height, width, self.vae_stream, keep),
+        )
 
     @property
     def model_calls(self) -> int:
@@ -219,21 +231,14 @@ class WanPipeline(Pipeline):
 
     def new_session(self, session_id: str, width: int, height: int, config: WanConfig) -> WanState:
         track = d.PromptTrack(self.prompts, config.prompts, config.prompt_interpolation_method)
-        s = WanState(
+        s = self.state_type(
             session_id,
             width,
             height,
             config,
             track,
             self.loop.new_stream(),
-            BlockInput(self.vae_stream(), self.device.dtype),
-            BlockOutput(
-                self.vae_stream(),
-                height,
-                width,
-                self.vae_stream,
-                context_keep(self.geometry.context_frames),
-            ),
+            *self._ends(width, height),
         )
         if config.transition is not None:
             track.start_transition(config.transition, config.prompt_interpolation_method)
@@ -513,4 +518,8 @@ class WanPipeline(Pipeline):
 
 
 def load(spec: PipelineSpec, load_params: Any, models_dir: Path) -> WanPipeline:
+    if load_params.split:
+        from services.inference.wan.split import SplitWanPipeline
+
+        return SplitWanPipeline(spec, load_params, models_dir)
     return WanPipeline(spec, load_params, models_dir)

@@ -107,6 +107,19 @@ ManageCache = Annotated[
 ]
 
 
+#: Where a VAE stage of a split block loop runs: ``same`` (the transformer's device), ``cpu``,
+#: ``cuda:N``; ``cpu:N`` names a stand-in device (the CPU), as the supervisor's ``devices`` do.
+StageDevice = Annotated[str, msgspec.Meta(pattern=r"^(same|cpu|(cuda|cpu):[0-9]{1,2})$")]
+
+
+class SplitPlacement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A split block loop's VAE stages: their devices, and torch's threads in each (CPU)."""
+
+    encode: StageDevice = "same"
+    decode: StageDevice = "same"
+    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] | None = None
+
+
 class WanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Fields every causal Wan pipeline has."""
 
@@ -151,6 +164,15 @@ class WanConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             extra_json_schema=ui(3, label="VAE", load=True),
         ),
     ] = "wan"
+    #: dreamwire's: the block loop as stages, VAE encode and decode each in a process of its
+    #: own beside the transformer, blocks overlapping (``true``, or where each stage runs).
+    split: Annotated[
+        bool | SplitPlacement,
+        msgspec.Meta(
+            description="Run VAE encode and decode as processes of their own, overlapping "
+            "consecutive blocks (true, or {encode, decode: device, threads})"
+        ),
+    ] = False
 
 
 class StreamDiffusionV2Config(WanConfig, forbid_unknown_fields=True, kw_only=True):
@@ -181,6 +203,9 @@ class KreaRealtimeVideoConfig(WanConfig, forbid_unknown_fields=True, kw_only=Tru
         ),
     ] = None
 
+
+#: What a Wan pipeline takes only at load (changing one while streaming is refused).
+LOAD_KEYS = frozenset({"height", "width", "vae_type", "split"}) | LORA_LOAD_KEYS
 
 #: Text-mode step list of streamdiffusionv2 (its config default is the video one).
 SDV2_TEXT_STEPS = (1000, 750)
@@ -250,7 +275,7 @@ def _spec(
     weights: Artifact,
     width: int,
     height: int,
-    load_only: frozenset[str] = frozenset({"height", "width", "vae_type"}) | LORA_LOAD_KEYS,
+    load_only: frozenset[str] = LOAD_KEYS,
     *,
     mode_steps: dict[str, list[int]] | None = None,
     estimated_vram_gb: float = 20.0,
@@ -312,7 +337,7 @@ KREA_REALTIME_VIDEO = _spec(
     KREA_WEIGHTS,
     576,
     320,
-    frozenset({"height", "width", "quantization", "vae_type"}) | LORA_LOAD_KEYS,
+    LOAD_KEYS | {"quantization"},
     mode_steps={"video": [1000, 750]},
     estimated_vram_gb=32.0,
     recommended_quantization_vram_threshold=40.0,
