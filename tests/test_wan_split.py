@@ -39,7 +39,7 @@ def config(pipeline_id: str, **params: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def one_process(tiny_wan: Path) -> Iterator[dict[str, Any]]:
-    pipes = {pid: spec.load(config(pid), tiny_wan) for pid, spec in SPECS.items()}
+    pipes: dict[str, Any] = {pid: spec.load(config(pid), tiny_wan) for pid, spec in SPECS.items()}
     for pipe in pipes.values():
         pipe.prefetch = False  # block by block, on the call: the plainest reference
     yield pipes
@@ -70,7 +70,7 @@ def moving_frames(n: int, seed: int = 0) -> list[np.ndarray]:
 def plain(pipe: Any, state: Any, requests: list[tuple[int, Any]]) -> list[Any]:
     """The one-process pipeline's frames (tag, frame) for these requests (frames None: a text
     tick), every frame it made included."""
-    out = []
+    out: list[Any] = []
     for tag, frames in requests:
         prepared = None if frames is None else pipe.prepare(state, frames)
         results = pipe([Request(state.session_id, state, prepared, tag)]) + pipe.ready(state)
