@@ -252,3 +252,79 @@ def test_the_noise_is_scopes_draw(inputs: dict[str, Any]) -> None:
     sigma = loop.schedule.sigma(750)
     eps = (draws[1][0].permute(1, 0, 2, 3) - (1 - sigma) * first) / sigma
     assert torch.allclose(eps, inputs["longlive_text.b1.renoise1"], atol=1e-4)
+
+
+#: Text cases through a split pipeline (Krea: its first two blocks; from the third its context
+#: is a real VAE's re-encoding, which the golden run replaced with a stand-in).
+SPLIT_CASES = {"streamdiffusionv2_text": None, "longlive_text": None, "krea-realtime-video_text": 2}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+def test_a_split_pipeline_posts_scopes_latents_to_its_decoder(
+    name: str,
+    files: dict[str, Path],
+    inputs: dict[str, Any],
+    tiny_wan: Path,
+    tmp_path: Path,
+) -> None:
+    """The whole pipeline with ``split`` (the VAE ends in processes of their own, the
+    transformer's blocks overlapping their decodes): the latents it sends its decode stage are
+    Scope's. Only the prompt's embedding is given (the golden rows) instead of encoded."""
+    from services.inference import registry
+    from services.inference.pipeline import Request
+    from services.inference.wan import specs as ws
+    from services.models.store import COMPLETE_MARKER
+
+    want, meta = expected(name)
+    case = json.loads(meta["case"])
+    pid = case["pipeline"]
+    spec = {s.id: s for s in (ws.STREAMDIFFUSIONV2, ws.LONGLIVE, ws.KREA_REALTIME_VIDEO)}[pid]
+    # A models directory as download_models leaves it: the tiny base (text encoder, VAE) and
+    # the golden transformer in the pipeline's own file; longlive's built-in LoRA as zeros
+    # (the golden case has none).
+    models = tmp_path / "models"
+    (models / "Wan-AI").mkdir(parents=True)
+    base = ws.WAN_BASE.repo_id
+    (models / base).symlink_to(tiny_wan / base, target_is_directory=True)
+    repo, filename = ws.CHECKPOINTS[pid]
+    target = models / repo / filename
+    target.parent.mkdir(parents=True)
+    source = files["krea"] if pid == "krea-realtime-video" else files["generator"]
+    target.symlink_to(source)
+    (models / repo / COMPLETE_MARKER).touch()
+    if pid in ws.LORAS:
+        lora_repo, lora_file, _ = ws.LORAS[pid]
+        zero = {k: v * 0 for k, v in torch.load(files["lora"])["generator_lora"].items()}
+        torch.save({"generator_lora": zero}, models / lora_repo / lora_file)
+    h, w = (8 * n for n in case["latent_hw"])
+    params: dict[str, Any] = {
+        "height": h,
+        "width": w,
+        "seed": case["base_seed"],
+        "denoising_step_list": case["denoising_step_list"],
+        "split": {"threads": 1},
+    }
+    if case["kv_cache_attention_bias"] is not None:
+        params["kv_cache_attention_bias"] = case["kv_cache_attention_bias"]
+    pipe = spec.load(registry.full_config(spec, params), models)
+    try:
+        rows = inputs["prompt.a"]
+        emb = torch.zeros(TEXT_LEN, rows.shape[1])
+        emb[: rows.shape[0]] = rows
+        pipe.prompts.encode_text = lambda text: emb
+        posted: list[Any] = []
+        decoder = pipe.stages[1]
+        real = decoder.submit
+        decoder.submit = lambda job, arrays: (posted.append(arrays[0].copy()), real(job, arrays))[1]
+        blocks = SPLIT_CASES[name] or case["blocks"]
+        state = pipe.new_session("golden", w, h, registry.full_config(spec, params))
+        while len(posted) < blocks:
+            pipe([Request("golden", state, None, 0)])
+            pipe.ready(state)
+            pipe.settle(state)  # the block posted by this call is in the decoder's queue
+        pipe.end_session(state)
+    finally:
+        pipe.close()
+    for b in range(blocks):
+        diff = float((to_scope(torch.from_numpy(posted[b])) - want[f"b{b}.x0"]).abs().max())
+        assert diff <= TOLERANCE, (b, diff)
