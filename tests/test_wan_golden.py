@@ -306,7 +306,7 @@ def test_a_split_pipeline_posts_scopes_latents_to_its_decoder(
     }
     if case["kv_cache_attention_bias"] is not None:
         params["kv_cache_attention_bias"] = case["kv_cache_attention_bias"]
-    pipe = spec.load(registry.full_config(spec, params), models)
+    pipe: Any = spec.load(registry.full_config(spec, params), models)
     try:
         rows = inputs["prompt.a"]
         emb = torch.zeros(TEXT_LEN, rows.shape[1])
@@ -315,7 +315,12 @@ def test_a_split_pipeline_posts_scopes_latents_to_its_decoder(
         posted: list[Any] = []
         decoder = pipe.stages[1]
         real = decoder.submit
-        decoder.submit = lambda job, arrays: (posted.append(arrays[0].copy()), real(job, arrays))[1]
+
+        def spy(job: Any, arrays: list[Any]) -> Any:
+            posted.append(arrays[0].copy())
+            return real(job, arrays)
+
+        decoder.submit = spy
         blocks = SPLIT_CASES[name] or case["blocks"]
         state = pipe.new_session("golden", w, h, registry.full_config(spec, params))
         while len(posted) < blocks:
