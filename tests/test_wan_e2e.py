@@ -38,3 +38,21 @@ async def test_streamdiffusionv2_video_in(client: DreamwireClient) -> None:
     await client.connect(client.pattern)
     await client.wait_frames(6, timeout_s=120)
     assert (client.received.width, client.received.height) == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("pipeline_id", "camera"), [("longlive", False), ("streamdiffusionv2", True)]
+)
+async def test_a_split_block_loop_streams_through_the_system(
+    client: DreamwireClient, pipeline_id: str, camera: bool
+) -> None:
+    """``split``: the inference process starts its VAE stage processes and streams through them
+    (text mode, and video in with the camera)."""
+    await client.load_pipeline(pipeline_id, {"height": SIZE, "width": SIZE, "split": True})
+    if camera:
+        client.pattern = PatternTrack(SIZE, SIZE, 15)
+        await client.connect(client.pattern)
+    else:
+        await client.connect(None, initial_parameters={"prompts": [{"text": "a red fox"}]})
+    await client.wait_frames(12, timeout_s=120)
+    assert (client.received.width, client.received.height) == (SIZE, SIZE)
