@@ -8,6 +8,10 @@ in one run.
 
 ``--models DIR`` without the checkpoints gets the tiny random ones (``make_tiny_wan.py``).
 
+``--split [--sessions 1 --sessions 2]`` measures the block loop in one process against the
+loop split into stages (VAE encode and decode in processes of their own): frames per second of
+one stream and of two, each stage's ms per block, interleaved rounds, medians.
+
 ``--vae-type wan --vae-type tae …`` measures the VAEs side by side instead: the model loop of
 each pipeline and mode loaded with each ``vae_type``, and the median time of the session's VAE
 encode and decode calls, one call per block (Krea's text mode encodes too: its re-encoded context
@@ -279,6 +283,121 @@ def ensure_models(models: Path, pipeline_ids: list[str]) -> None:
         make_tiny_wan.make_all(models)
 
 
+def bench_split(
+    pipeline_id: str,
+    models: Path,
+    size: int,
+    blocks: int,
+    mode: p.Mode,
+    sessions: int,
+    split: bool,
+    threads: int,
+) -> dict[str, Any]:
+    """One stream's (or ``sessions`` streams') frames per second through the pipeline object,
+    in one process (torch on ``threads`` threads) or split (this process's transformer and each
+    VAE stage process on one thread each: the same cores). Blocks ahead on, as the service
+    runs it; video input comes as fast as the pipeline takes it (a faster camera: what it
+    cannot take is dropped), the feeding loop idling a millisecond between calls. The first two
+    blocks of every session are left out."""
+    import torch
+
+    torch.set_num_threads(1 if split else threads)
+    spec = registry.get(pipeline_id)
+    params: dict[str, Any] = {"height": size, "width": size}
+    load = registry.full_config(spec, {**params, "split": {"threads": 1}} if split else params)
+    pipe: Any = spec.load(load, models)
+    config = registry.full_config(spec, params)
+    times: dict[str, list[float]] = {"encode": [], "decode": []}
+    if not split:
+        streams = pipe.vae_stream
+        pipe.vae_stream = lambda: TimedVae(streams(), times)
+    states = [pipe.new_session(f"s{i}", size, size, config) for i in range(sessions)]
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(16)]
+    per_block = 4 * pipe.block_frames
+    made = [0] * sessions
+    start: float | None = None
+    warm = (4 * pipe.geometry.first_block_frames - 3) + per_block
+    calls = 0
+    while start is None or min(made) < blocks * per_block:
+        requests = []
+        for state in states:
+            frames = pipe.prepare(state, pool[calls % len(pool)]) if mode == "video" else None
+            requests.append(Request(state.session_id, state, frames, None))
+        calls += 1
+        results = pipe(requests)
+        got = [
+            sum(r.frame is not None for r in results if r.session_id == s.session_id)
+            + len(pipe.ready(s))
+            for s in states
+        ]
+        made = [m + g for m, g in zip(made, got, strict=True)]
+        if start is None and min(made) >= warm:
+            start, made = time.perf_counter(), [0] * sessions
+            for figures in times.values():
+                figures.clear()
+        if not any(got):
+            time.sleep(0.001)
+    total = time.perf_counter() - (start or 0.0)
+    stages = pipe.stage_ms() if split else None
+    for state in states:
+        pipe.end_session(state)
+    pipe.close()
+
+    def median(calls: list[float]) -> float | None:
+        return round(statistics.median(calls), 1) if calls else None
+
+    ms = stages or {
+        "encode": median(times["encode"]),
+        "transformer": None,
+        "decode": median(times["decode"]),
+    }
+    return {"fps": round(sum(made) / total, 2), "stage_ms": ms}
+
+
+def compare_split(args: argparse.Namespace, pipeline_ids: list[str], modes: list[p.Mode]) -> int:
+    """One process against split, interleaved rounds, medians (``--split``)."""
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for _ in range(args.rounds):
+        for pipeline_id, mode, sessions in itertools.product(pipeline_ids, modes, args.sessions):
+            key = f"{pipeline_id} {mode} {sessions}"
+            for split in (False, True):
+                r = bench_split(
+                    pipeline_id,
+                    args.models,
+                    args.size,
+                    args.blocks,
+                    mode,
+                    sessions,
+                    split,
+                    args.threads,
+                )
+                rows.setdefault(key, {}).setdefault("split" if split else "one", []).append(r)
+                print(key, "split" if split else "one process", r, file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(
+        f"{args.size}x{args.size}, {os.cpu_count()} cores; one process: torch on {args.threads} "
+        f"threads; split: 1 thread in each of 3 processes; median of {args.rounds} rounds"
+    )
+    print(
+        "| pipeline, mode, sessions | one process fps | split fps | split / one "
+        "| one: VAE encode, decode ms | split: encode, transformer, decode ms |"
+    )
+    print("|---|---:|---:|---:|---|---|")
+    for key, r in rows.items():
+        one = statistics.median(x["fps"] for x in r["one"])
+        two = statistics.median(x["fps"] for x in r["split"])
+        a, b = r["one"][-1]["stage_ms"], r["split"][-1]["stage_ms"]
+        print(
+            f"| {key} | {one:.2f} | {two:.2f} | {two / one:.2f} | "
+            f"{a['encode'] or '–'}, {a['decode']} | "
+            f"{b['encode'] or '–'}, {b['transformer']}, {b['decode']} |"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, required=True)
@@ -295,12 +414,23 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="measure the model loop and its VAE with each of these (no system run)",
     )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="one process against the block loop split into stages (no system run)",
+    )
+    parser.add_argument("--sessions", type=int, action="append", help="with --split: 1, 2, …")
+    parser.add_argument("--rounds", type=int, default=2, help="with --split")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="one process")
     args = parser.parse_args(argv)
     pipeline_ids = args.pipeline or list(PIPELINES)
     modes: list[p.Mode] = args.mode or ["text"]
     ensure_models(args.models, pipeline_ids)
     if args.vae_type:
         return compare_vaes(args, pipeline_ids, modes)
+    if args.split:
+        args.sessions = args.sessions or [1, 2]
+        return compare_split(args, pipeline_ids, modes)
     results: dict[str, dict[str, Any]] = {}
     for pipeline_id, mode in itertools.product(pipeline_ids, modes):
         results[f"{pipeline_id} {mode}"] = {
