@@ -283,41 +283,53 @@ def ensure_models(models: Path, pipeline_ids: list[str]) -> None:
         make_tiny_wan.make_all(models)
 
 
-def bench_split(
+def load_for_split_bench(
     pipeline_id: str,
     models: Path,
-    size: int,
-    blocks: int,
-    mode: p.Mode,
-    sessions: int,
-    split: bool,
+    width: int,
+    height: int,
+    split: bool | dict[str, Any],
     threads: int,
-) -> dict[str, Any]:
-    """One stream's (or ``sessions`` streams') frames per second through the pipeline object,
-    in one process (torch on ``threads`` threads) or split (this process's transformer and each
-    VAE stage process on one thread each: the same cores). Blocks ahead on, as the service
-    runs it; video input comes as fast as the pipeline takes it (a faster camera: what it
-    cannot take is dropped), the feeding loop idling a millisecond between calls. The first two
-    blocks of every session are left out."""
+) -> Any:
+    """The pipeline in one process (torch on ``threads`` threads) or split (this process's
+    transformer and each VAE stage process on one thread: the same cores; ``split`` may name
+    the stages' devices)."""
     import torch
 
     torch.set_num_threads(1 if split else threads)
     spec = registry.get(pipeline_id)
-    params: dict[str, Any] = {"height": size, "width": size}
-    load = registry.full_config(spec, {**params, "split": {"threads": 1}} if split else params)
-    pipe: Any = spec.load(load, models)
-    config = registry.full_config(spec, params)
+    params: dict[str, Any] = {"height": height, "width": width}
+    if split:
+        params["split"] = {"threads": 1, **(split if isinstance(split, dict) else {})}
+    pipe: Any = spec.load(registry.full_config(spec, params), models)
+    pipe.bench_size = (width, height)
+    return pipe
+
+
+def measure_stream(pipe: Any, mode: p.Mode, sessions: int, blocks: int) -> dict[str, Any]:
+    """Frames per second of ``sessions`` streams through a loaded pipeline object, blocks ahead
+    on as the service runs it; video input comes as fast as the pipeline takes it (a faster
+    camera: what it cannot take is dropped), the feeding loop idling a millisecond between calls
+    that gave nothing. Each session's first two blocks are left out. Per-stage ms: the split's
+    own figures; in one process, the VAE calls timed."""
+    spec = registry.get(pipe.spec.id)
+    width, height = pipe.bench_size
+    config = registry.full_config(spec, {"height": height, "width": width})
     times: dict[str, list[float]] = {"encode": [], "decode": []}
+    split = hasattr(pipe, "stage_ms")
     if not split:
         streams = pipe.vae_stream
         pipe.vae_stream = lambda: TimedVae(streams(), times)
-    states = [pipe.new_session(f"s{i}", size, size, config) for i in range(sessions)]
+    states = [pipe.new_session(f"s{i}", width, height, config) for i in range(sessions)]
+    if not split:
+        pipe.vae_stream = streams
     rng = np.random.default_rng(0)
-    pool = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(16)]
+    pool = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(16)]
     per_block = 4 * pipe.block_frames
+    warm = (4 * pipe.geometry.first_block_frames - 3) + per_block
+    figures = pipe.figures if split else times
     made = [0] * sessions
     start: float | None = None
-    warm = (4 * pipe.geometry.first_block_frames - 3) + per_block
     calls = 0
     while start is None or min(made) < blocks * per_block:
         requests = []
@@ -334,24 +346,26 @@ def bench_split(
         made = [m + g for m, g in zip(made, got, strict=True)]
         if start is None and min(made) >= warm:
             start, made = time.perf_counter(), [0] * sessions
-            for figures in times.values():
-                figures.clear()
+            for recent in figures.values():
+                recent.clear()
         if not any(got):
             time.sleep(0.001)
     total = time.perf_counter() - (start or 0.0)
-    stages = pipe.stage_ms() if split else None
     for state in states:
         pipe.end_session(state)
-    pipe.close()
 
     def median(calls: list[float]) -> float | None:
         return round(statistics.median(calls), 1) if calls else None
 
-    ms = stages or {
-        "encode": median(times["encode"]),
-        "transformer": None,
-        "decode": median(times["decode"]),
-    }
+    ms = (
+        pipe.stage_ms()
+        if split
+        else {
+            "encode": median(times["encode"]),
+            "transformer": None,
+            "decode": median(times["decode"]),
+        }
+    )
     return {"fps": round(sum(made) / total, 2), "stage_ms": ms}
 
 
@@ -359,21 +373,17 @@ def compare_split(args: argparse.Namespace, pipeline_ids: list[str], modes: list
     """One process against split, interleaved rounds, medians (``--split``)."""
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for _ in range(args.rounds):
-        for pipeline_id, mode, sessions in itertools.product(pipeline_ids, modes, args.sessions):
-            key = f"{pipeline_id} {mode} {sessions}"
+        for pipeline_id in pipeline_ids:
             for split in (False, True):
-                r = bench_split(
-                    pipeline_id,
-                    args.models,
-                    args.size,
-                    args.blocks,
-                    mode,
-                    sessions,
-                    split,
-                    args.threads,
+                pipe = load_for_split_bench(
+                    pipeline_id, args.models, args.size, args.size, split, args.threads
                 )
-                rows.setdefault(key, {}).setdefault("split" if split else "one", []).append(r)
-                print(key, "split" if split else "one process", r, file=sys.stderr, flush=True)
+                for mode, sessions in itertools.product(modes, args.sessions):
+                    key = f"{pipeline_id} {mode} {sessions}"
+                    r = measure_stream(pipe, mode, sessions, args.blocks)
+                    rows.setdefault(key, {}).setdefault("split" if split else "one", []).append(r)
+                    print(key, "split" if split else "one process", r, file=sys.stderr, flush=True)
+                pipe.close()
     if args.json:
         print(json.dumps(rows))
         return 0

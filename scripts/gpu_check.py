@@ -26,6 +26,10 @@ Checks (the CUDA paths dreamwire takes):
   ``tae``; ``lighttae`` is ``tae``'s network), streamed as the pipelines stream them: ms to
   encode a longlive video block (12 frames) and to decode one (3 latents) at 576×320 and 512²,
   beside the Wan VAE's;
+* ``split``: the causal Wan block loop in one process against split into stages (``split``:
+  VAE encode and decode in processes of their own), one stream's frames/s and each stage's ms,
+  Wan 1.3B-sized random transformer and real-size Wan VAE, streamdiffusionv2 video at 512² and
+  longlive text and video at 576×320; with two GPUs or more, the stages on the others too;
 * ``moondream``: Moondream 2's own model code (``--moondream-code``, default the copy in
   ``../shared/artifacts/moondream2-torch``) built full size by dreamwire's loader with random
   weights: each feature's latency at 512² (caption and query to 32 tokens), bf16.
@@ -63,6 +67,7 @@ from services.inference.session import is_out_of_memory  # noqa: E402
 from services.inference.wan.blocks import BlockLoop  # noqa: E402
 from services.inference.wan.model import CausalWanTransformer  # noqa: E402
 from services.inference.wan.specs import GEOMETRY  # noqa: E402
+from services.protocol import Mode  # noqa: E402
 
 #: Published model-loop figures the speeds are read against.
 PUBLISHED = {
@@ -523,6 +528,56 @@ def main(argv: list[str] | None = None) -> int:
                 out[f"{name} {label} speedup"] = round(wan_ms / ms, 1) if ms else None
         return out
 
+    def split_loop() -> dict[str, Any]:
+        """One stream of the causal Wan block loop in one process against split into stages
+        (VAE encode and decode processes beside the transformer's): Wan 1.3B-sized random
+        transformer, the real-size Wan VAE, through the real pipeline objects
+        (``bench_wan.measure_stream``); on one GPU, and with two or more a GPU for the stages."""
+        import shutil
+        import tempfile
+
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import make_tiny_wan
+        from bench_wan import load_for_split_bench, measure_stream
+
+        threads = torch.get_num_threads()  # the one-process runs' (a split run sets 1)
+        models = Path(tempfile.mkdtemp(prefix="dreamwire-split-"))
+        size = "full" if cuda else "tiny"
+        pipelines = ("streamdiffusionv2", "longlive") if cuda else ("longlive",)
+        make_tiny_wan.make_all(models, wan_vae=size, transformer=size, pipelines=pipelines)
+        gpus = torch.cuda.device_count() if cuda else 0
+        placements: dict[str, bool | dict[str, str]] = {"one process": False, "split": True}
+        if gpus >= 3:
+            placements["split, a GPU per stage"] = {"encode": "cuda:1", "decode": "cuda:2"}
+        elif gpus == 2:
+            placements["split, the VAE on GPU 1"] = {"encode": "cuda:1", "decode": "cuda:1"}
+        cases: list[tuple[str, int, int, tuple[Mode, ...]]] = (
+            [("streamdiffusionv2", 512, 512, ("video",)), ("longlive", 576, 320, ("text", "video"))]
+            if cuda
+            else [("longlive", 32, 32, ("text", "video"))]
+        )
+        out: dict[str, Any] = {"gpus": gpus}
+        try:
+            for pid, w, h, modes in cases:
+                for label, split in placements.items():
+                    pipe = load_for_split_bench(pid, models, w, h, split, threads)
+                    try:
+                        for mode in modes:
+                            r = measure_stream(pipe, mode, 1, blocks)
+                            out[f"{pid} {mode} {w}x{h} {label} fps"] = r["fps"]
+                            out[f"{pid} {mode} {w}x{h} {label} stage_ms"] = r["stage_ms"]
+                    finally:
+                        pipe.close()
+                        free()
+                for mode in modes:
+                    one = out[f"{pid} {mode} {w}x{h} one process fps"]
+                    for label in list(placements)[1:]:
+                        two = out[f"{pid} {mode} {w}x{h} {label} fps"]
+                        out[f"{pid} {mode} {w}x{h} {label} / one"] = round(two / one, 2)
+        finally:
+            shutil.rmtree(models, ignore_errors=True)
+        return out
+
     check.run("dtypes", dtypes, 5)
     check.run("moondream (its own code, random weights)", moondream, 60)
     check.run("video codecs (NVENC/NVDEC)", video_codecs, 30)
@@ -537,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         wan_speed("longlive", sizes["longlive"], [1000, 750, 500, 250]),
         60,
     )
+    check.run("split block loop (VAE stages in processes)", split_loop, 150)
     check.run("stream_handoff", stream_handoff, 30)
     check.run("vae (wan, lightvae, tae: a block streamed)", vae, 60)
     check.run("sd-turbo unet + taesd (channels_last)", sd_turbo, 60)

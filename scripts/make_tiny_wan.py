@@ -127,22 +127,27 @@ def write_lightvae(path: Path, seed: int) -> None:
     torch.save(state, path)
 
 
-def tiny_transformer(seed: int = 0) -> Any:
+#: Wan 2.1 1.3B's transformer (diffusers names), for ``--transformer full``: benchmarks on a GPU.
+WAN_1_3B = {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
+
+
+def tiny_transformer(seed: int = 0, size: str = "tiny") -> Any:
     import torch
 
     from services.inference.wan.model import CausalWanTransformer
 
     torch.manual_seed(seed)
+    shape = (
+        WAN_1_3B if size == "full" else {"num_attention_heads": 2, "ffn_dim": 512, "num_layers": 2}
+    )
     model = CausalWanTransformer(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
         attention_head_dim=128,
         in_channels=Z_DIM,
         out_channels=Z_DIM,
         text_dim=TEXT_DIM,
         freq_dim=256,
-        ffn_dim=512,
-        num_layers=2,
+        **shape,
     )
     with torch.no_grad():  # random init leaves a zero-output head: give it signal
         model.proj_out.weight.normal_(0.0, 0.02)
@@ -254,7 +259,14 @@ def write_tae(path: Path, seed: int) -> None:
     torch.save(state, path)
 
 
-def make_all(models_dir: Path, wan_vae: str = "tiny") -> None:
+def make_all(
+    models_dir: Path,
+    wan_vae: str = "tiny",
+    transformer: str = "tiny",
+    pipelines: tuple[str, ...] | None = None,
+) -> None:
+    """Every file the causal Wan pipelines load; ``transformer="full"`` writes Wan 1.3B-sized
+    random transformers (bf16) for ``pipelines`` only (Krea's is the 14B's layout at 1.3B)."""
     import torch
 
     from services.inference.wan.specs import (
@@ -279,7 +291,12 @@ def make_all(models_dir: Path, wan_vae: str = "tiny") -> None:
         "krea-realtime-video": "safetensors",
     }
     for i, (pipeline_id, (repo, filename)) in enumerate(sorted(CHECKPOINTS.items())):
-        state = original_state_dict(tiny_transformer(seed=10 + i))
+        if pipelines is not None and pipeline_id not in pipelines:
+            continue
+        model = tiny_transformer(seed=10 + i, size=transformer)
+        if transformer == "full":
+            model = model.to(torch.bfloat16)
+        state = original_state_dict(model)
         write_checkpoint(repo_dir(models_dir, repo) / filename, state, containers[pipeline_id])
         if pipeline_id in LORAS:
             lora_repo, lora_file, _ = LORAS[pipeline_id]
@@ -296,8 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         default="tiny",
         help="the Wan VAE: tiny (tests) or at Wan 2.1's real size (VAE benchmarks)",
     )
+    parser.add_argument(
+        "--transformer",
+        choices=["tiny", "full"],
+        default="tiny",
+        help="the causal transformers: tiny (tests) or Wan 1.3B-sized (GPU benchmarks)",
+    )
     args = parser.parse_args(argv)
-    make_all(args.dir, args.wan_vae)
+    make_all(args.dir, args.wan_vae, args.transformer)
     print(f"tiny causal Wan models written to {args.dir}")
     return 0
 
