@@ -89,6 +89,8 @@ class SplitState(WanState):
     frames_posted: int = 0  # frames the decoder owes (counted by the worker)
     frames_back: int = 0  # frames it gave (counted by the receiver)
     failure: BaseException | None = None  # a stage's, raised on the session's next call
+    #: The receiver thread's delivery against a new epoch (a mode change, the end).
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _run_id() -> str:
@@ -186,8 +188,9 @@ class SplitWanPipeline(WanPipeline):
 
     def _init(self, s: WanState, mode: str) -> None:
         assert isinstance(s, SplitState)
-        s.epoch += 1  # frames of the earlier mode still decoding are dropped
-        super()._init(s, mode)
+        with s.lock:
+            s.epoch += 1  # frames of the earlier mode still decoding are dropped
+            super()._init(s, mode)
 
     def settle(self, s: WanState) -> None:
         """Wait for the transformer's posted blocks; a failure (the block's or a stage's) is
@@ -211,11 +214,12 @@ class SplitWanPipeline(WanPipeline):
             self.settle(s)
         except Exception:  # the session is over: its failed block no longer matters
             logger.debug("block of ended session %s failed", s.session_id)
-        s.epoch += 1
+        with s.lock:
+            s.epoch += 1
+            s.out.clear()
         for stage in s.stages or ():
             stage.end(s.session_id)
         self.hard_cut(s)
-        s.out.clear()
         s.inputs.clear()
         s.cross = None
 
@@ -408,17 +412,17 @@ class SplitWanPipeline(WanPipeline):
         decoded: Future[Answer],
     ) -> None:
         """On the decode stage's receiver thread: the block's frames join the session's queue."""
-        if plan.epoch != s.epoch:
-            return  # the session ended or changed mode meanwhile
-        if (exc := decoded.exception()) is not None:
-            s.failure = exc
-            return
-        answer = decoded.result()
-        self.figures["decode"].append(answer.ms)
-        out = torch.from_numpy(answer.arrays[0]).unbind(0)
-        for frame, tag in zip(out, tags or [None] * len(out), strict=True):
-            s.out.append((frame, tag, block))
-        s.frames_back += frames
+        with s.lock:
+            if plan.epoch != s.epoch:
+                return  # the session ended or changed mode meanwhile
+            if (exc := decoded.exception()) is not None:
+                s.failure = exc
+                return
+            answer = decoded.result()
+            self.figures["decode"].append(answer.ms)
+            out = torch.from_numpy(answer.arrays[0]).unbind(0)
+            s.out.extend(zip(out, tags or [None] * len(out), [block] * len(out), strict=True))
+            s.frames_back += frames
 
 
 __all__ = ["SplitState", "SplitWanPipeline", "StageLost"]
