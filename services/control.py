@@ -31,6 +31,7 @@ class Progress:
     longest_call_s: float = 0.0
     calls_done: int = 0
     loras: list[p.LoraAdapter] = field(default_factory=list)
+    stage_ms: dict[str, float] = field(default_factory=dict)
 
 
 class ControlSide:
@@ -78,5 +79,6 @@ class ControlSide:
                 longest_call_s=progress.longest_call_s,
                 calls_done=progress.calls_done,
                 loras=progress.loras,
+                stage_ms=progress.stage_ms,
             )
         )

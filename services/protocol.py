@@ -83,6 +83,9 @@ class HeartbeatAck(msgspec.Struct, tag=True, forbid_unknown_fields=True):
     calls_done: int = 0
     #: A model process's LoRAs, with their current scales.
     loras: list[LoraAdapter] = []
+    #: A split block loop's recent median ms a block spends in each stage (encode,
+    #: transformer, decode); empty for every other process.
+    stage_ms: dict[str, float] = {}
 
 
 class ServiceFailed(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -276,6 +279,8 @@ class ServiceStatus(msgspec.Struct, forbid_unknown_fields=True):
     #: The device of a per-device inference process (``cuda:1``), and its free memory.
     device: str | None = None
     memory_free_bytes: int | None = None
+    #: A split block loop's ms a block spends in each stage (``HeartbeatAck.stage_ms``).
+    stage_ms: dict[str, float] = {}
 
 
 class RingCounters(msgspec.Struct, forbid_unknown_fields=True):

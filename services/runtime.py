@@ -271,6 +271,10 @@ class ServiceCore(ABC, Generic[M]):
         """The LoRAs on this service's model, with their scales now."""
         return []
 
+    def stage_ms(self) -> dict[str, float]:
+        """A split block loop's recent ms a block spends in each stage."""
+        return {}
+
     def on_session_failed(self, msg: p.SessionFailed) -> None:
         """Another stage of a session this service owns failed (signalling tells the client)."""
 
@@ -362,6 +366,7 @@ class ServiceProc:
                 longest_call_s=round(calls.longest_s(), 3),
                 calls_done=calls.done,
                 loras=core.loras(),
+                stage_ms=core.stage_ms(),
             ),
         )
 

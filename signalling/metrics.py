@@ -549,6 +549,7 @@ def _processes(status: p.StatusReport | None) -> list[ProcessMetrics]:
             gpu_memory_bytes=s.gpu_memory_bytes,
             frames_done=s.frames_done,
             restarts=s.restarts,
+            stage_ms=s.stage_ms,
         )
         for s in status.services
     ]
@@ -586,7 +587,14 @@ class _StatusCollector(Collector):
         gpu = GaugeMetricFamily(
             "dreamwire_process_gpu_memory_bytes", "GPU memory (nvidia-smi)", labels=["process"]
         )
+        stages = GaugeMetricFamily(
+            "dreamwire_block_stage_seconds",
+            "A split block loop: recent median time a block spends in each stage",
+            labels=["process", "stage"],
+        )
         for s in status.services:
+            for stage, ms in sorted(s.stage_ms.items()):
+                stages.add_metric([s.name, stage], ms / 1000.0)
             cpu.add_metric([s.name], s.cpu_percent)
             rss.add_metric([s.name], s.rss_bytes)
             if s.gpu_memory_bytes is not None:
@@ -594,6 +602,7 @@ class _StatusCollector(Collector):
         yield cpu
         yield rss
         yield gpu
+        yield stages
         frames = CounterMetricFamily(
             "dreamwire_ring_frames",
             "Frames through each session's rings, by outcome",

@@ -82,6 +82,8 @@ class ProcessMetrics(msgspec.Struct, forbid_unknown_fields=True):
     gpu_memory_bytes: int | None
     frames_done: int
     restarts: int
+    #: A split block loop's ms a block spends in each stage (encode, transformer, decode).
+    stage_ms: dict[str, float] = {}
 
 
 class MetricsReport(msgspec.Struct, forbid_unknown_fields=True):

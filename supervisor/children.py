@@ -83,6 +83,7 @@ class Child:
         self.calls_done = 0
         #: A model process's LoRAs and their scales, as its last heartbeat said.
         self.loras: list[p.LoraAdapter] = []
+        self.stage_ms: dict[str, float] = {}
         #: The device of a per-device inference process (``cuda:1``), else None.
         self.device: str | None = spec.options.get("device")
         #: The pipeline a pipeline process runs (None for other services).
@@ -101,6 +102,7 @@ class Child:
         # The killed process's calls are not the new one's: judged on its own from here.
         self.call_running_s = self.longest_call_s = 0.0
         self.calls_done = 0
+        self.stage_ms = {}
         logger.info("started %s (pid %d)", self.name, pid)
         if not self.controlled:
             self.state = State.READY
@@ -138,6 +140,7 @@ class Child:
         self.longest_call_s = ack.longest_call_s
         self.calls_done = ack.calls_done
         self.loras = ack.loras
+        self.stage_ms = ack.stage_ms
 
     def said_failed(self, reason: str) -> None:
         self.failure_reason = reason

@@ -361,6 +361,7 @@ class SupervisorCore:
                     last_error=c.last_error,
                     device=c.device,
                     memory_free_bytes=c.memory_free_bytes,
+                    stage_ms=c.stage_ms,
                     **asdict(self.sample(c.pid)),
                 )
                 for c in self.children.values()

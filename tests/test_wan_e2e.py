@@ -3,12 +3,17 @@ process, rings, encode and WebRTC, with tiny random-weight checkpoints in the or
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from client import DreamwireClient, PatternTrack
 from conftest import SupervisorRun
+
+from signalling.metrics_schema import MetricsReport
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -56,3 +61,23 @@ async def test_a_split_block_loop_streams_through_the_system(
         await client.connect(None, initial_parameters={"prompts": [{"text": "a red fox"}]})
     await client.wait_frames(12, timeout_s=120)
     assert (client.received.width, client.received.height) == (SIZE, SIZE)
+
+    # Each stage's ms a block, in the metrics (JSON and Prometheus) of the pipeline's process.
+    async def stages() -> dict[str, float]:
+        assert client.http is not None
+        async with client.http.get(f"{client.base_url}/api/v1/metrics") as resp:
+            report = msgspec.json.decode(await resp.read(), type=MetricsReport)
+        (process,) = [p for p in report.processes if p.name == f"inference/{pipeline_id}"]
+        return process.stage_ms
+
+    wanted = {"encode", "transformer", "decode"} if camera else {"transformer", "decode"}
+    deadline = time.monotonic() + 30
+    while set(figures := await stages()) != wanted:
+        assert time.monotonic() < deadline, figures
+        await asyncio.sleep(0.2)  # the supervisor's status refreshes on heartbeats
+    assert all(ms > 0 for ms in figures.values())
+    async with client.http.get(f"{client.base_url}/metrics") as resp:  # type: ignore[union-attr]
+        text = await resp.text()
+    assert (
+        f'dreamwire_block_stage_seconds{{process="inference/{pipeline_id}",stage="decode"}}' in text
+    )

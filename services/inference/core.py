@@ -425,6 +425,9 @@ class InferenceCore(FrameStage[InferenceState]):
     def loras(self) -> list[p.LoraAdapter]:
         return self.pipeline.lora_status()
 
+    def stage_ms(self) -> dict[str, float]:
+        return self.pipeline.stage_ms()
+
     def memory_free_bytes(self) -> int | None:
         torch = sys.modules.get("torch")  # a CPU-only pipeline never imported it
         if torch is None or not torch.cuda.is_available():

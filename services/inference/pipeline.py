@@ -203,6 +203,11 @@ class Pipeline(ABC):
         """Its LoRAs and their scales now (``services.inference.loras``)."""
         return []
 
+    def stage_ms(self) -> dict[str, float]:
+        """Where its work runs as stages (a split block loop), the recent median ms a block
+        spends in each; called from the liveness thread too."""
+        return {}
+
     def ready(self, state: Any) -> list[Result]:
         """Frames this session's calls made beyond the one each returned (the rest of a
         block), handed over now so the service can pace them evenly; none for a per-frame

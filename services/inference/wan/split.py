@@ -274,11 +274,12 @@ class SplitWanPipeline(WanPipeline):
             info["noise_scale"] = s.noise_level
         return info
 
-    def stage_ms(self) -> dict[str, float | None]:
-        """Median ms a block spends in each stage, recently."""
+    def stage_ms(self) -> dict[str, float]:
+        """Median ms a block spent in each stage, over its last blocks (a stage with none
+        yet, text mode's encoder, is left out). ``sorted`` copies each deque under the GIL, so
+        the receiver thread's appends cannot break it."""
         return {
-            name: round(statistics.median(ms), 1) if ms else None
-            for name, ms in self.figures.items()
+            name: round(statistics.median(sorted(ms)), 1) for name, ms in self.figures.items() if ms
         }
 
     def _wants_text_block(self, s: SplitState) -> bool:
