@@ -76,8 +76,8 @@ async def test_a_split_block_loop_streams_through_the_system(
         assert time.monotonic() < deadline, figures
         await asyncio.sleep(0.2)  # the supervisor's status refreshes on heartbeats
     assert all(ms > 0 for ms in figures.values())
-    async with client.http.get(f"{client.base_url}/metrics") as resp:  # type: ignore[union-attr]
+    assert client.http is not None
+    async with client.http.get(f"{client.base_url}/metrics") as resp:
         text = await resp.text()
-    assert (
-        f'dreamwire_block_stage_seconds{{process="inference/{pipeline_id}",stage="decode"}}' in text
-    )
+    gauge = f'dreamwire_block_stage_seconds{{process="inference/{pipeline_id}",stage="decode"}}'
+    assert gauge in text
