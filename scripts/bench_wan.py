@@ -316,7 +316,9 @@ def measure_stream(pipe: Any, mode: p.Mode, sessions: int, blocks: int) -> dict[
     width, height = pipe.bench_size
     config = registry.full_config(spec, {"height": height, "width": width})
     times: dict[str, list[float]] = {"encode": [], "decode": []}
-    split = hasattr(pipe, "stage_ms")
+    from services.inference.wan.split import SplitWanPipeline
+
+    split = isinstance(pipe, SplitWanPipeline)
     if not split:
         streams = pipe.vae_stream
         pipe.vae_stream = lambda: TimedVae(streams(), times)
