@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shm.ring import PAGE_BYTES, SHM_DIR, RingError, segment_name
+from shm.ring import PAGE_BYTES, SHM_DIR, RingError, create_segment, round_up, segment_name
 
 MAGIC = 0x6477_626C_6F63_6B71  # "dwblockq"
 HEADER_BYTES = 4096
@@ -60,10 +60,6 @@ class Message:
     payload: memoryview
 
 
-def _round_up(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
-
-
 class BlockQueue:
     """One side of a queue: :meth:`create` (the owner, which unlinks it) or :meth:`attach`."""
 
@@ -85,17 +81,8 @@ class BlockQueue:
         if slots < 2:
             raise ValueError("a queue needs at least 2 slots")
         path = SHM_DIR / segment_name(run_id, name)
-        stride = _round_up(8 * _WORDS + MESSAGE_HEADER_BYTES + capacity, PAGE_BYTES)
-        size = HEADER_BYTES + slots * stride
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, size)  # a full /dev/shm fails here, not as a SIGBUS
-            mm = mmap.mmap(fd, size)
-        except OSError as exc:
-            path.unlink(missing_ok=True)
-            raise RingError(f"cannot create {path} ({size} bytes): {exc}") from exc
-        finally:
-            os.close(fd)
+        stride = round_up(8 * _WORDS + MESSAGE_HEADER_BYTES + capacity, PAGE_BYTES)
+        mm = create_segment(path, HEADER_BYTES + slots * stride, f"queue {name}")
         np.frombuffer(mm, dtype=np.int64, count=4)[:] = (MAGIC, slots, stride, capacity)
         ctx = multiprocessing.get_context("spawn")
         handle = QueueHandle(str(path), ctx.Semaphore(0), ctx.Semaphore(slots))

@@ -155,12 +155,29 @@ def run_ids_in_shm() -> set[str]:
     return found
 
 
-def _round_up(n: int, to: int) -> int:
+def round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def create_segment(path: Path, size: int, what: str) -> mmap.mmap:
+    """A new shared-memory file of ``size`` bytes for ``what``, mapped (fails if it exists)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        # Allocated now, not on first touch: a full /dev/shm is this clear error here, not
+        # a SIGBUS in whichever process writes the slot first.
+        os.posix_fallocate(fd, 0, size)
+        return mmap.mmap(fd, size)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise RingError(f"no room in {SHM_DIR} for {what}: size {size} bytes") from exc
+        raise RingError(f"cannot create {path} ({size} bytes): {exc}") from exc
+    finally:
+        os.close(fd)
+
+
 def ring_bytes(n_slots: int, payload_capacity: int) -> int:
-    return RING_HEADER_BYTES + n_slots * _round_up(SLOT_HEADER_BYTES + payload_capacity, PAGE_BYTES)
+    return RING_HEADER_BYTES + n_slots * round_up(SLOT_HEADER_BYTES + payload_capacity, PAGE_BYTES)
 
 
 @dataclass(slots=True)
@@ -209,21 +226,8 @@ class FrameRing:
         if n_slots < 2:
             raise ValueError("a ring needs at least 2 slots")
         path = SHM_DIR / segment_name(run_id, ring)
-        stride = _round_up(SLOT_HEADER_BYTES + payload_capacity, PAGE_BYTES)
-        size = RING_HEADER_BYTES + n_slots * stride
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            # Allocated now, not on first touch: a full /dev/shm is this clear error here, not
-            # a SIGBUS in whichever process writes the slot first.
-            os.posix_fallocate(fd, 0, size)
-            mm = mmap.mmap(fd, size)
-        except OSError as exc:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            if exc.errno == errno.ENOSPC:
-                raise RingError(f"no room in {SHM_DIR} for ring {ring}: size {size} bytes") from exc
-            raise RingError(f"cannot create {path} ({size} bytes): {exc}") from exc
-        os.close(fd)
+        stride = round_up(SLOT_HEADER_BYTES + payload_capacity, PAGE_BYTES)
+        mm = create_segment(path, RING_HEADER_BYTES + n_slots * stride, f"ring {ring}")
         header = np.frombuffer(mm, dtype=np.int64, count=RING_HEADER_BYTES // 8)
         header[:] = 0
         header[_H_NSLOTS] = n_slots
