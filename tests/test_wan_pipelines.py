@@ -366,6 +366,48 @@ def test_a_tick_does_not_wait_for_the_block_in_flight(pipes: dict[str, Any]) -> 
         pipe.end_session(state)
 
 
+def test_a_video_block_whose_inputs_are_there_follows_the_last_at_once(
+    pipes: dict[str, Any],
+) -> None:
+    """A model slower than the camera: the next block's frames arrived while one was made, so
+    the worker goes on without waiting for another call (the next frame's arrival); a settle
+    stops that chain after the block in hand."""
+    import threading
+
+    pipe = pipes["longlive"]
+    release = threading.Event()
+    real = pipe._video_frames
+
+    def held(*args: Any) -> Any:
+        assert release.wait(60), "never released"
+        return real(*args)
+
+    state = pipe.new_session("chain", SIZE, SIZE, config("longlive"))
+    pipe._video_frames = held
+    pipe.prefetch = True
+    try:
+        video(pipe, state, 9 + 12)  # block 1 under way (held) while 12 more arrive
+        assert state.ahead is not None and not state.ahead.done()
+        release.set()
+        state.ahead.result(timeout=60)
+        assert state.blocks == 2  # block 2 followed without a call
+        assert [tag for _, tag, _ in state.out][-12:] == list(range(9, 21))
+        release.clear()
+        video(pipe, state, 12, start=21)  # block 3 held, block 4's inputs arriving meanwhile
+        video(pipe, state, 12, start=33)
+        waiter = threading.Thread(target=pipe.settle, args=(state,))
+        waiter.start()
+        release.set()
+        waiter.join(60)
+        assert state.blocks == 3 and len(state.inputs) == 12  # stopped after the block in hand
+    finally:
+        release.set()
+        del pipe._video_frames
+        pipe.prefetch = False
+        pipe.settle(state)
+        pipe.end_session(state)
+
+
 @pytest.mark.parametrize("pipeline_id", ["streamdiffusionv2", "longlive"])
 def test_warm_up_generates_blocks_in_the_default_mode(
     pipes: dict[str, Any], pipeline_id: str

@@ -28,7 +28,8 @@ answering heartbeats; a tick that finds the queue empty while the block is still
 gets no frame rather than waiting for it. Only a session's first block is made on the call.
 One lock serialises model work; a session's parameters, mode or end wait for its block in
 flight first (:meth:`settle`), so a new prompt applies from the next block on, and a failure
-in the block (out of memory) surfaces on the session's next call.
+in the block (out of memory) surfaces on the session's next call. Video blocks are made on the
+same worker, and one whose inputs arrived while the last was made follows it at once.
 
 Cache semantics (Scope's, scope:wan2_1/blocks/setup_caches.py): a **hard cut** (frame 0 again,
 KV and VAE caches cleared) comes from ``reset_cache``, from a prompt change outside a
@@ -133,6 +134,9 @@ class WanState:
     cross_computed: int = 0
     pending_cut: bool = False
     lora_version: int = 0  # the model's LoRA scales this session's caches were made with
+    #: Between the service thread and the worker: the inputs, and whether a settle waits.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    settling: bool = False
 
     @property
     def blocks(self) -> int:
@@ -299,10 +303,15 @@ class WanPipeline(Pipeline):
     # ------------------------------------------------------------ the call
 
     def settle(self, s: WanState) -> None:
-        """Wait for the session's block in flight; its failure is raised here."""
+        """Wait for the session's block in flight (a video chain stops after it); its failure
+        is raised here."""
         ahead, s.ahead = s.ahead, None
         if ahead is not None:
-            ahead.result()
+            s.settling = True
+            try:
+                ahead.result()
+            finally:
+                s.settling = False
 
     def __call__(self, requests: Sequence[Request]) -> list[Result]:
         results = []
@@ -328,8 +337,9 @@ class WanPipeline(Pipeline):
                 if self.prefetch and s.ahead is None and len(s.out) < 4 * self.block_frames:
                     s.ahead = self._worker.submit(self._text_block_ahead, s)
                 continue
-            s.inputs.append(r.frames)
-            s.input_tags.append(r.tag)
+            with s.lock:
+                s.inputs.append(r.frames)
+                s.input_tags.append(r.tag)
             if s.ahead is not None and s.ahead.done():
                 self.settle(s)  # the block made off the loop: its failure is raised here
             if s.ahead is None and len(s.inputs) >= self._frames_needed(s):
@@ -342,7 +352,8 @@ class WanPipeline(Pipeline):
                     with self._model_lock:
                         self._video_block(s, inputs, tags)
             elif len(s.inputs) > MAX_WAITING_INPUTS:
-                del s.inputs[0], s.input_tags[0]  # a block is being made: keep the newest
+                with s.lock:  # a block is being made: keep the newest
+                    del s.inputs[0], s.input_tags[0]
             if s.out:
                 frame, tag, block = s.out.popleft()
                 info = {"block": block, "noise_scale": s.noise_level}
@@ -392,20 +403,28 @@ class WanPipeline(Pipeline):
         """The block's input: the newest frames it needs (older ones arrived while the last
         block was made; dropping them keeps latency down, as the ring would)."""
         needed = self._frames_needed(s)
-        inputs, tags = s.inputs[-needed:], s.input_tags[-needed:]
-        s.inputs.clear()
-        s.input_tags.clear()
+        with s.lock:
+            inputs, tags = s.inputs[-needed:], s.input_tags[-needed:]
+            s.inputs.clear()
+            s.input_tags.clear()
         return inputs, tags
 
     def _video_block_ahead(self, s: WanState, inputs: list[torch.Tensor], tags: list[Any]) -> None:
-        """On the worker thread: a video block, its frames on the CPU once complete."""
-        with self._model_lock, torch.inference_mode(), self._on_worker_stream():
-            started = time.monotonic()
-            frames = self._video_frames(s, inputs, tags)
-            if self._worker_stream is not None:
-                frames = [(f.cpu(), tag, block) for f, tag, block in frames]
-            self.work_done(time.monotonic() - started)
-        s.out.extend(frames)
+        """On the worker thread: video blocks, their frames on the CPU once complete. When the
+        next block's inputs arrived while one was made (the model slower than the camera), it
+        starts at once rather than at the next frame's arrival, up to a frame interval later
+        every block; a settle stops the chain after the block in hand."""
+        while True:
+            with self._model_lock, torch.inference_mode(), self._on_worker_stream():
+                started = time.monotonic()
+                frames = self._video_frames(s, inputs, tags)
+                if self._worker_stream is not None:
+                    frames = [(f.cpu(), tag, block) for f, tag, block in frames]
+                self.work_done(time.monotonic() - started)
+            s.out.extend(frames)
+            if s.settling or len(s.inputs) < self._frames_needed(s):
+                return
+            inputs, tags = self._take_inputs(s)
 
     def _on_worker_stream(self) -> Any:
         if self._worker_stream is None:

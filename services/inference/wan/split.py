@@ -89,8 +89,6 @@ class SplitState(WanState):
     frames_posted: int = 0  # frames the decoder owes (counted by the worker)
     frames_back: int = 0  # frames it gave (counted by the receiver)
     failure: BaseException | None = None  # a stage's, raised on the session's next call
-    #: The receiver thread's delivery against a new epoch (a mode change, the end).
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _run_id() -> str:
