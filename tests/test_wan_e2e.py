@@ -81,3 +81,9 @@ async def test_a_split_block_loop_streams_through_the_system(
         text = await resp.text()
     gauge = f'dreamwire_block_stage_seconds{{process="inference/{pipeline_id}",stage="decode"}}'
     assert gauge in text
+    # A prompt switch, a pause and a resume: the stream goes on through the stages.
+    await client.send_parameters({"prompts": [{"text": "a dog on the moon"}]})
+    await client.send_parameters({"paused": True})
+    await client.send_parameters({"paused": False})
+    await client.wait_frames(12, timeout_s=120)
+    assert not [m for m in client.messages if m.get("type") in ("error", "stream_stopped")]

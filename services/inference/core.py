@@ -139,9 +139,10 @@ class InferenceCore(FrameStage[InferenceState]):
         mode: p.Mode = "video" if session.input is not None else "text"
         if mode not in spec.modes:
             raise ValueError(f"mode: {spec.id} supports {', '.join(spec.modes)}, not {mode}")
-        pipeline_session = PipelineSession(
-            self.loaded, session.session_id, session.width, session.height, session.params
-        )
+        with self.calls.running(record=False):  # a split pipeline may start a stage process
+            pipeline_session = PipelineSession(
+                self.loaded, session.session_id, session.width, session.height, session.params
+            )
         now = time.monotonic()
         return InferenceState(
             mode=mode,

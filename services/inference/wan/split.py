@@ -159,8 +159,8 @@ class SplitWanPipeline(WanPipeline):
             for i, stage in enumerate(self.stages):
                 if stage.lost is not None:
                     stage.close()
-                    self.stages[i] = self._start(stage.config.role).wait_ready()
-                    logger.info("%s stage restarted on %s", stage.config.role, stage.device)
+                    self.stages[i] = new = self._start(stage.config.role).wait_ready()
+                    logger.info("%s stage restarted on %s", stage.config.role, new.device)
             encode, decode = self.stages
             return encode, decode
 
