@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -256,7 +257,12 @@ def test_the_noise_is_scopes_draw(inputs: dict[str, Any]) -> None:
 
 #: Text cases through a split pipeline (Krea: its first two blocks; from the third its context
 #: is a real VAE's re-encoding, which the golden run replaced with a stand-in).
-SPLIT_CASES = {"streamdiffusionv2_text": None, "longlive_text": None, "krea-realtime-video_text": 2}
+SPLIT_CASES = {
+    "streamdiffusionv2_text": None,
+    "streamdiffusionv2_video": None,
+    "longlive_text": None,
+    "krea-realtime-video_text": 2,
+}
 
 
 @pytest.mark.parametrize("name", list(SPLIT_CASES))
@@ -269,7 +275,9 @@ def test_a_split_pipeline_posts_scopes_latents_to_its_decoder(
 ) -> None:
     """The whole pipeline with ``split`` (the VAE ends in processes of their own, the
     transformer's blocks overlapping their decodes): the latents it sends its decode stage are
-    Scope's. Only the prompt's embedding is given (the golden rows) instead of encoded."""
+    Scope's. Only the prompt's embedding is given (the golden rows) instead of encoded, and in
+    video mode the encoder's answers are the golden inputs' latents (the golden run has no VAE;
+    the encode stage itself is held to the one-process path in ``test_wan_split.py``)."""
     from services.inference import registry
     from services.inference.pipeline import Request
     from services.inference.wan import specs as ws
@@ -306,6 +314,9 @@ def test_a_split_pipeline_posts_scopes_latents_to_its_decoder(
     }
     if case["kv_cache_attention_bias"] is not None:
         params["kv_cache_attention_bias"] = case["kv_cache_attention_bias"]
+    video = case["mode"] == "video"
+    if video:
+        params.update(noise_scale=case["noise_scale"], noise_controller=False)
     pipe: Any = spec.load(registry.full_config(spec, params), models)
     try:
         rows = inputs["prompt.a"]
@@ -321,10 +332,23 @@ def test_a_split_pipeline_posts_scopes_latents_to_its_decoder(
             return real(job, arrays)
 
         decoder.submit = spy
+        if video:
+            from concurrent.futures import Future
+
+            from services.inference.wan.stages import Answer
+
+            def golden_z(job: Any, arrays: list[Any]) -> Any:
+                z = inputs[f"{case['inputs']}.b{job.block - 1}.z"].permute(1, 0, 2, 3)
+                answer: Future[Answer] = Future()
+                answer.set_result(Answer([z.unsqueeze(0).numpy()], 0.0, case["noise_scale"]))
+                return answer
+
+            pipe.stages[0].submit = golden_z
         blocks = SPLIT_CASES[name] or case["blocks"]
         state = pipe.new_session("golden", w, h, registry.full_config(spec, params))
+        frame = np.zeros((h, w, 3), np.uint8)
         while len(posted) < blocks:
-            pipe([Request("golden", state, None, 0)])
+            pipe([Request("golden", state, pipe.prepare(state, frame) if video else None, 0)])
             pipe.ready(state)
             pipe.settle(state)  # the block posted by this call is in the decoder's queue
         pipe.end_session(state)
