@@ -6,6 +6,9 @@ from the process's own CPU times; samples closer together than ``MIN_INTERVAL_S`
 value, so several status readers do not shorten each other's windows. GPU memory per process
 comes from ``nvidia-smi --query-compute-apps`` where it is installed (at most every
 ``GPU_INTERVAL_S``; a missing or failing ``nvidia-smi`` just leaves it unknown).
+
+A process's figures include its descendants': a split pipeline's VAE stage processes (and
+multiprocessing's helper) are children of its inference process, and their cost is its cost.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class ProcessSample:
 class ProcessSampler:
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
+        #: Each sampled process's descendants, kept so their CPU windows carry over.
+        self._children: dict[int, dict[int, psutil.Process]] = {}
         self._last: dict[int, ProcessSample] = {}
         self._sampled_at: dict[int, float] = {}
         self._nvidia_smi = shutil.which("nvidia-smi")
@@ -56,16 +61,30 @@ class ProcessSampler:
                 proc.cpu_percent(None)  # the first call only starts the window
             cpu = proc.cpu_percent(None)
             rss = int(proc.memory_info().rss)
+            family = self._descendants(pid, proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             self.forget(pid)
             return ProcessSample()
-        sample = ProcessSample(cpu, rss, self._gpu_memory(now).get(pid))
+        gpus = self._gpu_memory(now)
+        gpu = [gpus[p] for p in (pid, *family) if p in gpus]
+        for child in family.values():
+            with contextlib.suppress(psutil.Error):  # gone meanwhile: it costs nothing now
+                cpu += child.cpu_percent(None)  # 0.0 the first time (its window starts)
+                rss += int(child.memory_info().rss)
+        sample = ProcessSample(cpu, rss, sum(gpu) if gpu else None)
         self._last[pid] = sample
         self._sampled_at[pid] = now
         return sample
 
+    def _descendants(self, pid: int, proc: psutil.Process) -> dict[int, psutil.Process]:
+        known = self._children.get(pid, {})
+        now = {c.pid: known.get(c.pid, c) for c in proc.children(recursive=True)}
+        self._children[pid] = now
+        return now
+
     def forget(self, pid: int) -> None:
         self._procs.pop(pid, None)
+        self._children.pop(pid, None)
         self._last.pop(pid, None)
         self._sampled_at.pop(pid, None)
 
