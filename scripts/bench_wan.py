@@ -404,8 +404,8 @@ def compare_split(args: argparse.Namespace, pipeline_ids: list[str], modes: list
         a, b = r["one"][-1]["stage_ms"], r["split"][-1]["stage_ms"]
         print(
             f"| {key} | {one:.2f} | {two:.2f} | {two / one:.2f} | "
-            f"{a['encode'] or '–'}, {a['decode']} | "
-            f"{b['encode'] or '–'}, {b['transformer']}, {b['decode']} |"
+            f"{a.get('encode') or '–'}, {a.get('decode')} | "
+            f"{b.get('encode') or '–'}, {b.get('transformer')}, {b.get('decode')} |"
         )
     return 0
 
