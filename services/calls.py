@@ -21,6 +21,14 @@ from collections.abc import Callable, Iterator
 RECENT_S = 300.0
 
 
+class Call:
+    """The call in progress; ``record`` may be withdrawn before it ends (a call that did no
+    model work is no measure of what model work takes)."""
+
+    def __init__(self, record: bool) -> None:
+        self.record = record
+
+
 class CallClock:
     """The model call in progress (if any) and the durations of the recent ones."""
 
@@ -31,6 +39,8 @@ class CallClock:
         #: maximum, so a long block stays the longest for ``RECENT_S`` however many short
         #: calls follow it.
         self._longest: deque[tuple[float, float]] = deque()
+        #: Model calls and pieces of work off the loop finished: none yet means no history
+        #: to judge a running call by (the supervisor then allows a first call's time).
         self.done = 0
         #: Set by the process around each call (the liveness thread takes over the control
         #: socket during it); no-ops for a core run without one (tests).
@@ -39,20 +49,22 @@ class CallClock:
         self.changed = threading.Condition()
 
     @contextlib.contextmanager
-    def running(self, *, record: bool = True) -> Iterator[None]:
-        """Around a model call (``record``: its duration joins the recent calls'); without
-        ``record``, a wait for model work already counted (a block made ahead)."""
+    def running(self, *, record: bool = True) -> Iterator[Call]:
+        """Around a model call (``record``: its duration joins the recent calls' and it counts
+        as done); without ``record``, a wait for model work counted elsewhere (a block made
+        ahead)."""
         started = self.clock()
+        call = Call(record)
         with self.changed:
             self.started = started
             self.changed.notify_all()
         self.before_call()
         try:
-            yield
+            yield call
         finally:
             with self.changed:
                 self.started = None
-                if record:
+                if call.record:
                     self._remember(self.clock() - started)
                     self.done += 1
                 self.changed.notify_all()
@@ -63,6 +75,7 @@ class CallClock:
         among the recent calls' durations, so waiting for it is not taken for stuck."""
         with self.changed:
             self._remember(duration_s)
+            self.done += 1
 
     def _remember(self, duration_s: float) -> None:
         now = self.clock()

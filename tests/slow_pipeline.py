@@ -9,6 +9,10 @@
 * ``waitpass=slow_pipeline:WAITPASS``: a block model's shape: its blocks are made off the loop
   (2 s each, reported through ``work_done``) and a parameter change waits for the block in
   flight (2 s).
+* ``gatherpass=slow_pipeline:GATHERPASS``: a block model's first calls: the first three only
+  gather input (no frame out, as while a first block is made off the loop), then frames.
+* ``firstwait=slow_pipeline:FIRSTWAIT``: the first block is made off the loop for 3 s from the
+  first call: calls gather input until it is done, and a parameter change meanwhile waits.
 """
 
 from __future__ import annotations
@@ -118,4 +122,66 @@ WAITPASS = dataclasses.replace(
     name="Waiting passthrough",
     description="A parameter change waits 2 s for a block made off the loop.",
     loader="slow_pipeline:load_waiting",
+)
+
+
+class GatheringPassthrough(PassthroughPipeline):
+    def __init__(self, spec: PipelineSpec) -> None:
+        super().__init__(spec)
+        self.calls = 0
+
+    def __call__(self, requests: Sequence[Request]) -> list[Result]:
+        self.calls += 1
+        if self.calls <= 3:
+            return [Result(r.session_id, None, None, {"warming_up": True}) for r in requests]
+        return super().__call__(requests)
+
+
+def load_gathering(spec: PipelineSpec, load_params: Any, models_dir: Path) -> GatheringPassthrough:
+    return GatheringPassthrough(spec)
+
+
+GATHERPASS = dataclasses.replace(
+    SLOWPASS,
+    id="gatherpass",
+    name="Gathering passthrough",
+    description="The first three calls gather input and make nothing.",
+    loader="slow_pipeline:load_gathering",
+)
+
+
+#: The first block's time off the loop (``firstwait``).
+FIRST_BLOCK_S = 3.0
+
+
+class FirstBlockPassthrough(PassthroughPipeline):
+    first_done_at: float | None = None  # set by the first call: the block starts then
+    reported = False
+
+    def __call__(self, requests: Sequence[Request]) -> list[Result]:
+        if self.first_done_at is None:
+            self.first_done_at = time.monotonic() + FIRST_BLOCK_S
+        if time.monotonic() < self.first_done_at:
+            return [Result(r.session_id, None, None, {"warming_up": True}) for r in requests]
+        if not self.reported:
+            self.reported = True
+            self.work_done(FIRST_BLOCK_S)
+        return super().__call__(requests)
+
+    def update(self, state: Any, config: Any, changed: set[str]) -> None:
+        if self.first_done_at is not None:  # waits for the first block under way
+            time.sleep(max(0.0, self.first_done_at - time.monotonic()))
+        super().update(state, config, changed)
+
+
+def load_first_block(spec: PipelineSpec, load_params: Any, models_dir: Path) -> Any:
+    return FirstBlockPassthrough(spec)
+
+
+FIRSTWAIT = dataclasses.replace(
+    SLOWPASS,
+    id="firstwait",
+    name="First block off the loop",
+    description="The first block takes 3 s off the loop; calls gather meanwhile.",
+    loader="slow_pipeline:load_first_block",
 )

@@ -19,12 +19,21 @@ def test_blocks_made_off_the_loop_stay_the_longest_work_among_many_short_calls()
     for _ in range(MANY):  # a text session's loop asks every 10 ms
         with clock.running():
             now[0] += 0.001
-    assert clock.longest_s() == 12.0 and clock.done == MANY
+    assert clock.longest_s() == 12.0 and clock.done == MANY + 1  # the block is work done
     # A wait for that block (a parameter change) is covered but not counted as a call.
     with clock.running(record=False):
         now[0] += 11.0
         assert clock.running_s() == pytest.approx(11.0)
-    assert clock.done == MANY and clock.running_s() == 0.0
+    assert clock.done == MANY + 1 and clock.running_s() == 0.0
+
+
+def test_a_call_withdrawn_from_the_record_is_neither_measured_nor_done() -> None:
+    now = [0.0]
+    clock = CallClock(clock=lambda: now[0])
+    with clock.running() as call:
+        now[0] += 0.001
+        call.record = False  # it only gathered input
+    assert clock.done == 0 and clock.longest_s() == 0.0
 
 
 def test_a_block_made_on_the_loop_stays_the_longest_call_for_a_while() -> None:

@@ -311,6 +311,32 @@ def test_passthrough_and_bad_sessions(rig: Callable[..., Rig]) -> None:
         r.start("y", paused="yes")
 
 
+def test_a_call_that_made_nothing_is_no_call_done(
+    rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block model's first calls only gather input while its first block is made off the
+    loop: they are no measure of a model call. Counted, they made the supervisor judge a
+    parameter change waiting for that first block against 4 × 0 ms and kill the process as
+    stuck (Scope's UI: streamdiffusionv2 on the camera, unpaused as the session opened)."""
+    from services.inference import registry
+
+    monkeypatch.setenv(registry.PLUGINS_ENV, "gatherpass=slow_pipeline:GATHERPASS")
+    registry.reload()
+    try:
+        r = rig("gatherpass")
+        r.start("g")
+        for i in range(3):
+            r.feed("g", frame(i), i)
+        assert r.core.calls.done == 0 and r.take("g") is None
+        r.core.calls.record(2.0)  # the first block, made off the loop, is done work
+        assert r.core.calls.done == 1 and r.core.calls.longest_s() == 2.0
+        r.feed("g", frame(3), 3)
+        assert r.core.calls.done == 2 and r.take("g") is not None
+    finally:
+        monkeypatch.delenv(registry.PLUGINS_ENV)
+        registry.reload()
+
+
 def test_inference_processes_under_the_supervisor(
     start_supervisor: Callable[..., SupervisorRun], tiny_models: Path
 ) -> None:

@@ -366,6 +366,42 @@ def test_a_parameter_change_waiting_for_a_block_is_not_taken_for_a_frozen_proces
     assert "killing it" not in run.log()
 
 
+def test_a_parameter_change_waiting_for_a_first_block_is_not_taken_for_stuck(
+    start_supervisor: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first block is made off the loop (3 s) while calls only gather frames; parameter
+    # changes keep coming (Scope's UI unpauses as the session opens) and wait for that block.
+    # The gathering calls are no history: judged by them (4 × 0 ms, so the 1 s floor) the
+    # wait was killed as stuck; it gets a first call's allowance instead.
+    monkeypatch.setenv("DREAMWIRE_PIPELINES", "firstwait=slow_pipeline:FIRSTWAIT")
+    run = start_supervisor(
+        "stall_timeout_s = 1.0\nmodel_heartbeat_timeout_s = 1.0\n"
+        + CHAIN.replace('pipelines = ["passthrough"]', 'pipelines = ["firstwait"]')
+    )
+    stages = ["testsrc", "inference/firstwait", "testsink"]
+    reply = run.request(p.OpenSession(session_id="s1", stages=stages, width=128, height=96))
+    assert isinstance(reply, p.SessionOpened), reply
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    assert run.run_dir is not None
+    push.connect(inbox_endpoint(run.run_dir, "inference/firstwait"))
+    codec = p.inbox_codec()
+
+    def unpaused_and_flowing() -> bool:
+        push.send(codec.encode(p.UpdateParameters("s1", {"paused": False})))
+        return sink_frames(run) >= 10
+
+    try:
+        wait_until(unpaused_and_flowing, 30, "frames after the first block")
+    finally:
+        push.close()
+        ctx.term()
+    service = run.service("inference/firstwait")
+    assert service.restarts == 0 and service.state == "ready", run.log()
+    assert "killing it" not in run.log()
+
+
 def test_a_stuck_model_call_is_killed_by_its_own_history(
     start_supervisor: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:

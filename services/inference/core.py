@@ -330,8 +330,12 @@ class InferenceCore(FrameStage[InferenceState]):
         block's frames for its pacer). A failing call fails its sessions and yields nothing."""
         model_start = time.monotonic_ns()
         try:
-            with self.calls.running():
+            with self.calls.running() as call:
                 results = self.pipeline(requests)
+                # A call that made nothing only gathered input for work off the loop (a block
+                # model's first block): no measure of a call, and not one done (a wait for that
+                # block then gets a first call's allowance, not 4× these calls' 0 ms).
+                call.record = any(r.frame is not None for r in results)
         except Exception as exc:
             if is_out_of_memory(exc):
                 # The pipeline's status becomes ``error`` with this text and the process gives
