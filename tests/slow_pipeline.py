@@ -37,8 +37,9 @@ class SlowPassthrough(PassthroughPipeline):
         return super().__call__(requests)
 
 
-def load(spec: PipelineSpec, load_params: Any, models_dir: Path) -> SlowPassthrough:
-    return SlowPassthrough(spec)
+def load(spec: PipelineSpec, load_params: Any, models_dir: Path) -> PassthroughPipeline:
+    """Every stand-in here but the gated one: its class by its id."""
+    return STAND_INS[spec.id](spec)
 
 
 SLOWPASS = PipelineSpec(
@@ -89,16 +90,11 @@ class StuckPassthrough(PassthroughPipeline):
         return super().__call__(requests)
 
 
-def load_stuck(spec: PipelineSpec, load_params: Any, models_dir: Path) -> StuckPassthrough:
-    return StuckPassthrough(spec)
-
-
 STUCKPASS = dataclasses.replace(
     SLOWPASS,
     id="stuckpass",
     name="Stuck passthrough",
     description="Four calls of 0.6 s, then one that never ends.",
-    loader="slow_pipeline:load_stuck",
 )
 
 
@@ -112,16 +108,11 @@ class WaitingPassthrough(PassthroughPipeline):
         super().update(state, config, changed)
 
 
-def load_waiting(spec: PipelineSpec, load_params: Any, models_dir: Path) -> WaitingPassthrough:
-    return WaitingPassthrough(spec)
-
-
 WAITPASS = dataclasses.replace(
     SLOWPASS,
     id="waitpass",
     name="Waiting passthrough",
     description="A parameter change waits 2 s for a block made off the loop.",
-    loader="slow_pipeline:load_waiting",
 )
 
 
@@ -137,16 +128,11 @@ class GatheringPassthrough(PassthroughPipeline):
         return super().__call__(requests)
 
 
-def load_gathering(spec: PipelineSpec, load_params: Any, models_dir: Path) -> GatheringPassthrough:
-    return GatheringPassthrough(spec)
-
-
 GATHERPASS = dataclasses.replace(
     SLOWPASS,
     id="gatherpass",
     name="Gathering passthrough",
     description="The first three calls gather input and make nothing.",
-    loader="slow_pipeline:load_gathering",
 )
 
 
@@ -174,14 +160,18 @@ class FirstBlockPassthrough(PassthroughPipeline):
         super().update(state, config, changed)
 
 
-def load_first_block(spec: PipelineSpec, load_params: Any, models_dir: Path) -> Any:
-    return FirstBlockPassthrough(spec)
-
-
 FIRSTWAIT = dataclasses.replace(
     SLOWPASS,
     id="firstwait",
     name="First block off the loop",
     description="The first block takes 3 s off the loop; calls gather meanwhile.",
-    loader="slow_pipeline:load_first_block",
 )
+
+
+STAND_INS: dict[str, type[PassthroughPipeline]] = {
+    "slowpass": SlowPassthrough,
+    "stuckpass": StuckPassthrough,
+    "waitpass": WaitingPassthrough,
+    "gatherpass": GatheringPassthrough,
+    "firstwait": FirstBlockPassthrough,
+}
