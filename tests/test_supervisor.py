@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -331,6 +332,36 @@ def test_a_long_model_call_is_not_taken_for_a_frozen_process(
     assert "no heartbeat answered for 1." in run.log() and "the process is frozen" in run.log()
 
 
+@contextlib.contextmanager
+def block_model_session(
+    start_supervisor: Start, monkeypatch: pytest.MonkeyPatch, pipeline: str
+) -> Iterator[tuple[SupervisorRun, Callable[[dict[str, Any]], None]]]:
+    """A session through a ``slow_pipeline`` stand-in under tight limits (1 s heartbeats and
+    stalls), and a way to send it parameters; afterwards, the model process was never killed."""
+    monkeypatch.setenv("DREAMWIRE_PIPELINES", f"{pipeline}=slow_pipeline:{pipeline.upper()}")
+    run = start_supervisor(
+        "stall_timeout_s = 1.0\nmodel_heartbeat_timeout_s = 1.0\n"
+        + CHAIN.replace('pipelines = ["passthrough"]', f'pipelines = ["{pipeline}"]')
+    )
+    stages = ["testsrc", f"inference/{pipeline}", "testsink"]
+    reply = run.request(p.OpenSession(session_id="s1", stages=stages, width=128, height=96))
+    assert isinstance(reply, p.SessionOpened), reply
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    assert run.run_dir is not None
+    push.connect(inbox_endpoint(run.run_dir, f"inference/{pipeline}"))
+    codec = p.inbox_codec()
+    try:
+        yield run, lambda params: push.send(codec.encode(p.UpdateParameters("s1", params)))
+    finally:
+        push.close()
+        ctx.term()
+    service = run.service(f"inference/{pipeline}")
+    assert service.restarts == 0 and service.state == "ready", run.log()
+    assert "killing it" not in run.log()
+
+
 def test_a_parameter_change_waiting_for_a_block_is_not_taken_for_a_frozen_process(
     start_supervisor: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -338,32 +369,12 @@ def test_a_parameter_change_waiting_for_a_block_is_not_taken_for_a_frozen_proces
     # over the 1 s heartbeat limit): the liveness thread answers meanwhile, and the wait is
     # judged against the blocks made ahead, so the model streams on. (Scope's UI sends
     # parameters while longlive made blocks of 10 s on a CPU: the process was killed as frozen.)
-    monkeypatch.setenv("DREAMWIRE_PIPELINES", "waitpass=slow_pipeline:WAITPASS")
-    run = start_supervisor(
-        "stall_timeout_s = 1.0\nmodel_heartbeat_timeout_s = 1.0\n"
-        + CHAIN.replace('pipelines = ["passthrough"]', 'pipelines = ["waitpass"]')
-    )
-    stages = ["testsrc", "inference/waitpass", "testsink"]
-    reply = run.request(p.OpenSession(session_id="s1", stages=stages, width=128, height=96))
-    assert isinstance(reply, p.SessionOpened), reply
-    wait_until(lambda: sink_frames(run) >= 10, 30, "frames at the sink")
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 1000)
-    assert run.run_dir is not None
-    push.connect(inbox_endpoint(run.run_dir, "inference/waitpass"))
-    codec = p.inbox_codec()
-    try:
+    with block_model_session(start_supervisor, monkeypatch, "waitpass") as (run, send):
+        wait_until(lambda: sink_frames(run) >= 10, 30, "frames at the sink")
         for paused in (True, False):
-            push.send(codec.encode(p.UpdateParameters("s1", {"paused": paused})))
+            send({"paused": paused})
         before = sink_frames(run)
         wait_until(lambda: sink_frames(run) >= before + 10, 30, "frames after the changes")
-    finally:
-        push.close()
-        ctx.term()
-    service = run.service("inference/waitpass")
-    assert service.restarts == 0 and service.state == "ready", run.log()
-    assert "killing it" not in run.log()
 
 
 def test_a_parameter_change_waiting_for_a_first_block_is_not_taken_for_stuck(
@@ -373,33 +384,13 @@ def test_a_parameter_change_waiting_for_a_first_block_is_not_taken_for_stuck(
     # changes keep coming (Scope's UI unpauses as the session opens) and wait for that block.
     # The gathering calls are no history: judged by them (4 × 0 ms, so the 1 s floor) the
     # wait was killed as stuck; it gets a first call's allowance instead.
-    monkeypatch.setenv("DREAMWIRE_PIPELINES", "firstwait=slow_pipeline:FIRSTWAIT")
-    run = start_supervisor(
-        "stall_timeout_s = 1.0\nmodel_heartbeat_timeout_s = 1.0\n"
-        + CHAIN.replace('pipelines = ["passthrough"]', 'pipelines = ["firstwait"]')
-    )
-    stages = ["testsrc", "inference/firstwait", "testsink"]
-    reply = run.request(p.OpenSession(session_id="s1", stages=stages, width=128, height=96))
-    assert isinstance(reply, p.SessionOpened), reply
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 1000)
-    assert run.run_dir is not None
-    push.connect(inbox_endpoint(run.run_dir, "inference/firstwait"))
-    codec = p.inbox_codec()
+    with block_model_session(start_supervisor, monkeypatch, "firstwait") as (run, send):
 
-    def unpaused_and_flowing() -> bool:
-        push.send(codec.encode(p.UpdateParameters("s1", {"paused": False})))
-        return sink_frames(run) >= 10
+        def unpaused_and_flowing() -> bool:
+            send({"paused": False})
+            return sink_frames(run) >= 10
 
-    try:
         wait_until(unpaused_and_flowing, 30, "frames after the first block")
-    finally:
-        push.close()
-        ctx.term()
-    service = run.service("inference/firstwait")
-    assert service.restarts == 0 and service.state == "ready", run.log()
-    assert "killing it" not in run.log()
 
 
 def test_a_stuck_model_call_is_killed_by_its_own_history(
