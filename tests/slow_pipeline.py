@@ -116,16 +116,17 @@ WAITPASS = dataclasses.replace(
 )
 
 
+def gathering(requests: Sequence[Request]) -> list[Result]:
+    """A block model's answer while its block is made elsewhere: no frame yet."""
+    return [Result(r.session_id, None, None, {"warming_up": True}) for r in requests]
+
+
 class GatheringPassthrough(PassthroughPipeline):
-    def __init__(self, spec: PipelineSpec) -> None:
-        super().__init__(spec)
-        self.calls = 0
+    calls = 0
 
     def __call__(self, requests: Sequence[Request]) -> list[Result]:
         self.calls += 1
-        if self.calls <= 3:
-            return [Result(r.session_id, None, None, {"warming_up": True}) for r in requests]
-        return super().__call__(requests)
+        return gathering(requests) if self.calls <= 3 else super().__call__(requests)
 
 
 GATHERPASS = dataclasses.replace(
@@ -148,7 +149,7 @@ class FirstBlockPassthrough(PassthroughPipeline):
         if self.first_done_at is None:
             self.first_done_at = time.monotonic() + FIRST_BLOCK_S
         if time.monotonic() < self.first_done_at:
-            return [Result(r.session_id, None, None, {"warming_up": True}) for r in requests]
+            return gathering(requests)
         if not self.reported:
             self.reported = True
             self.work_done(FIRST_BLOCK_S)
