@@ -177,9 +177,9 @@ class BlockQueue:
             self._mm.close()
 
 
-def pack(arrays: Sequence[np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
+def pack(arrays: Sequence[np.ndarray]) -> list[tuple[str, list[int]]]:
     """Each array's dtype and shape, for the message header that :func:`unpack` reads."""
-    return [(a.dtype.str, tuple(a.shape)) for a in arrays]
+    return [(a.dtype.str, list(a.shape)) for a in arrays]
 
 
 def unpack(payload: memoryview, layout: Sequence[tuple[str, Sequence[int]]]) -> list[np.ndarray]:

@@ -115,12 +115,15 @@ class BlockLoop:
         stream.first_latent = None
 
     def block_frames(self, stream: BlockStream) -> int:
-        g = self.geometry
-        return g.first_block_frames if stream.next_frame == 0 else g.block_frames
+        return self.geometry.latents(stream.next_frame == 0)
 
     def overflows(self, stream: BlockStream) -> bool:
-        """Would the next block run past the RoPE table (Scope then starts afresh)?"""
-        return stream.next_frame + self.block_frames(stream) > self.rope_frames
+        return self.overflows_at(stream.next_frame)
+
+    def overflows_at(self, next_frame: int) -> bool:
+        """Would a block starting at ``next_frame`` run past the RoPE table (Scope then starts
+        afresh)?"""
+        return next_frame + self.geometry.latents(next_frame == 0) > self.rope_frames
 
     # ------------------------------------------------------------ one block
 

@@ -5,6 +5,7 @@ serve the one-process pipeline and the VAE stage processes of a split one
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,12 @@ from services.inference.wan.vae import LatentStream, from_uint8_frames, to_uint8
 Tensor = torch.Tensor
 #: Pixels per latent, each way.
 VAE_SCALE = 8
+
+
+def latent_hw(height: int, width: int) -> tuple[int, int]:
+    """The latent grid of a frame: padded to whole 2×2 transformer patches of latents."""
+    patch = 2 * VAE_SCALE
+    return math.ceil(height / patch) * 2, math.ceil(width / patch) * 2
 
 
 @dataclass(eq=False)

@@ -40,12 +40,11 @@ positions run past the table.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -60,7 +59,7 @@ from services.inference.loras import LoraSet, merge_mode, read_safetensors, wan_
 from services.inference.pipeline import COMPILE_ENV, Pipeline, PipelineSpec, Request, Result
 from services.inference.wan.blocks import BlockLoop, BlockStream
 from services.inference.wan.convert import load_transformer
-from services.inference.wan.ends import VAE_SCALE, BlockInput, BlockOutput, context_keep
+from services.inference.wan.ends import BlockInput, BlockOutput, context_keep, latent_hw
 from services.inference.wan.model import CausalWanTransformer
 from services.inference.wan.specs import (
     AUTOENCODERS,
@@ -383,21 +382,25 @@ class WanPipeline(Pipeline):
         return out
 
     def _frames_needed(self, s: WanState) -> int:
-        """Input frames for the next block: the VAE turns ``1 + 4k`` frames into ``1 + k``
-        latents at a stream's start, four frames into one latent after."""
-        if self._cut_due(s) or s.stream.next_frame == 0:
-            return 4 * (self.geometry.first_block_frames - 1) + 1
-        return 4 * self.block_frames
+        """Input frames for the next block."""
+        return self.geometry.video_frames(self._cut_due(s) or s.stream.next_frame == 0)
 
     def _text_block_ahead(self, s: WanState) -> None:
-        """On the worker thread: the next block, its frames on the CPU once complete."""
+        """On the worker thread: the next block."""
+        s.out.extend(self._on_worker(self._text_block, s))
+
+    def _on_worker(
+        self, make: Callable[..., list[tuple[torch.Tensor, Any, int]]], *args: Any
+    ) -> list[tuple[torch.Tensor, Any, int]]:
+        """A block made on the worker thread: its frames on the CPU once complete, its time
+        counted as model work."""
         with self._model_lock, torch.inference_mode(), self._on_worker_stream():
             started = time.monotonic()
-            frames = self._text_block(s)
+            frames = make(*args)
             if self._worker_stream is not None:
                 frames = [(f.cpu(), tag, block) for f, tag, block in frames]
             self.work_done(time.monotonic() - started)
-        s.out.extend(frames)
+        return frames
 
     def _take_inputs(self, s: WanState) -> tuple[list[torch.Tensor], list[Any]]:
         """The block's input: the newest frames it needs (older ones arrived while the last
@@ -415,13 +418,7 @@ class WanPipeline(Pipeline):
         starts at once rather than at the next frame's arrival, up to a frame interval later
         every block; a settle stops the chain after the block in hand."""
         while True:
-            with self._model_lock, torch.inference_mode(), self._on_worker_stream():
-                started = time.monotonic()
-                frames = self._video_frames(s, inputs, tags)
-                if self._worker_stream is not None:
-                    frames = [(f.cpu(), tag, block) for f, tag, block in frames]
-                self.work_done(time.monotonic() - started)
-            s.out.extend(frames)
+            s.out.extend(self._on_worker(self._video_frames, s, inputs, tags))
             if s.settling or len(s.inputs) < self._frames_needed(s):
                 return
             inputs, tags = self._take_inputs(s)
@@ -435,8 +432,7 @@ class WanPipeline(Pipeline):
         self._worker.shutdown(wait=True, cancel_futures=True)
 
     def _latent_hw(self, s: WanState) -> tuple[int, int]:
-        patch = 2 * VAE_SCALE
-        return math.ceil(s.height / patch) * 2, math.ceil(s.width / patch) * 2
+        return latent_hw(s.height, s.width)
 
     def _steps(self, s: WanState) -> list[int]:
         steps = list(s.config.denoising_step_list)

@@ -224,6 +224,15 @@ class WanGeometry(msgspec.Struct, frozen=True, kw_only=True):
     context_frames: int = 0  # > 0: the cache is rebuilt from these before every block (Krea)
     recache_on_prompt: bool = False  # longlive: a new prompt recomputes the recent frames
 
+    def latents(self, first: bool) -> int:
+        """Latent frames of a block (``first``: a stream's first)."""
+        return self.first_block_frames if first else self.block_frames
+
+    def video_frames(self, first: bool) -> int:
+        """Video frames of a block, in (video mode) and out: the VAE turns ``1 + 4k`` frames
+        into ``1 + k`` latents at a stream's start, four frames into one latent after."""
+        return 4 * self.latents(first) - (3 if first else 0)
+
     @property
     def recent_frames(self) -> int:
         """Latent frames of the past the loop keeps (for a rebuild or a recache)."""

@@ -26,14 +26,13 @@ new stage process.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import statistics
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,7 +42,7 @@ import msgspec
 import torch
 
 from services.inference.pipeline import Request, Result
-from services.inference.wan.ends import BlockInput, BlockOutput, context_keep
+from services.inference.wan.ends import BlockInput, BlockOutput, context_keep, latent_hw
 from services.inference.wan.pipeline import MAX_WAITING_INPUTS, WanPipeline, WanState
 from services.inference.wan.specs import SplitPlacement, WanConfig
 from services.inference.wan.stages import (
@@ -111,6 +110,8 @@ class SplitWanPipeline(WanPipeline):
         self.figures: dict[str, deque[float]] = {
             name: deque(maxlen=FIGURES) for name in ("encode", "transformer", "decode")
         }
+        #: Their medians, taken once a block (read with every frame and on heartbeats).
+        self._stage_ms: dict[str, float] = {}
         self.stages: list[VaeStage] = []
         try:
             for role in ("encode", "decode"):
@@ -135,11 +136,10 @@ class SplitWanPipeline(WanPipeline):
         """A stage process, its queues sized for blocks at the loaded size."""
         width, height = self._size
         g = self.geometry
-        lat_h, lat_w = math.ceil(height / 16) * 2, math.ceil(width / 16) * 2
-        inputs = max(4 * (g.first_block_frames - 1) + 1, 4 * g.block_frames)
-        frames = inputs * height * width * 3
-        latents = self.loop.channels * max(g.first_block_frames, g.block_frames) * lat_h * lat_w * 4
-        context = self.loop.channels * lat_h * lat_w * 4
+        lat_h, lat_w = latent_hw(height, width)
+        frames = max(g.video_frames(True), g.video_frames(False)) * height * width * 3
+        context = self.loop.channels * lat_h * lat_w * 4  # one latent frame, float32
+        latents = max(g.latents(True), g.latents(False)) * context
         sizes = (frames, latents) if role == "encode" else (latents, frames + context)
         config = StageConfig(
             "encode" if role == "encode" else "decode",
@@ -194,10 +194,8 @@ class SplitWanPipeline(WanPipeline):
         """Wait for the transformer's posted blocks; a failure (the block's or a stage's) is
         raised here."""
         assert isinstance(s, SplitState)
-        while s.posted:
-            s.posted.popleft().result()
-        if s.failure is not None:
-            raise s.failure
+        wait(s.posted)
+        self._raise_failures(s)
 
     def _raise_failures(self, s: SplitState) -> None:
         while s.posted and s.posted[0].done():
@@ -241,7 +239,7 @@ class SplitWanPipeline(WanPipeline):
             if mode == "video":
                 s.inputs.append(r.frames)
                 s.input_tags.append(r.tag)
-                if len(s.posted) < VIDEO_DEPTH and len(s.inputs) >= self._inputs_needed(s):
+                if len(s.posted) < VIDEO_DEPTH and len(s.inputs) >= self._frames_needed(s):
                     self._post_video(s)
                 elif len(s.inputs) > MAX_WAITING_INPUTS:
                     del s.inputs[0], s.input_tags[0]  # blocks are being made: keep the newest
@@ -274,28 +272,24 @@ class SplitWanPipeline(WanPipeline):
 
     def stage_ms(self) -> dict[str, float]:
         """Median ms a block spent in each stage, over its last blocks (a stage with none
-        yet, text mode's encoder, is left out). ``sorted`` copies each deque under the GIL, so
-        the receiver thread's appends cannot break it."""
-        return {
-            name: round(statistics.median(sorted(ms)), 1) for name, ms in self.figures.items() if ms
-        }
+        yet, text mode's encoder, is left out)."""
+        return self._stage_ms
 
     def _wants_text_block(self, s: SplitState) -> bool:
         owed = s.frames_posted - s.frames_back
-        return not s.posted and len(s.out) + owed < TEXT_AHEAD_BLOCKS * 4 * self.block_frames
+        ahead = TEXT_AHEAD_BLOCKS * self.geometry.video_frames(False)
+        return not s.posted and len(s.out) + owed < ahead
 
     # ------------------------------------------------------------ planning
 
     def _cut_planned(self, s: SplitState) -> bool:
         lora_cut = s.lora_version != self.loras.version and s.config.manage_cache
-        g = self.geometry
-        frames = g.first_block_frames if s.planned == 0 else g.block_frames
-        return s.pending_cut or lora_cut or s.planned + frames > self.loop.rope_frames
+        return s.pending_cut or lora_cut or self.loop.overflows_at(s.planned)
 
-    def _inputs_needed(self, s: SplitState) -> int:
-        if s.planned == 0 or self._cut_planned(s):
-            return 4 * (self.geometry.first_block_frames - 1) + 1
-        return 4 * self.block_frames
+    def _frames_needed(self, s: WanState) -> int:
+        """Input frames for the next block to post (blocks before it may still be made)."""
+        assert isinstance(s, SplitState)
+        return self.geometry.video_frames(s.planned == 0 or self._cut_planned(s))
 
     def _plan(self, s: SplitState) -> BlockPlan:
         """The next block's decisions, as the one-process path makes them before a block
@@ -306,22 +300,18 @@ class SplitWanPipeline(WanPipeline):
             s.lora_version = self.loras.version
             s.cross = None
         if cut:
-            if s.planned + self.geometry.block_frames > self.loop.rope_frames:
+            if self.loop.overflows_at(s.planned):
                 logger.info("session %s: RoPE table full, starting afresh", s.session_id)
             s.planned = 0
             s.pending_cut = False
         stage_cut, s.stage_cut = cut or s.stage_cut, False
         s.jobs += 1
         plan = BlockPlan(s.jobs, cut, stage_cut, s.planned, s.epoch)
-        g = self.geometry
-        s.planned += g.first_block_frames if s.planned == 0 else g.block_frames
+        s.planned += self.geometry.latents(s.planned == 0)
         return plan
 
     def _post_video(self, s: SplitState) -> None:
-        needed = self._inputs_needed(s)
-        inputs, tags = s.inputs[-needed:], s.input_tags[-needed:]
-        s.inputs.clear()
-        s.input_tags.clear()
+        inputs, tags = self._take_inputs(s)
         plan = self._plan(s)
         assert s.stages is not None
         job = Encode(
@@ -386,7 +376,7 @@ class SplitWanPipeline(WanPipeline):
                 [],
             )
             decoded = s.stages[1].submit(job, [latents.float().cpu().numpy()])
-            frames = 4 * latents.shape[2] - (3 if plan.start == 0 else 0)
+            frames = g.video_frames(plan.start == 0)
             s.frames_posted += frames
             s.decoding = decoded
             elapsed = time.monotonic() - started
@@ -419,6 +409,11 @@ class SplitWanPipeline(WanPipeline):
                 return
             answer = decoded.result()
             self.figures["decode"].append(answer.ms)
+            self._stage_ms = {  # ``sorted`` copies each deque under the GIL
+                name: round(statistics.median(sorted(ms)), 1)
+                for name, ms in self.figures.items()
+                if ms
+            }
             out = torch.from_numpy(answer.arrays[0]).unbind(0)
             s.out.extend(zip(out, tags or [None] * len(out), [block] * len(out), strict=True))
             s.frames_back += frames

@@ -122,10 +122,6 @@ class StageConfig(msgspec.Struct, frozen=True):
     threads: int | None = None
 
 
-def _layout(arrays: list[np.ndarray]) -> Layout:
-    return [(dtype, list(shape)) for dtype, shape in pack(arrays)]
-
-
 # ---------------------------------------------------------------- the stage process
 
 
@@ -169,7 +165,7 @@ def _serve(config: StageConfig, jobs: BlockQueue, answers: BlockQueue, alive: An
     ends: dict[str, Any] = {}
 
     def answer(done: Done, arrays: list[np.ndarray]) -> None:
-        done.layout = _layout(arrays)
+        done.layout = pack(arrays)
         answers.put(_encoder.encode(done), arrays, alive=alive)
 
     while True:
@@ -296,7 +292,7 @@ class VaeStage:
     def submit(self, job: Encode | Decode, arrays: list[np.ndarray]) -> Future[Answer]:
         """Queue a job (waiting while the stage's inbox is full); its answer comes through the
         future, or :class:`StageLost`."""
-        job.layout = _layout(arrays)
+        job.layout = pack(arrays)
         done: Future[Answer] = Future()
         key = (job.session, job.block)
         with self._lock:
